@@ -1,0 +1,129 @@
+"""Count operations that make the host wait for the device (the "no host sync" contract).
+
+Works on any device, CPU included, because it recognises the *operations* that would synchronise
+on a GPU rather than timing them::
+
+    with HostSyncCounter() as syncs:
+        out = layer(x_TD, token_ids_T)
+        out.y_TD.sum().backward()
+    assert syncs.count == 0, syncs.report()
+
+Two hooks, because some conversions never reach the dispatcher on CPU:
+
+- a TorchDispatchMode sees aten ops: ``_local_scalar_dense`` (``.item()``, ``int()``, ``float()``,
+  tensor -> bool), ``is_nonzero``, ``nonzero``, ``masked_select``, ``unique``, ``equal``,
+  ``bincount``, boolean-mask indexing, ``repeat_interleave`` without ``output_size``, and copies
+  from a CUDA tensor to the host;
+- a TorchFunctionMode sees ``Tensor.tolist`` / ``.numpy()`` / ``__array__``, which read CPU memory
+  directly (no aten op) but copy device -> host on a GPU.
+
+On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` is the ground truth; this counter is the CPU
+stand-in and names the source line of every event.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_aten = torch.ops.aten
+_ALWAYS_SYNC = {
+    _aten._local_scalar_dense.default,
+    _aten.is_nonzero.default,
+    _aten.nonzero.default,
+    _aten.masked_select.default,
+    _aten._unique.default,
+    _aten._unique2.default,
+    _aten.unique_dim.default,
+    _aten.unique_consecutive.default,
+    _aten.equal.default,
+    _aten.bincount.default,
+}
+_INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default}
+_COPY_OPS = {_aten._to_copy.default, _aten.copy_.default}
+_HOST_READS = {"tolist", "numpy", "__array__"}
+
+
+@dataclass
+class SyncEvent:
+    op: str
+    where: str  # "file:line in function" of the innermost frame outside torch
+
+
+def _caller() -> str:
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" not in path and not path.endswith("host_sync.py"):
+            return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return "?"
+
+
+def _is_bool_tensor(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+
+
+def _syncs(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> bool:
+    if func in _ALWAYS_SYNC:
+        return True
+    if func is _aten.repeat_interleave.Tensor:
+        return kwargs.get("output_size") is None
+    if func in _INDEX_OPS:
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(_is_bool_tensor(i) for i in indices or ())
+    if func in _COPY_OPS:
+        src = args[1] if func is _aten.copy_.default else args[0]
+        dst_device = args[0].device if func is _aten.copy_.default else kwargs.get("device")
+        return src.is_cuda and dst_device is not None and torch.device(dst_device).type == "cpu"
+    return False
+
+
+class _DispatchHook(TorchDispatchMode):
+    def __init__(self, events: list[SyncEvent]) -> None:
+        super().__init__()
+        self.events = events
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _syncs(func, args, kwargs):
+            self.events.append(SyncEvent(str(func), _caller()))
+        return func(*args, **kwargs)
+
+
+class _FunctionHook(TorchFunctionMode):
+    def __init__(self, events: list[SyncEvent]) -> None:
+        super().__init__()
+        self.events = events
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _HOST_READS:
+            self.events.append(SyncEvent(f"Tensor.{name}", _caller()))
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class HostSyncCounter:
+    """Context manager recording every host-synchronising operation run inside it."""
+
+    events: list[SyncEvent] = field(default_factory=list)
+
+    def __enter__(self) -> "HostSyncCounter":
+        self._modes = (_FunctionHook(self.events), _DispatchHook(self.events))
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+    def report(self) -> str:
+        return "\n".join(f"{e.op} at {e.where}" for e in self.events) or "no host syncs"

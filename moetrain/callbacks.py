@@ -1,0 +1,139 @@
+"""Side concerns of training as callbacks: metrics, evaluation, checkpoints.
+
+The loop in ``trainer.py`` calls ``on_train_start``, then per optimizer step ``on_step_start`` (before
+the first forward: the place for routing-state changes) and ``on_step_end``, then ``on_train_end``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from moetrain import checkpoint
+from moetrain.moe.metrics import LayerStats, MoEMetrics
+
+if TYPE_CHECKING:
+    from moetrain.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int  # the optimizer step just taken (1-based count of steps done)
+    lm_loss: torch.Tensor  # mean over this rank's micro-batches, on device
+    aux_loss: torch.Tensor
+    moe_stats: list[list[LayerStats]]  # per micro-batch, per MoE layer
+    tokens: int  # tokens in the global batch
+
+
+class Callback:
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step_start(self, trainer: "Trainer", step: int) -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", result: StepResult) -> None: ...
+
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+class MetricsCallback(Callback):
+    """Train loss, lr, grad-norm, tokens/s and MoE health, averaged over ranks once per interval."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self.moe = MoEMetrics(dist.group.WORLD if dist.is_initialized() else None)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum = self.aux_sum = None
+        self.steps = self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        self._reset()
+
+    def on_step_end(self, trainer: "Trainer", result: StepResult) -> None:
+        self.loss_sum = result.lm_loss if self.loss_sum is None else self.loss_sum + result.lm_loss
+        self.aux_sum = result.aux_loss if self.aux_sum is None else self.aux_sum + result.aux_loss
+        for stats in result.moe_stats:
+            if stats:
+                self.moe.add(stats)
+        self.steps += 1
+        self.tokens += result.tokens
+        trainer.logger.advance()
+        if result.step % self.interval == 0 or result.step == trainer.last_step:
+            self.flush(trainer, result.step)
+
+    def flush(self, trainer: "Trainer", step: int) -> None:
+        if not self.steps:
+            return
+        means = all_reduce_mean(torch.stack([self.loss_sum.float(), self.aux_sum.float()]) / self.steps).tolist()
+        if not math.isfinite(means[0]):
+            raise FloatingPointError(f"non-finite training loss ({means[0]}) at step {step}; stopping")
+        elapsed = time.perf_counter() - self.t0
+        metrics = {
+            "loss": means[0],
+            "aux_loss": means[1],
+            "lr": trainer.current_lr(),
+            "grad_norm": trainer.grad_norm(),
+            "tokens_per_s": self.tokens / max(elapsed, 1e-9),
+            "tokens": trainer.state.tokens,
+        }
+        metrics.update(self.moe.flush())
+        trainer.logger.log(step, metrics)
+        self._reset()
+
+
+class EvalCallback(Callback):
+    """Validation loss and perplexity every ``interval`` steps (0: only at the end) and at the end."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self.last_eval = -1
+
+    def on_step_end(self, trainer: "Trainer", result: StepResult) -> None:
+        if self.interval and result.step % self.interval == 0:
+            self.run(trainer, result.step)
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        if trainer.state.step != self.last_eval:
+            self.run(trainer, trainer.state.step)
+
+    def run(self, trainer: "Trainer", step: int) -> None:
+        self.last_eval = step
+        val_loss = trainer.evaluate()
+        trainer.logger.log(step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+
+
+class CheckpointCallback(Callback):
+    def __init__(self, interval: int, at_end: bool) -> None:
+        self.interval = interval
+        self.at_end = at_end
+        self.last_saved = -1
+
+    def on_step_end(self, trainer: "Trainer", result: StepResult) -> None:
+        if self.interval and result.step % self.interval == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        if self.at_end and trainer.state.step != self.last_saved:
+            self.save(trainer)
+
+    def save(self, trainer: "Trainer") -> None:
+        step = trainer.state.step
+        folder = checkpoint.checkpoint_dir(trainer.run_dir, step)
+        checkpoint.save(trainer.engine, folder, trainer.layout.rank, trainer.run_state(), trainer.cfg.checkpoint.keep_last)
+        self.last_saved = step
+        trainer.logger.write(f"saved checkpoint {folder}")

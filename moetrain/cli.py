@@ -1,0 +1,108 @@
+"""``moetrain train | validate | launch`` — the thin entry point.
+
+Errors in user input (config, data, checkpoint, CLI) print one ``error:`` message and exit with code 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from moetrain.errors import UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML job config")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moetrain", description="Mixture-of-Experts training with DeepSpeed")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model (plain process, torchrun, deepspeed launcher or srun)")
+    _add_config_args(p)
+    p = sub.add_parser("validate", help="check a config (and the parallel layout) without training")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, default=None, help="also check the layout for this many ranks")
+    try:
+        from moetrain.launch.cli import add_launch_parser
+    except ImportError:  # launch/ not installed in this checkout
+        add_launch_parser = None
+    if add_launch_parser is not None:
+        add_launch_parser(sub)
+    return parser
+
+
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from moetrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.world_size is not None:
+        cfg.check_world_size(args.world_size)
+    where = f" for world size {args.world_size}" if args.world_size else ""
+    print(f"config ok{where}: {args.config}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moetrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_imports()
+    from moetrain.parallel.layout import ParallelLayout, env_rank_world
+    from moetrain.trainer import Trainer
+
+    _, world, _ = env_rank_world()
+    cfg.check_world_size(world)
+    layout = ParallelLayout.init(cfg.moe.expert_parallel_size if cfg.moe else 1, cfg.moe.num_experts if cfg.moe else None)
+    trainer = Trainer(cfg, layout)
+    trainer.setup()
+    trainer.train()
+    return 0
+
+
+def _quiet_imports() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "MASTER_PORT" not in os.environ and "WORLD_SIZE" not in os.environ:
+        import socket
+
+        with socket.socket() as s:  # a lone process: any free port for its own process group
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    overrides = [u for u in unknown if u.startswith("--") and "=" in u]
+    bad = [u for u in unknown if u not in overrides]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + overrides
+    commands = {"train": cmd_train, "validate": cmd_validate}
+    try:
+        if args.command in commands:
+            return commands[args.command](args)
+        from moetrain.launch.cli import run_launch
+
+        return run_launch(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except FloatingPointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Dispatchers move routed tokens to the experts and their outputs back.
+
+Legend: T tokens, D model dim, E experts, L local experts, K top-k, N rows routed to local experts.
+
+The interface is two calls around the expert computation::
+
+    x_ND, counts_L, meta = dispatcher.dispatch(x_TD, decision)
+    y_ND = experts(x_ND, counts_L)
+    out_TD = dispatcher.combine(y_ND, meta)
+
+``meta`` is a frozen dataclass owned by the dispatcher; nothing is kept on ``self`` between the two
+calls. :class:`LocalDispatcher` (one process) is the reference the all-to-all dispatcher must equal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from moetrain.kernels import KernelBackend
+from moetrain.moe.routing import RoutingDecision
+
+
+def expert_capacity(num_slots: int, num_experts: int, capacity_factor: float | None) -> int | None:
+    """Slots per expert in capacity mode: ceil(factor * T*K / E); None means dropless."""
+    if capacity_factor is None:
+        return None
+    return max(1, math.ceil(capacity_factor * num_slots / num_experts))
+
+
+class Dispatcher(Protocol):
+    num_local_experts: int
+
+    def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor, object]: ...
+
+    def combine(self, y_ND: torch.Tensor, meta: object) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class LocalMeta:
+    rows_TK: torch.Tensor  # row of the permuted buffer for each (token, slot); -1 = dropped
+    gates_TK: torch.Tensor
+    counts_E: torch.Tensor  # kept slots per expert (global = local here)
+    dropped: torch.Tensor  # number of dropped (token, slot) pairs, int64 scalar
+
+
+class LocalDispatcher:
+    """All experts on this process: sort by expert, gather, grouped GEMM, weighted gather back."""
+
+    def __init__(self, num_experts: int, capacity_factor: float | None, backend: KernelBackend):
+        self.num_experts = self.num_local_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.backend = backend
+
+    def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor, LocalMeta]:
+        """1. routing map (rows, kept counts); 2. permute tokens into expert-contiguous rows."""
+        ids_TK = decision.expert_ids_TK
+        capacity = expert_capacity(ids_TK.numel(), self.num_experts, self.capacity_factor)
+        rows_TK, counts_E = self.backend.routing_map(ids_TK, self.num_experts, capacity)
+        x_ND = self.backend.permute(x_TD, rows_TK)
+        dropped = (rows_TK < 0).sum()
+        return x_ND, counts_E, LocalMeta(rows_TK, decision.gates_TK, counts_E, dropped)
+
+    def combine(self, y_ND: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
+        """Weighted sum of each token's k expert outputs, in token order (dropped slots add 0)."""
+        return self.backend.unpermute(y_ND, meta.rows_TK, meta.gates_TK)

@@ -1,0 +1,87 @@
+"""MoE health metrics: expert load, dropped tokens, router entropy, aux-loss terms.
+
+Legend: T tokens, E experts, K top-k.
+
+Per-micro-batch stats stay on the device; :class:`MoEMetrics` sums them over a log interval and
+reduces them over the ranks once per log line (the only host sync).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moetrain.moe.routing import RoutingDecision
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    load_E: torch.Tensor  # (token, slot) pairs routed to each expert, before dropping (float)
+    dropped: torch.Tensor  # pairs dropped by the capacity (float scalar)
+    entropy_sum: torch.Tensor  # sum over tokens of the routing-distribution entropy
+    num_tokens: torch.Tensor
+    aux_terms: dict[str, torch.Tensor]
+
+    @staticmethod
+    def from_decision(decision: RoutingDecision, num_experts: int, dropped: torch.Tensor) -> "LayerStats":
+        ids = decision.expert_ids_TK.reshape(-1)
+        load_E = torch.zeros(num_experts, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+        if decision.scores_TE is not None:
+            p = decision.scores_TE.float().clamp_min(1e-20)
+            entropy = -(p * p.log()).sum()
+        else:
+            entropy = torch.zeros((), device=ids.device)
+        n = torch.tensor(float(decision.expert_ids_TK.shape[0]), device=ids.device)
+        return LayerStats(load_E, dropped.float(), entropy, n, dict(decision.aux_terms))
+
+
+class MoEMetrics:
+    """Accumulates per-layer stats over micro-steps; ``flush`` returns flat metric names -> floats."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self._sums: list[dict[str, torch.Tensor]] = []
+        self._count = 0
+
+    def add(self, stats: list[LayerStats]) -> None:
+        if not self._sums:
+            self._sums = [{} for _ in stats]
+        for acc, s in zip(self._sums, stats):
+            items = {"load": s.load_E, "dropped": s.dropped, "entropy": s.entropy_sum, "tokens": s.num_tokens}
+            items.update({f"aux/{k}": v.float() for k, v in s.aux_terms.items()})
+            for key, value in items.items():
+                acc[key] = acc[key] + value.detach() if key in acc else value.detach().clone()
+        self._count += 1
+
+    def flush(self) -> dict[str, float]:
+        if not self._sums:
+            return {}
+        out: dict[str, float] = {}
+        world = dist.get_world_size(self.group) if self.group is not None and dist.is_initialized() else 1
+        for i, acc in enumerate(self._sums):
+            keys = sorted(acc)
+            flat = torch.cat([acc[k].reshape(-1).float() for k in keys])
+            if world > 1:
+                dist.all_reduce(flat, group=self.group)
+            vals, offset = {}, 0
+            for k in keys:
+                n = acc[k].numel()
+                vals[k] = flat[offset : offset + n]
+                offset += n
+            load = vals["load"] / self._count  # tokens per expert per micro-step, summed over ranks
+            slots = load.sum().clamp_min(1.0)
+            p = f"moe/layer{i}/"
+            out[p + "load_min"] = load.min().item()
+            out[p + "load_max"] = load.max().item()
+            out[p + "load_std"] = load.std(unbiased=False).item()
+            out[p + "load_max_over_mean"] = (load.max() / load.mean().clamp_min(1e-9)).item()
+            out[p + "dropped_frac"] = (vals["dropped"].sum() / self._count / slots).item()
+            out[p + "router_entropy"] = (vals["entropy"].sum() / vals["tokens"].sum().clamp_min(1.0)).item()
+            for k in keys:
+                if k.startswith("aux/"):
+                    out[p + k[4:]] = (vals[k].sum() / (self._count * world)).item()
+            out[p + "load"] = [round(x, 3) for x in load.tolist()]
+        self._sums, self._count = [], 0
+        return out

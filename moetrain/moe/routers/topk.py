@@ -1,0 +1,70 @@
+"""Top-k router: Switch (k=1), GShard (k=2), any k; softmax or sigmoid scores in fp32.
+
+Legend: T tokens, D model dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+from torch import nn
+
+from moetrain.kernels import KernelBackend
+from moetrain.moe import aux
+from moetrain.moe.routing import Router, RoutingDecision
+from moetrain.schema import StrictModel
+
+
+class TopKRouterConfig(StrictModel):
+    kind: Literal["topk"] = "topk"
+    top_k: int = Field(1, ge=1, description="experts per token (1 = Switch, 2 = GShard)")
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = Field(False, description="rescale the k gates of a token to sum to 1")
+    load_balance_coeff: float = Field(0.01, ge=0.0, description="weight of the Switch load-balance loss")
+    z_loss_coeff: float = Field(0.0, ge=0.0, description="weight of the router z-loss")
+    init_std: float = Field(0.02, gt=0.0)
+
+
+class TopKRouter(Router):
+    """logits = x W^T (fp32) -> scores -> top-k; Switch load-balance loss and z-loss attached."""
+
+    def __init__(
+        self,
+        cfg: TopKRouterConfig,
+        d_model: int,
+        num_experts: int,
+        backend: KernelBackend,
+        stats_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        if cfg.top_k > num_experts:
+            raise ValueError(f"top_k ({cfg.top_k}) must be <= num_experts ({num_experts})")
+        self.cfg = cfg
+        self.num_experts = num_experts
+        self.top_k = cfg.top_k
+        self.backend = backend
+        self.stats_group = stats_group
+        self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight_ED, std=cfg.init_std)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
+        """1. fp32 logits; 2. fused gating (top-k, gates, counts); 3. aux losses on global counts."""
+        logits_TE = x_TD.float() @ self.weight_ED.float().t()
+        g = self.backend.topk_gating(logits_TE, self.top_k, self.cfg.score_func, self.cfg.renormalize)
+        probs_TE = g.scores_TE
+        if self.cfg.score_func == "sigmoid":  # the balance loss wants a distribution per token
+            probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        terms: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=x_TD.device)
+        if self.training and self.cfg.load_balance_coeff > 0:
+            lb = aux.switch_load_balance_loss(probs_TE, g.counts_E, self.top_k, self.stats_group)
+            loss = loss + self.cfg.load_balance_coeff * lb
+            terms["load_balance"] = lb.detach()
+        if self.training and self.cfg.z_loss_coeff > 0:
+            zl = aux.z_loss(logits_TE)
+            loss = loss + self.cfg.z_loss_coeff * zl
+            terms["z_loss"] = zl.detach()
+        return RoutingDecision(g.expert_ids_TK, g.gates_TK, loss, terms, probs_TE.detach())

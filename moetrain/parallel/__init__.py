@@ -1,0 +1,1 @@
+"""Process groups and everything that touches DeepSpeed's MoE contract."""

@@ -1,0 +1,94 @@
+"""The one parallel-layout object: degrees -> process groups.
+
+World = data-parallel ranks. Experts are sharded over expert-parallel (EP) groups of ``ep_size``
+consecutive ranks (E/ep experts each); the expert-data-parallel group joins the ranks that hold the
+same experts (size world/ep, stride ep). This module and ``cli.py`` are the only places that read the
+launcher's environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from moetrain.errors import UserError
+
+
+def env_rank_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun / deepspeed launcher / srun variables."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+@dataclass
+class ParallelLayout:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    ep_size: int = 1
+    ep_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    expert_dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep_size
+
+    @property
+    def expert_dp_size(self) -> int:
+        return self.world_size // self.ep_size
+
+    @property
+    def stats_group(self) -> dist.ProcessGroup | None:
+        """The group routing statistics are reduced over: every data-parallel rank (None alone)."""
+        return dist.group.WORLD if self.world_size > 1 else None
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    @staticmethod
+    def check(world_size: int, ep_size: int, num_experts: int | None = None) -> None:
+        if world_size % ep_size:
+            raise UserError(
+                f"world size ({world_size}) must be divisible by moe.expert_parallel_size ({ep_size})"
+            )
+        if num_experts is not None and num_experts % ep_size:
+            raise UserError(
+                f"moe.num_experts ({num_experts}) must be divisible by moe.expert_parallel_size ({ep_size})"
+            )
+
+    @classmethod
+    def init(cls, ep_size: int = 1, num_experts: int | None = None) -> "ParallelLayout":
+        """Initialise torch.distributed (gloo on CPU, NCCL on CUDA) from the environment and build groups."""
+        rank, world, local_rank = env_rank_world()
+        cls.check(world, ep_size, num_experts)
+        import deepspeed
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        layout = cls(rank, world, local_rank, ep_size)
+        # NOTE: every rank must create every group, in the same order, even those it is not in.
+        for start in range(0, world, ep_size):
+            group = dist.new_group(list(range(start, start + ep_size)))
+            if start <= rank < start + ep_size:
+                layout.ep_group = group
+        for offset in range(ep_size):
+            group = dist.new_group(list(range(offset, world, ep_size)))
+            if rank % ep_size == offset:
+                layout.expert_dp_group = group
+        return layout

@@ -1,0 +1,79 @@
+"""Shared test setup: CPU-first, tiny models, real processes.
+
+- Triton kernels run in the interpreter on machines without CUDA (set before triton is imported).
+- ``gpu`` tests skip without CUDA; ``slurm`` tests skip only where SLURM cannot be installed.
+- ``run_cli`` runs ``moetrain`` as a real subprocess; ``TINY`` holds overrides for a seconds-long run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import torch
+
+    HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    HAS_CUDA = False
+
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+# A 2-block d=32 model on a small slice of the built-in corpus: a few seconds per run on CPU.
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=32",
+    "moe.num_experts=4", "moe.expert_hidden=32", "data.seq_len=32", "data.max_tokens=200000",
+    "train.micro_batch_size=4", "train.eval_batches=2", "logging.interval=1", "optim.warmup_steps=2",
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slurm: starts a real one-node SLURM (skipped where it cannot be installed)")
+    config.addinivalue_line("markers", "multiproc: starts several real processes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One token cache for the whole session (the built-in corpus, tokenized once)."""
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m moetrain.cli ARGS`` as a real process; returns the completed process (text output)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if env is None or var not in env:
+            full_env.pop(var, None)
+    return subprocess.run(
+        [sys.executable, "-m", "moetrain.cli", *args], capture_output=True, text=True, env=full_env,
+        timeout=timeout, cwd=cwd or REPO,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,73 @@
+"""Bad configs: one clear message naming the field, the value and the fix; exit 2; nothing written."""
+
+import pytest
+
+from conftest import TINY_CONFIG, run_cli
+from moetrain.cli import main
+from moetrain.config import load_config, parse_overrides
+
+BAD = [
+    # (overrides, substrings the message must contain)
+    (["moe.num_expert=4"], ["moe: unknown key 'num_expert'", "did you mean 'num_experts'"]),
+    (["trian.steps=5"], ["unknown key 'trian'", "did you mean 'train'"]),
+    (["moe.router.top_kk=2"], ["moe.router: unknown key 'top_kk'", "did you mean 'top_k'"]),
+    (["moe.num_experts=12", "moe.expert_parallel_size=8"],
+     ["moe.num_experts (12) must be divisible by moe.expert_parallel_size (8)"]),
+    (["moe.router.top_k=9"], ["moe.router.top_k (9) must be <= moe.num_experts (8)"]),
+    (["train.steps=-5"], ["train.steps: Input should be greater than or equal to 1 (got -5)"]),
+    (["train.micro_batch_size=lots"], ["train.micro_batch_size: Input should be a valid integer", "'lots'"]),
+    (["model.d_model=100", "model.n_heads=3"], ["model.d_model (100) must be divisible by model.n_heads (3)"]),
+    (["moe.router.kind=magic"], ["moe.router.kind: 'magic' is not one of", "'topk'"]),
+    (["moe.placement=middle"], ["moe.placement: Input should be 'replace_ffn' or 'insert' (got 'middle')"]),
+    (["moe.insert_after=[7]"], ["moe.insert_after ([7]) holds 7, outside the blocks 0..3"]),
+    (["data.seq_len=512"], ["data.seq_len (512) must be <= model.max_seq_len (128)"]),
+    (["deepspeed.train_micro_batch_size_per_gpu=4"],
+     ["deepspeed.train_micro_batch_size_per_gpu (4) conflicts with train.micro_batch_size (16)"]),
+    (["deepspeed.optimizer={type: Adam}"], ["deepspeed.optimizer: not allowed"]),
+    (["deepspeed.bf16={enabled: true}"], ["deepspeed.bf16.enabled (true) conflicts with train.precision ('fp32')"]),
+    (["deepspeed.zero_optimization={stage: 3}"], ["deepspeed.zero_optimization.stage (3) must be 0, 1 or 2"]),
+    (["moe.capacity_factor=0"], ["moe.capacity_factor: Input should be greater than 0 (got 0)"]),
+    (["train.precision=fp8"], ["train.precision: Input should be 'fp32', 'bf16' or 'fp16' (got 'fp8')"]),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_message(overrides, expected, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["train", str(TINY_CONFIG), f"run_dir={run_dir}", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: invalid config")
+    for text in expected:
+        assert text in err, err
+    assert "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_bad_config_exits_2_without_traceback_in_a_real_process(tmp_path):
+    proc = run_cli("validate", str(TINY_CONFIG), "moe.num_expert=4")
+    assert proc.returncode == 2
+    assert "did you mean 'num_experts'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_config_file_and_bad_override_syntax(capsys):
+    assert main(["validate", "does/not/exist.yaml"]) == 2
+    assert "config file 'does/not/exist.yaml' does not exist" in capsys.readouterr().err
+    assert main(["validate", str(TINY_CONFIG), "train.steps"]) == 2
+    assert "is not of the form key.path=value" in capsys.readouterr().err
+
+
+def test_validate_world_size(capsys):
+    assert main(["validate", str(TINY_CONFIG), "--world-size", "4"]) == 0
+    assert main(["validate", str(TINY_CONFIG), "moe.expert_parallel_size=4", "--world-size", "6"]) == 2
+    assert "world size (6) must be divisible by moe.expert_parallel_size (4)" in capsys.readouterr().err
+
+
+def test_overrides_parse_as_yaml_and_dash_form():
+    assert parse_overrides(["a.b=1", "--c=x", "d=[1, 2]", "e=null"]) == {"a": {"b": 1}, "c": "x", "d": [1, 2], "e": None}
+    cfg = load_config(TINY_CONFIG, ["moe=null"])
+    assert cfg.moe is None
+
+
+def test_cli_accepts_dash_dash_overrides(capsys):
+    assert main(["validate", str(TINY_CONFIG), "--train.steps=3"]) == 0

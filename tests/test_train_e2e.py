@@ -1,0 +1,90 @@
+"""End to end through the real CLI: training, metrics, checkpoints, bitwise resume, bad input."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import TINY, TINY_CONFIG, read_metrics, run_cli
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def train(run_dir, data_cache, *overrides, expect=0):
+    proc = run_cli("train", str(TINY_CONFIG), *TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", *overrides)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_tiny_trains_and_writes_run_dir(tmp_path, data_cache):
+    run = tmp_path / "run"
+    proc = train(run, data_cache, "train.steps=12", "train.eval_interval=6", "checkpoint.interval=6")
+    records = read_metrics(run)
+    train_recs = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_recs] == list(range(1, 13))
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"]
+    last = train_recs[-1]
+    for key in ("lr", "grad_norm", "tokens_per_s", "aux_loss", "moe/layer0/load_min", "moe/layer0/load_max",
+                "moe/layer0/load_std", "moe/layer0/dropped_frac", "moe/layer0/router_entropy",
+                "moe/layer0/load_balance"):
+        assert key in last, key
+    assert last["grad_norm"] > 0 and len(last["moe/layer0/load"]) == 4
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12] and evals[-1]["val_loss"] < evals[0]["val_loss"] + 1.0
+    assert (run / "config.yaml").read_text().count("vocab_size: 257") == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000006", "step_000012"]
+    assert (run / "checkpoints" / "step_000012" / "COMMITTED").is_file()
+    assert "step 12/12 | loss" in proc.stdout and "val_loss" in proc.stdout
+
+
+@pytest.mark.parametrize("extra", [[], ["train.grad_accum_steps=2", "model.dropout=0.1"]], ids=["plain", "accum+dropout"])
+def test_resume_after_k_equals_uninterrupted(tmp_path, data_cache, extra):
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(full, data_cache, "train.steps=8", *extra)
+    train(split, data_cache, "train.steps=8", "train.stop_at_step=3", *extra)
+    assert max(losses(split)) == 3
+    proc = train(split, data_cache, "train.steps=8", *extra)
+    assert "resumed from" in proc.stdout
+    assert losses(split) == losses(full)  # exact float equality, every step
+
+
+def test_auto_resume_skips_an_interrupted_save(tmp_path, data_cache):
+    run = tmp_path / "run"
+    train(run, data_cache, "train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=3")
+    (run / "checkpoints" / "step_000004" / "COMMITTED").unlink()  # as if killed mid-save
+    proc = train(run, data_cache, "train.steps=6")
+    assert "skipping checkpoint step_000004" in proc.stdout and "at step 2" in proc.stdout
+
+
+def test_explicit_corrupt_checkpoint_is_refused_and_nothing_written(tmp_path, data_cache):
+    src = tmp_path / "src"
+    train(src, data_cache, "train.steps=2")
+    ckpt = src / "checkpoints" / "step_000002"
+    state = next((ckpt / "ds").rglob("*model_states.pt"))
+    state.write_bytes(state.read_bytes()[:100])  # truncated shard
+    run = tmp_path / "new"
+    proc = train(run, data_cache, "train.steps=4", f"checkpoint.resume={ckpt}", expect=2)
+    assert "does not match its sha256" in proc.stderr and "Traceback" not in proc.stderr
+    assert not run.exists()
+    proc = train(run, data_cache, f"checkpoint.resume={tmp_path / 'nowhere'}", expect=2)
+    assert "is not a folder" in proc.stderr and not run.exists()
+
+
+def test_missing_data_path_fails_cleanly(tmp_path, data_cache):
+    run = tmp_path / "run"
+    proc = train(run, data_cache, f"data.paths=[{tmp_path / 'missing.txt'}]", expect=2)
+    assert "data.paths[0]:" in proc.stderr and "matches no readable data file" in proc.stderr
+    assert "Traceback" not in proc.stderr and not run.exists()
+
+
+def test_dense_baseline_and_replace_ffn_placement(tmp_path, data_cache):
+    train(tmp_path / "dense", data_cache, "moe=null", "train.steps=2")
+    assert "moe/layer0/load_min" not in read_metrics(tmp_path / "dense")[0]
+    train(tmp_path / "k2", data_cache, "train.steps=2", "moe.placement=replace_ffn", "moe.every=1",
+          "moe.expert_type=swiglu", "moe.router.top_k=2", "moe.capacity_factor=1.0", "moe.router.z_loss_coeff=0.001")
+    rec = read_metrics(tmp_path / "k2")[0]
+    assert "moe/layer1/load_min" in rec and "moe/layer0/z_loss" in rec and 0 <= rec["moe/layer0/dropped_frac"] < 1
