@@ -134,6 +134,7 @@ class CheckpointCallback(Callback):
     def save(self, trainer: "Trainer") -> None:
         step = trainer.state.step
         folder = checkpoint.checkpoint_dir(trainer.run_dir, step)
-        checkpoint.save(trainer.engine, folder, trainer.layout.rank, trainer.run_state(), trainer.cfg.checkpoint.keep_last)
+        checkpoint.save(trainer.engine, trainer.model, folder, trainer.layout, trainer.run_state(),
+                        trainer.cfg.checkpoint.keep_last)
         self.last_saved = step
         trainer.logger.write(f"saved checkpoint {folder}")

@@ -3,6 +3,7 @@
 Layout of ``<run_dir>/checkpoints/step_000100/``::
 
     ds/                     DeepSpeed engine checkpoint (module, optimizer, lr schedule, per rank)
+    experts_00000.pt ...    expert weights of each EP rank, keyed by parameter name and global expert id
     rank_00000.pt ...       moetrain state per rank: RNG states
     state.json              step, data fingerprint, world size, resolved config
     manifest.json           sha256 of every file above
@@ -108,14 +109,35 @@ def find_resume(run_dir: Path, resume: str, log=print) -> Path | None:
     return None
 
 
-def save(engine, folder: Path, rank: int, state: dict[str, Any], keep_last: int) -> None:
-    """Every rank writes its parts, then rank 0 writes the manifest and the marker (last)."""
+def expert_tensors(model) -> dict[str, dict[int, torch.Tensor]]:
+    """{parameter name: {global expert id: that expert's slice}} for this rank's local experts."""
+    from moetrain.moe.experts import GroupedExperts
+
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for mname, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            for pname, p in module.named_parameters(recurse=False):
+                out[f"{mname}.{pname}"] = {module.first_expert + j: p[:, j] for j in range(module.num_local)}
+    return out
+
+
+def save(engine, model, folder: Path, layout, state: dict[str, Any], keep_last: int) -> None:
+    """Every rank writes its parts, then rank 0 writes the manifest and the marker (last).
+
+    NOTE: DeepSpeed's module file holds rank 0's copy of the model, so under expert parallelism it
+    has only rank 0's experts. Each EP rank's experts are written by its first replica (ranks
+    0..ep-1) to ``experts_<ep rank>.pt``, and restored from there on load.
+    """
+    rank = layout.rank
     if rank == 0:
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
     _barrier()
     engine.save_checkpoint(str(folder), tag="ds")
+    if rank < layout.ep_size:
+        experts = {k: {g: t.detach().cpu().clone() for g, t in v.items()} for k, v in expert_tensors(model).items()}
+        torch.save(experts, folder / f"experts_{layout.ep_rank:05d}.pt")
     torch.save({"rng": rng_state(), "step": state["step"]}, folder / f"rank_{rank:05d}.pt")
     _barrier()
     if rank == 0:
@@ -128,12 +150,45 @@ def save(engine, folder: Path, rank: int, state: dict[str, Any], keep_last: int)
     _barrier()
 
 
-def load(engine, folder: Path, rank: int) -> dict[str, Any]:
-    """Restore engine, RNG and run state; returns state.json."""
-    load_path, _ = engine.load_checkpoint(str(folder), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+def saved_experts(folder: Path) -> dict[str, dict[int, torch.Tensor]]:
+    """Every saved expert slice of a checkpoint, merged over the EP ranks' files."""
+    merged: dict[str, dict[int, torch.Tensor]] = {}
+    for f in sorted(folder.glob("experts_*.pt")):
+        for name, by_id in torch.load(f, weights_only=True).items():
+            merged.setdefault(name, {}).update(by_id)
+    return merged
+
+
+def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole model with every global expert, whatever the EP layout it was saved with."""
+    module = torch.load(folder / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    for name, by_id in saved_experts(folder).items():
+        module[name] = torch.stack([by_id[g] for g in sorted(by_id)], dim=1)
+    return module
+
+
+def load(engine, model, folder: Path, layout) -> dict[str, Any]:
+    """Restore engine, expert weights, RNG and run state; returns state.json."""
+    rank = layout.rank
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("expert_parallel_size", 1) != layout.ep_size or state.get("world_size") != layout.world_size:
+        raise UserError(
+            f"checkpoint.resume: {folder} was saved with world size {state.get('world_size')} and "
+            f"moe.expert_parallel_size {state.get('expert_parallel_size')}; resume with the same layout "
+            f"(now world size {layout.world_size}, expert_parallel_size {layout.ep_size})"
+        )
+    load_path, _ = engine.load_checkpoint(
+        str(folder), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=False
+    )
     if load_path is None:
         raise UserError(f"checkpoint.resume: DeepSpeed could not load {folder}/ds")
-    state = json.loads((folder / "state.json").read_text())
+    saved = saved_experts(folder)
+    with torch.no_grad():
+        for name, by_id in expert_tensors(model).items():
+            for g, dst in by_id.items():
+                if g not in saved.get(name, {}):
+                    raise UserError(f"checkpoint.resume: {folder} holds no weights for expert {g} of {name}")
+                dst.copy_(saved[name][g])
     rank_file = folder / f"rank_{rank:05d}.pt"
     if not rank_file.is_file():
         raise UserError(

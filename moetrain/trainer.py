@@ -100,7 +100,8 @@ class Trainer:
         self.model_cfg = cfg.model.model_copy(update={"vocab_size": vocab})
         torch.manual_seed(cfg.seed)
         self.model = MoETransformer(self.model_cfg, cfg.moe, layout)
-        groups = deepspeed_compat.param_groups(self.model, cfg.optim.weight_decay)
+        deepspeed_compat.register_expert_parallel(self.model, layout)
+        groups = deepspeed_compat.param_groups(self.model, cfg.optim.weight_decay, layout.ep_size)
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
         ds_config = deepspeed_compat.build_ds_config(cfg, layout.world_size)
@@ -109,7 +110,7 @@ class Trainer:
         self._grad_norm = None
         self.data_fingerprint = cache.fingerprint
         if resume_from is not None:
-            saved = checkpoint.load(self.engine, resume_from, layout.rank)
+            saved = checkpoint.load(self.engine, self.model, resume_from, layout)
             self.state = TrainState(saved["step"], saved["tokens"])
             self._say(f"resumed from {resume_from} at step {self.state.step}")
         if layout.rank == 0:

@@ -117,11 +117,61 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ep_group) -> torch.Tensor:
     return norm
 
 
+def expert_group_name(ep_size: int) -> str:
+    return f"ep_size_{ep_size}"  # DeepSpeed's own naming, so its lookups find our groups
+
+
+def register_expert_parallel(model: nn.Module, layout) -> None:
+    """Meet DeepSpeed's MoE contract for expert parallelism (ep > 1); call before initialize.
+
+    1. Our EP and expert-data-parallel groups go into ``deepspeed.utils.groups`` under DeepSpeed's
+       name for them (its default layout is ours: EP = consecutive ranks, expert-DP = stride ep).
+    2. Expert parameters are tagged ``allreduce=False`` + ``group_name``: DeepSpeed then reduces
+       their gradients over the expert-data-parallel group only (dividing by the world size, which
+       is right: each expert's gradient already sums the losses of its whole EP group), broadcasts
+       them within that group, and ZeRO-1/2 partitions them over it.
+    3. A parameter-free marker module that ``isinstance``-matches ``deepspeed.moe.layer.MoE`` turns
+       on the engine's MoE paths. It owns no experts, so DeepSpeed's own expert checkpoint files
+       (which expect its module layout) stay empty: moetrain saves expert weights itself, by global
+       expert id (see checkpoint.py).
+    """
+    if layout.ep_size == 1:
+        return
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
+
+    name = expert_group_name(layout.ep_size)
+    groups._EXPERT_PARALLEL_GROUP[name] = layout.ep_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = layout.ep_ranks
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = layout.expert_dp_group
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = layout.expert_dp_ranks
+    for pname, p in model.named_parameters():
+        if is_expert_param(pname):
+            p.allreduce = False
+            p.group_name = name
+
+    class DeepSpeedMoEMarker(MoE):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)  # NOTE: not MoE.__init__: no DeepSpeed experts or gate are built
+            self.num_experts = 0
+            self.num_local_experts = 0
+            self.ep_size = layout.ep_size
+            self.expert_group_name = name
+
+        def set_deepspeed_parallelism(self, *args, **kwargs) -> None:
+            pass  # the groups are ours, registered above
+
+        def forward(self, *args, **kwargs):  # pragma: no cover - never called
+            raise RuntimeError("marker module")
+
+    model.add_module("deepspeed_moe_marker", DeepSpeedMoEMarker())
+
+
 def is_expert_param(module_name: str) -> bool:
     return ".experts." in f".{module_name}."
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, ep_size: int = 1) -> list[dict[str, Any]]:
     """AdamW groups: no decay on norms, biases and embeddings' positions; experts in their own groups.
 
     Expert groups are separate so that expert parallelism can reduce their gradients over the
@@ -137,11 +187,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         groups.setdefault((is_expert_param(name), no_decay), []).append(p)
     out = []
     for (expert, no_decay), params in sorted(groups.items()):
-        out.append({
+        group = {
             "params": params,
             "weight_decay": 0.0 if no_decay else weight_decay,
             "name": f"{'expert' if expert else 'shared'}_{'no_decay' if no_decay else 'decay'}",
-        })
+        }
+        if expert and ep_size > 1:  # DeepSpeed's MoE group contract: 'moe' flag, name = the EP group's
+            group.update(moe=True, name=expert_group_name(ep_size))
+        out.append(group)
     return out
 
 

@@ -37,6 +37,15 @@ class ParallelLayout:
     expert_dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     @property
+    def ep_ranks(self) -> list[int]:
+        start = self.rank - self.rank % self.ep_size
+        return list(range(start, start + self.ep_size))
+
+    @property
+    def expert_dp_ranks(self) -> list[int]:
+        return list(range(self.rank % self.ep_size, self.world_size, self.ep_size))
+
+    @property
     def ep_rank(self) -> int:
         return self.rank % self.ep_size
 

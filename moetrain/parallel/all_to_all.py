@@ -1,0 +1,111 @@
+"""Expert-parallel dispatch: tokens travel to the rank holding their expert by all-to-all.
+
+Legend: T local tokens, D model dim, E global experts, L = E/P local experts, P EP-group size,
+K top-k, N = T*K permuted rows, R rows received from the EP group.
+
+Steps (dispatch):
+  1. routing map over the E global experts -> rows grouped by global expert (= by destination rank)
+  2. permute tokens into that order (the same kernel as the local path)
+  3. all-to-all of the per-expert counts: counts_PL received = how many rows each source sends to
+     each of my local experts. The one host sync per layer turns both count tables into split sizes.
+  4. all-to-all of the tokens with uneven splits (differentiable)
+  5. regroup the received rows from [source rank][local expert] to [local expert][source rank]
+combine reverses 5 -> 4 and finishes with the weighted gather-sum of the local path.
+
+NOTE: every rank calls both all-to-alls in forward and, through autograd, in backward, even when it
+sends or receives zero rows: skipping one would hang the ranks that did call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moetrain.kernels import KernelBackend
+from moetrain.moe.dispatch import expert_capacity
+from moetrain.moe.routing import RoutingDecision
+from moetrain.parallel.layout import ParallelLayout
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x_ND.new_empty(sum(out_splits), *x_ND.shape[1:])
+        dist.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        grad_in = grad_out.new_empty(sum(in_splits), *grad_out.shape[1:])
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    return _AllToAll.apply(x_ND, out_splits, in_splits, group)
+
+
+@dataclass(frozen=True)
+class AllToAllMeta:
+    rows_TK: torch.Tensor  # row of each (token, slot) in the send buffer; -1 = dropped
+    gates_TK: torch.Tensor
+    send_splits: list[int]  # rows sent to each EP rank
+    recv_splits: list[int]  # rows received from each EP rank
+    regroup_R: torch.Tensor  # received row -> position in local-expert order
+    num_rows: int  # N = T*K (send buffer rows, including unused ones)
+    dropped: torch.Tensor
+
+
+class AllToAllDispatcher:
+    """Experts sharded over the EP group; interchangeable with :class:`LocalDispatcher`."""
+
+    def __init__(self, num_experts: int, capacity_factor: float | None, backend: KernelBackend, layout: ParallelLayout):
+        self.num_experts = num_experts
+        self.ep_size = layout.ep_size
+        self.num_local_experts = num_experts // layout.ep_size
+        self.capacity_factor = capacity_factor
+        self.backend = backend
+        self.group = layout.ep_group
+        self.ep_rank = layout.ep_rank
+        self.bytes_sent = 0  # token bytes this rank sent to *other* ranks in forward (the C5 count)
+
+    def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision):
+        P, L = self.ep_size, self.num_local_experts
+        ids_TK = decision.expert_ids_TK
+        capacity = expert_capacity(ids_TK.numel(), self.num_experts, self.capacity_factor)
+        rows_TK, counts_E = self.backend.routing_map(ids_TK, self.num_experts, capacity)  # 1.
+        x_ND = self.backend.permute(x_TD, rows_TK)  # 2.
+        recv_counts_PL = torch.empty_like(counts_E)  # 3.
+        dist.all_to_all_single(recv_counts_PL, counts_E.contiguous(), group=self.group)
+        recv_counts_PL = recv_counts_PL.view(P, L)
+        # NOTE: the one host sync of this layer: split sizes must be Python ints for the collective.
+        send_PL, recv_PL = torch.stack([counts_E.view(P, L), recv_counts_PL]).tolist()
+        send_splits = [sum(r) for r in send_PL]
+        recv_splits = [sum(r) for r in recv_PL]
+        n_send = sum(send_splits)
+        self.bytes_sent += (n_send - send_splits[self.ep_rank]) * x_ND.shape[-1] * x_ND.element_size()
+        x_RD = all_to_all(x_ND[:n_send], recv_splits, send_splits, self.group)  # 4.
+        # 5. local expert of each received row, then a stable sort groups rows by local expert.
+        local_ids_R = torch.arange(P * L, device=x_TD.device).remainder(L).repeat_interleave(
+            recv_counts_PL.reshape(-1), output_size=sum(recv_splits)
+        )
+        regroup_R = torch.sort(local_ids_R, stable=True).indices
+        x_RD = x_RD.index_select(0, regroup_R)
+        counts_L = recv_counts_PL.sum(0)
+        meta = AllToAllMeta(rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, ids_TK.numel(),
+                            (rows_TK < 0).sum())
+        return x_RD, counts_L, meta
+
+    def combine(self, y_RD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
+        y_back_RD = torch.empty_like(y_RD).index_copy(0, meta.regroup_R, y_RD)  # undo 5.
+        y_sent_ND = all_to_all(y_back_RD, meta.send_splits, meta.recv_splits, self.group)  # undo 4.
+        pad = meta.num_rows - y_sent_ND.shape[0]
+        if pad:
+            y_sent_ND = torch.cat([y_sent_ND, y_sent_ND.new_zeros(pad, y_sent_ND.shape[-1])])
+        return self.backend.unpermute(y_sent_ND, meta.rows_TK, meta.gates_TK)

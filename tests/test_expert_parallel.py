@@ -1,0 +1,75 @@
+"""Expert parallelism equals one process: same losses, grad-norms and final weights (fp32, gloo).
+
+The single-process reference sees the same global micro-batch (micro_batch_size x world) as the
+EP run, so every step is the same computation up to floating-point summation order.
+Tolerance: per-step losses and grad-norms to rel 1e-5, every final weight to atol 2e-5.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, TINY_CONFIG, read_metrics, run_cli
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(600)]
+
+STEPS = 5
+COMMON = [*TINY, f"train.steps={STEPS}", "optim.lr=1e-2", "moe.num_experts=4", "checkpoint.resume=none"]
+
+
+def torchrun(nproc, run_dir, data_cache, *overrides, timeout=400):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "moetrain.cli", "train", str(TINY_CONFIG), *COMMON, f"data.cache_dir={data_cache}",
+           f"run_dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def single(run_dir, data_cache, micro, *overrides):
+    proc = run_cli("train", str(TINY_CONFIG), *COMMON, f"data.cache_dir={data_cache}", f"run_dir={run_dir}",
+                   f"train.micro_batch_size={micro}", *overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def final_weights(run_dir):
+    from moetrain.checkpoint import consolidated_state_dict
+
+    return consolidated_state_dict(run_dir / "checkpoints" / f"step_{STEPS:06d}")
+
+
+def assert_same_run(a, b):
+    ra = [r for r in read_metrics(a) if "loss" in r]
+    rb = [r for r in read_metrics(b) if "loss" in r]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, STEPS + 1))
+    for x, y in zip(ra, rb):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5), (x["step"], x["grad_norm"], y["grad_norm"])
+        assert x["moe/layer0/load"] == pytest.approx(y["moe/layer0/load"], abs=1e-3)  # every rank's experts
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.allclose(wa[name].float(), wb[name].float(), atol=2e-5), name
+    assert any(".experts." in n and wa[n].shape[1] == 4 for n in wa)  # all 4 global experts compared
+
+
+CASES = {
+    # id: (world, ep, overrides)
+    "top1-ep2-zero0": (2, 2, ["moe.router.top_k=1"]),
+    "top2-ep2-zero1": (2, 2, ["moe.router.top_k=2", "deepspeed.zero_optimization.stage=1"]),
+    "top2-ep2-zero2": (2, 2, ["moe.router.top_k=2", "deepspeed.zero_optimization.stage=2"]),
+    "top2-ep4-zero0": (4, 4, ["moe.router.top_k=2", "moe.placement=replace_ffn", "moe.expert_type=swiglu"]),
+    "top1-ep2-world4-zero2": (4, 2, ["moe.router.top_k=1", "deepspeed.zero_optimization.stage=2"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ep_equals_single_process(case, tmp_path, data_cache):
+    world, ep, overrides = CASES[case]
+    single(tmp_path / "one", data_cache, 2 * world, *overrides)
+    torchrun(world, tmp_path / "ep", data_cache, "train.micro_batch_size=2", f"moe.expert_parallel_size={ep}", *overrides)
+    assert_same_run(tmp_path / "one", tmp_path / "ep")
