@@ -81,6 +81,8 @@ def _quiet_imports() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher prepends --local_rank=N; the rank is read from the environment instead.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     overrides = [u for u in unknown if u.startswith("--") and "=" in u]
