@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config (and the parallel layout) without training")
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=None, help="also check the layout for this many ranks")
+    p = sub.add_parser("report", help="draw PNG plots (loss, expert load, fluctuation) of a run directory")
+    p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     try:
         from moetrain.launch.cli import add_launch_parser
     except ImportError:  # launch/ not installed in this checkout
@@ -46,6 +48,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
         cfg.check_world_size(args.world_size)
     where = f" for world size {args.world_size}" if args.world_size else ""
     print(f"config ok{where}: {args.config}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moetrain.report import make_report
+
+    for path in make_report(Path(args.run_dir)):
+        print(f"wrote {path}")
     return 0
 
 
@@ -91,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + overrides
-    commands = {"train": cmd_train, "validate": cmd_validate}
+    commands = {"train": cmd_train, "validate": cmd_validate, "report": cmd_report}
     try:
         if args.command in commands:
             return commands[args.command](args)
