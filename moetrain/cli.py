@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    overrides = [u for u in unknown if u.startswith("--") and "=" in u]
+    # key=value overrides may come after flags (argparse then leaves them in `unknown`)
+    overrides = [u for u in unknown if "=" in u and (u.startswith("--") or not u.startswith("-"))]
     bad = [u for u in unknown if u not in overrides]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")

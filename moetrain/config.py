@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from moetrain.checkpoint import CheckpointConfig
 from moetrain.data import DataConfig
 from moetrain.errors import UserError
+from moetrain.launch.config import LaunchConfig
 from moetrain.logging import LoggingConfig
 from moetrain.model import ModelConfig
 from moetrain.moe.layer import MoEConfig
@@ -39,6 +40,7 @@ class JobConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    launch: LaunchConfig = Field(LaunchConfig(), description="how `moetrain launch` starts the job (docs/launching.md)")
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="passed to DeepSpeed verbatim (moetrain fills batch, precision, clipping)"
     )

@@ -10,10 +10,10 @@ BAD = [
     # (overrides, substrings the message must contain)
     (["moe.num_expert=4"], ["moe: unknown key 'num_expert'", "did you mean 'num_experts'"]),
     (["trian.steps=5"], ["unknown key 'trian'", "did you mean 'train'"]),
-    (["moe.router.top_kk=2"], ["moe.router: unknown key 'top_kk'", "did you mean 'top_k'"]),
+    (["moe.router.kind=topk", "moe.router.top_kk=2"], ["moe.router: unknown key 'top_kk'", "did you mean 'top_k'"]),
     (["moe.num_experts=12", "moe.expert_parallel_size=8"],
      ["moe.num_experts (12) must be divisible by moe.expert_parallel_size (8)"]),
-    (["moe.router.top_k=9"], ["moe.router.top_k (9) must be <= moe.num_experts (8)"]),
+    (["moe.router.kind=topk", "moe.router.top_k=9"], ["moe.router.top_k (9) must be <= moe.num_experts (8)"]),
     (["train.steps=-5"], ["train.steps: Input should be greater than or equal to 1 (got -5)"]),
     (["train.micro_batch_size=lots"], ["train.micro_batch_size: Input should be a valid integer", "'lots'"]),
     (["model.d_model=100", "model.n_heads=3"], ["model.d_model (100) must be divisible by model.n_heads (3)"]),

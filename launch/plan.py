@@ -1,0 +1,64 @@
+"""A launch, as data: the files to write and the command to run, and what ``--dry-run`` prints."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moetrain.config import JobConfig
+
+TRAIN_MODULE = "moetrain.cli"  # workers run `python -m moetrain.cli train CONFIG [overrides]`
+
+
+@dataclass(frozen=True)
+class Job:
+    """One ``moetrain launch`` request, resolved: the validated config and where things live."""
+
+    cfg: JobConfig
+    config_path: str  # as given on the command line; workers of local launches read it
+    overrides: list[str]  # the user's key.path=value items, passed on to local workers
+    python: str  # launch.python, or the interpreter running `moetrain launch`
+    run_dir: Path  # absolute
+    workdir: Path  # absolute: where the job runs (relative paths in the config start here)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Write ``files``, then run ``command`` with ``env`` added to the environment."""
+
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    files: dict[Path, str] = field(default_factory=dict)
+    script: str | None = None  # the sbatch script, printed by --dry-run instead of the command
+
+    def shell_line(self) -> str:
+        """The command as one copy-pasteable shell line, environment first."""
+        assignments = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        return " ".join(assignments + [shlex.join(self.command)])
+
+    def dry_run_text(self) -> str:
+        return self.script if self.script is not None else self.shell_line() + "\n"
+
+
+def tool(python: str, name: str) -> str:
+    """``torchrun`` / ``deepspeed`` from the environment of ``python``: its sibling, or a bare name.
+
+    ``/opt/venv/bin/python`` -> ``/opt/venv/bin/torchrun``; ``python`` -> ``torchrun`` (found on the
+    PATH of the job, e.g. after ``slurm.setup`` activated an environment).
+    """
+    folder = os.path.dirname(python)
+    return os.path.join(folder, name) if folder else name
+
+
+def train_args(config: str, overrides: list[str]) -> list[str]:
+    """What every worker runs after ``python -m``: the config and overrides, less the launch.* ones."""
+    kept = [o for o in overrides if not o.removeprefix("--").startswith("launch.")]
+    return [TRAIN_MODULE, "train", config, *kept]

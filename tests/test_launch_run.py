@@ -1,0 +1,64 @@
+"""Real launches through ``moetrain launch``: torchrun and the deepspeed launcher, 2 CPU processes each.
+
+Each run must finish and leave a run directory written by both ranks: rank 0's metrics covering every
+step with the global batch of two ranks, and a committed checkpoint holding each rank's state file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY, TINY_CONFIG, read_metrics, run_cli
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
+
+MICRO_BATCH, SEQ_LEN = 4, 32  # from conftest.TINY
+
+
+def assert_two_rank_run(run: Path, steps: int) -> None:
+    """The run dir holds rank 0's metrics for every step and a checkpoint with both ranks' state."""
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert records[-1]["tokens"] == steps * 2 * MICRO_BATCH * SEQ_LEN  # both ranks fed every step
+    ckpt = run / "checkpoints" / f"step_{steps:06d}"
+    assert (ckpt / "COMMITTED").is_file()
+    assert (ckpt / "rank_00000.pt").is_file() and (ckpt / "rank_00001.pt").is_file()
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+    assert (run / "config.yaml").is_file()
+
+
+def launch_args(run: Path, data_cache: str, *extra: str) -> list[str]:
+    return [
+        "launch",
+        str(TINY_CONFIG),
+        *TINY,
+        f"data.cache_dir={data_cache}",
+        f"run_dir={run}",
+        "launch.env.OMP_NUM_THREADS=1",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_process_cpu_launch_finishes(launcher, tmp_path, data_cache):
+    run = tmp_path / "run"
+    proc = run_cli(
+        *launch_args(run, data_cache, "train.steps=4", "--launcher", launcher, "--procs-per-node", "2")
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    expected = (
+        "torchrun --standalone --nproc-per-node 2" if launcher == "torchrun" else "deepspeed --num_gpus 2"
+    )
+    assert "moetrain launch: OMP_NUM_THREADS=1 " in proc.stderr and expected in proc.stderr
+    assert_two_rank_run(run, steps=4)
+
+
+def test_failed_worker_fails_the_launch(tmp_path, data_cache):
+    """A training error inside the workers reaches the caller as a non-zero exit code."""
+    run = tmp_path / "run"
+    bad_resume = f"checkpoint.resume={tmp_path / 'nowhere'}"  # each worker exits 2 on it
+    proc = run_cli(*launch_args(run, data_cache, bad_resume, "--procs-per-node", "2"))
+    assert proc.returncode != 0
+    assert "is not a folder" in proc.stderr
