@@ -273,6 +273,8 @@ def topk_gating(
     2. counts = sum of the per-block counts (on the device).
     3. backward: one kernel from the gates' and scores' gradients to the logits' gradient.
     """
+    if not 1 <= k <= logits_TE.shape[-1]:
+        raise ValueError(f"top-k ({k}) must be between 1 and the number of experts ({logits_TE.shape[-1]})")
     if not runs_on_triton(logits_TE) or logits_TE.shape[0] == 0:
         return topk_gating_reference(logits_TE, k, score_func, renormalize, bias_E)
     if logits_TE.stride(-1) != 1:

@@ -12,10 +12,14 @@ Two hooks, because some conversions never reach the dispatcher on CPU:
 
 - a TorchDispatchMode sees aten ops: ``_local_scalar_dense`` (``.item()``, ``int()``, ``float()``,
   tensor -> bool), ``is_nonzero``, ``nonzero``, ``masked_select``, ``unique``, ``equal``,
-  ``bincount``, boolean-mask indexing, ``repeat_interleave`` without ``output_size``, and copies
-  from a CUDA tensor to the host;
+  ``bincount``, boolean-mask indexing, ``repeat_interleave`` without ``output_size``, and blocking
+  copies between a CUDA tensor and the host (either direction: both end in a stream synchronise);
 - a TorchFunctionMode sees ``Tensor.tolist`` / ``.numpy()`` / ``__array__``, which read CPU memory
   directly (no aten op) but copy device -> host on a GPU.
+
+With ``host_data=True`` it also counts tensors built from Python data (``torch.tensor(x,
+device=...)``, seen as ``lift_fresh``): on CUDA each is a blocking host -> device copy, a sync that a
+CPU run cannot otherwise see because its "device" is the host.
 
 On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` is the ground truth; this counter is the CPU
 stand-in and names the source line of every event.
@@ -57,7 +61,7 @@ class SyncEvent:
 def _caller() -> str:
     for frame in reversed(traceback.extract_stack()[:-1]):
         path = frame.filename.replace("\\", "/")
-        if "/torch/" not in path and not path.endswith("host_sync.py"):
+        if "/torch/" not in path and frame.filename != __file__:
             return f"{frame.filename}:{frame.lineno} in {frame.name}"
     return "?"
 
@@ -75,20 +79,26 @@ def _syncs(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> bool:
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(_is_bool_tensor(i) for i in indices or ())
     if func in _COPY_OPS:
-        src = args[1] if func is _aten.copy_.default else args[0]
-        dst_device = args[0].device if func is _aten.copy_.default else kwargs.get("device")
-        return src.is_cuda and dst_device is not None and torch.device(dst_device).type == "cpu"
+        if func is _aten.copy_.default:
+            src, dst_device, non_blocking = args[1], args[0].device, kwargs.get("non_blocking", False)
+        else:
+            src, dst_device, non_blocking = args[0], kwargs.get("device"), kwargs.get("non_blocking", False)
+        if dst_device is None or non_blocking:
+            return False
+        dst_type = torch.device(dst_device).type
+        return (src.is_cuda and dst_type == "cpu") or (src.device.type == "cpu" and dst_type == "cuda")
     return False
 
 
 class _DispatchHook(TorchDispatchMode):
-    def __init__(self, events: list[SyncEvent]) -> None:
+    def __init__(self, events: list[SyncEvent], host_data: bool) -> None:
         super().__init__()
         self.events = events
+        self.host_data = host_data
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _syncs(func, args, kwargs):
+        if _syncs(func, args, kwargs) or (self.host_data and func is _aten.lift_fresh.default):
             self.events.append(SyncEvent(str(func), _caller()))
         return func(*args, **kwargs)
 
@@ -109,10 +119,11 @@ class _FunctionHook(TorchFunctionMode):
 class HostSyncCounter:
     """Context manager recording every host-synchronising operation run inside it."""
 
+    host_data: bool = False  # also count tensors built from Python data (H2D copies on CUDA)
     events: list[SyncEvent] = field(default_factory=list)
 
     def __enter__(self) -> "HostSyncCounter":
-        self._modes = (_FunctionHook(self.events), _DispatchHook(self.events))
+        self._modes = (_FunctionHook(self.events), _DispatchHook(self.events, self.host_data))
         for mode in self._modes:
             mode.__enter__()
         return self

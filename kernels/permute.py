@@ -53,24 +53,32 @@ def routing_map_reference(
 
 
 def permute_reference(x_TD: torch.Tensor, rows_TK: torch.Tensor) -> torch.Tensor:
-    """Copy token t into each of its kept rows; returns x_ND with N = T*K (unused rows zero)."""
+    """Copy token t into each of its kept rows; returns x_ND with N = T*K (unused rows zero).
+
+    1. invert the map: the token of every row (T, a zero row appended to x, for unused rows).
+    2. one gather of the padded x by that token.
+    """
     num_tokens, k = rows_TK.shape
-    tokens_N = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(k)
+    n = num_tokens * k
     rows_N = rows_TK.reshape(-1)
-    kept_N = rows_N >= 0
-    # Dropped slots write to a scratch row past the end, sliced off below: no data-dependent shapes.
-    dest_N = torch.where(kept_N, rows_N, torch.full_like(rows_N, num_tokens * k))
-    out_ND = x_TD.new_zeros(num_tokens * k + 1, x_TD.shape[-1])
-    out_ND = out_ND.index_copy(0, dest_N, x_TD.index_select(0, tokens_N) * kept_N[:, None])
-    return out_ND[:-1]
+    tokens_N = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(k)
+    # Dropped slots write to a scratch entry past the end, sliced off: no data-dependent shapes.
+    dest_N = torch.where(rows_N >= 0, rows_N, n)
+    token_of_row_N = torch.full((n + 1,), num_tokens, dtype=torch.int64, device=x_TD.device)
+    token_of_row_N = token_of_row_N.scatter_(0, dest_N, tokens_N)[:n]
+    padded_TD = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[-1])])
+    return padded_TD.index_select(0, token_of_row_N)
 
 
 def unpermute_reference(y_ND: torch.Tensor, rows_TK: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
-    """Weighted combine back to token order: out[t] = sum_k gates[t,k] * y[rows[t,k]] (kept only)."""
-    kept_TK = rows_TK >= 0
-    gathered_TKD = y_ND.index_select(0, rows_TK.clamp_min(0).reshape(-1)).view(*rows_TK.shape, -1)
-    weights_TK = torch.where(kept_TK, gates_TK.to(y_ND.dtype), torch.zeros_like(gates_TK, dtype=y_ND.dtype))
-    return torch.einsum("tkd,tk->td", gathered_TKD, weights_TK)
+    """Weighted combine back to token order: out[t] = sum_k gates[t,k] * y[rows[t,k]] (kept only).
+
+    The gates are cast to y's dtype first; the K-term sum is one batched [1, K] x [K, D] product.
+    """
+    num_tokens, k = rows_TK.shape
+    gathered_TKD = y_ND.index_select(0, rows_TK.clamp_min(0).reshape(-1)).view(num_tokens, k, y_ND.shape[-1])
+    weights_TK = torch.where(rows_TK >= 0, gates_TK.to(y_ND.dtype), 0)
+    return torch.bmm(weights_TK.unsqueeze(1), gathered_TKD).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +196,9 @@ def _scatter_rows_kernel(
         d_D = d0 + tl.arange(0, BLOCK_D)
         d_ok_D = d_D < D
         x_TD = tl.load(
-            src_ptr + t_T[:, None] * stride_src + d_D[None, :], mask=t_ok_T[:, None] & d_ok_D[None, :], other=0.0
+            src_ptr + t_T[:, None] * stride_src + d_D[None, :],
+            mask=t_ok_T[:, None] & d_ok_D[None, :],
+            other=0.0,
         )
         for j in tl.static_range(K):
             r_T = tl.load(rows_ptr + t_T * K + j, mask=t_ok_T, other=-1)
@@ -207,7 +217,9 @@ def _scatter_rows_kernel(
             zeros_TD = tl.zeros((BLOCK_T, BLOCK_D), dtype=out_ptr.dtype.element_ty)
             tl.store(out_ptr + z_T[:, None] * D + d_D[None, :], zeros_TD, mask=z_ok_TD)
     if HAS_DOT:
-        tl.store(dot_out_ptr + t_T[:, None] * K + k_K[None, :], dot_TK, mask=t_ok_T[:, None] & (k_K < K)[None, :])
+        tl.store(
+            dot_out_ptr + t_T[:, None] * K + k_K[None, :], dot_TK, mask=t_ok_T[:, None] & (k_K < K)[None, :]
+        )
 
 
 @triton.jit
@@ -260,7 +272,9 @@ def _scatter_rows(
     num_tokens, k = rows_TK.shape
     dim = src_TD.shape[-1]
     out_ND = torch.empty(num_tokens * k, dim, dtype=out_dtype, device=src_TD.device)
-    dot_TK = torch.empty(num_tokens, k, dtype=torch.float32, device=src_TD.device) if dot_ND is not None else None
+    dot_TK = (
+        torch.empty(num_tokens, k, dtype=torch.float32, device=src_TD.device) if dot_ND is not None else None
+    )
     used = (rows_TK >= 0).sum().reshape(1)  # on the device
     block_t, block_d = _row_blocks(dim)
     _scatter_rows_kernel[(triton.cdiv(num_tokens, block_t),)](
@@ -329,7 +343,14 @@ class _UnpermuteFn(torch.autograd.Function):
 def routing_map(
     expert_ids_TK: torch.Tensor, num_experts: int, capacity: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton entry point, same contract as :func:`routing_map_reference` (no sort; two kernels)."""
+    """Triton entry point, same contract as :func:`routing_map_reference`, without a sort.
+
+    1. kernel: each block's slot count per expert -> partial [B, E].
+    2. cumsum over blocks -> each block's first position inside every expert; totals -> counts (and,
+       with a capacity, the kept counts) -> expert starts. Small [B, E] / [E] device ops.
+    3. kernel: row = start of the expert + block's first position + rank inside the block; -1 past
+       the capacity.
+    """
     if not runs_on_triton(expert_ids_TK) or expert_ids_TK.numel() == 0:
         return routing_map_reference(expert_ids_TK, num_experts, capacity)
     return _routing_map_triton(expert_ids_TK, num_experts, capacity)

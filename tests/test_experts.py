@@ -63,3 +63,20 @@ def test_stacked_experts_start_as_identity():
 
 def test_row_experts_without_sync():
     assert ex.row_experts(torch.tensor([2, 0, 1]), 4).tolist() == [0, 0, 2, 2]
+
+
+def test_padded_rows_never_poison_outputs_or_gradients():
+    """Capacity mode leaves rows past counts.sum(); even NaN there must not reach weights or outputs."""
+    counts = torch.tensor([2, 1])
+    x = torch.randn(5, 8)
+    x[3:] = float("nan")
+    x.requires_grad_()
+    for kind in ("gelu", "stacked"):
+        m = ex.GroupedExperts(kind, num_experts=2, d_model=8, d_hidden=16, sublayers=2)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(std=0.3)
+        y = m(x, counts, padded=True)
+        assert torch.isfinite(y[:3]).all()
+        y[:3].sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters()), kind

@@ -33,6 +33,7 @@ def expert_capacity(num_slots: int, num_experts: int, capacity_factor: float | N
 
 class Dispatcher(Protocol):
     num_local_experts: int
+    pads_rows: bool  # dispatch may return rows past counts.sum() that belong to no expert
 
     def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor, object]: ...
 
@@ -53,6 +54,7 @@ class LocalDispatcher:
     def __init__(self, num_experts: int, capacity_factor: float | None, backend: KernelBackend):
         self.num_experts = self.num_local_experts = num_experts
         self.capacity_factor = capacity_factor
+        self.pads_rows = capacity_factor is not None  # dropped slots leave unused rows at the end
         self.backend = backend
 
     def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor, LocalMeta]:

@@ -33,15 +33,24 @@ def _grouped_mm_supported(x_ND: torch.Tensor, w_LDF: torch.Tensor) -> bool:
     return (x_ND.shape[-1] * item) % 16 == 0 and (w_LDF.shape[-1] * item) % 16 == 0
 
 
-def grouped_matmul(x_ND: torch.Tensor, w_LDF: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(
+    x_ND: torch.Tensor, w_LDF: torch.Tensor, counts_L: torch.Tensor, padded: bool = False
+) -> torch.Tensor:
     """y[rows of e] = x[rows of e] @ w[e], with ``torch._grouped_mm`` where supported.
 
     The fallback loops over experts; it needs the counts on the host (one sync), which is why the
     fused path is preferred.
     """
     if _grouped_mm_supported(x_ND, w_LDF):
-        offs_L = torch.cumsum(counts_L, 0).to(torch.int32)
-        return torch._grouped_mm(x_ND, w_LDF, offs=offs_L)
+        ends_L = torch.cumsum(counts_L, 0)
+        if not padded:  # every row belongs to an expert
+            return torch._grouped_mm(x_ND, w_LDF, offs=ends_L.to(torch.int32))
+        # NOTE: torch._grouped_mm leaves the rows past the last offset (capacity mode) uninitialised, in
+        # its output and in its input gradient; the loop gives zeros. Mask both ways, or garbage (even
+        # NaN) reaches the per-row LayerNorm/bias parameters of stacked experts.
+        valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < ends_L[-1])[:, None]
+        y_NF = torch._grouped_mm(torch.where(valid_N1, x_ND, 0), w_LDF, offs=ends_L.to(torch.int32))
+        return torch.where(valid_N1, y_NF, 0)
     return grouped_matmul_loop(x_ND, w_LDF, counts_L)
 
 
@@ -124,19 +133,29 @@ class GroupedExperts(nn.Module):
             else:
                 normal(self.w2_SLFD[:, j], 1 / math.sqrt(d_hidden))
 
-    def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """``padded``: some rows past ``counts_L.sum()`` belong to no expert (capacity mode)."""
+
+        def mm(x, w):
+            return grouped_matmul(x, w, counts_L, padded)
+
         if self.kind != "stacked":
-            h_NF = grouped_matmul(x_ND, self.w1_SLDF[0], counts_L)
+            # NOTE: squeeze(0), not [0]: indexing makes backward materialise a zero gradient of the
+            # whole stacked weight and copy into it (a quarter of a CPU step at E=128).
+            h_NF = mm(x_ND, self.w1_SLDF.squeeze(0))
             if self.kind == "swiglu":
-                h_NF = F.silu(h_NF) * grouped_matmul(x_ND, self.w3_SLDF[0], counts_L)
+                h_NF = F.silu(h_NF) * mm(x_ND, self.w3_SLDF.squeeze(0))
             else:
                 h_NF = F.gelu(h_NF)
-            return grouped_matmul(h_NF, self.w2_SLFD[0], counts_L)
+            return mm(h_NF, self.w2_SLFD.squeeze(0))
         rows_N = row_experts(counts_L, x_ND.shape[0])
+        if padded:  # unused rows go through the per-row LayerNorm/biases too: make them exact zeros
+            valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < counts_L.sum())[:, None]
+            x_ND = torch.where(valid_N1, x_ND, 0)
         h_ND = x_ND
         for s in range(self.sublayers):
             z_ND = F.layer_norm(h_ND, h_ND.shape[-1:])
             z_ND = z_ND * self.ln_w_SLD[s][rows_N] + self.ln_b_SLD[s][rows_N]
-            z_NF = F.relu(grouped_matmul(z_ND, self.w1_SLDF[s], counts_L) + self.b1_SLF[s][rows_N])
-            h_ND = h_ND + grouped_matmul(z_NF, self.w2_SLFD[s], counts_L) + self.b2_SLD[s][rows_N]
+            z_NF = F.relu(mm(z_ND, self.w1_SLDF[s]) + self.b1_SLF[s][rows_N])
+            h_ND = h_ND + mm(z_NF, self.w2_SLFD[s]) + self.b2_SLD[s][rows_N]
         return h_ND - x_ND

@@ -100,7 +100,7 @@ class MoELayer(nn.Module):
         """1. route; 2. dispatch to (local) experts; 3. grouped experts; 4. weighted combine."""
         decision = self.router(x_TD, token_ids_T)
         x_ND, counts_L, meta = self.dispatcher.dispatch(x_TD, decision)
-        y_ND = self.experts(x_ND, counts_L)
+        y_ND = self.experts(x_ND, counts_L, padded=self.dispatcher.pads_rows)
         y_TD = self.dispatcher.combine(y_ND, meta)
         stats = LayerStats.from_decision(decision, self.num_experts, meta.dropped)
         return MoEOutput(y_TD, decision.aux_loss, stats)

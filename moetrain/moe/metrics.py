@@ -33,7 +33,7 @@ class LayerStats:
             entropy = -(p * p.log()).sum()
         else:
             entropy = torch.zeros((), device=ids.device)
-        n = torch.tensor(float(decision.expert_ids_TK.shape[0]), device=ids.device)
+        n = torch.full((), float(decision.expert_ids_TK.shape[0]), device=ids.device)  # no host->device copy
         return LayerStats(load_E, dropped.float(), entropy, n, dict(decision.aux_terms))
 
 

@@ -70,6 +70,7 @@ class AllToAllDispatcher:
         self.ep_size = layout.ep_size
         self.num_local_experts = num_experts // layout.ep_size
         self.capacity_factor = capacity_factor
+        self.pads_rows = False  # only the rows actually sent arrive
         self.backend = backend
         self.group = layout.ep_group
         self.ep_rank = layout.ep_rank

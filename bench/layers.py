@@ -1,0 +1,160 @@
+"""The layers the benchmarks compare, built to share one set of weights and one routing.
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k.
+
+- moetrain's :class:`~moetrain.moe.layer.MoELayer` (GELU experts, top-k softmax router);
+- ``deepspeed.moe.layer.MoE`` with the same router and expert weights, deterministic routing
+  (no random token selection, no sampled second expert) and renormalised top-2 gates, as moetrain;
+- a naive per-expert loop (``nonzero`` per expert, index_add back), on the same parameters;
+- a dense FFN with the same active expert FLOPs (hidden K*F; the router's 2*T*D*E is not in it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetrain.moe.layer import MoEConfig, MoELayer
+from moetrain.parallel.layout import ParallelLayout
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    tokens: int
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    top_k: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def ideal_train_flops(self, matrices: int = 2) -> int:
+        """F_train = 3 * (2*T*D*E + 2*n*T*K*D*F) (benchmarks.md roofline; n=2 for GELU experts)."""
+        t, d, f, e, k = self.tokens, self.d_model, self.d_hidden, self.num_experts, self.top_k
+        return 3 * (2 * t * d * e + 2 * matrices * t * k * d * f)
+
+
+def build_moetrain(
+    shape: Shape, capacity_factor: float | None, kernels: str = "torch", seed: int = 0
+) -> MoELayer:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(
+        num_experts=shape.num_experts,
+        expert_type="gelu",
+        capacity_factor=capacity_factor,
+        kernels=kernels,
+        router={"kind": "topk", "top_k": shape.top_k, "renormalize": shape.top_k > 1},
+    )
+    return MoELayer(cfg, shape.d_model, shape.d_hidden, vocab_size=256, layout=ParallelLayout())
+
+
+def build_deepspeed(layer: MoELayer, shape: Shape, capacity_factor: float | None) -> nn.Module:
+    """``deepspeed.moe.layer.MoE`` holding copies of ``layer``'s router and expert weights.
+
+    Needs torch.distributed initialised (``common.init_single_process_deepspeed``).
+    """
+    from deepspeed.moe.layer import MoE
+
+    d, f = shape.d_model, shape.d_hidden
+    expert = nn.Sequential(nn.Linear(d, f, bias=False), nn.GELU(), nn.Linear(f, d, bias=False))
+    moe = MoE(
+        hidden_size=d,
+        expert=expert,
+        num_experts=shape.num_experts,
+        ep_size=1,
+        k=shape.top_k,
+        capacity_factor=capacity_factor or 1.0,
+        eval_capacity_factor=capacity_factor or 1.0,
+        min_capacity=1,
+        drop_tokens=capacity_factor is not None,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    )
+    with torch.no_grad():
+        moe.deepspeed_moe.gate.wg.weight.copy_(layer.router.weight_ED)
+        for e, ffn in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
+            ffn[0].weight.copy_(layer.experts.w1_SLDF[0, e].t())
+            ffn[2].weight.copy_(layer.experts.w2_SLFD[0, e].t())
+    return moe.to(layer.router.weight_ED.device, layer.experts.w1_SLDF.dtype)
+
+
+class NaiveLoopMoE(nn.Module):
+    """The textbook MoE: per expert, find its tokens (a host sync), run its FFN, add back weighted.
+
+    Experts are separate parameters (as in a ``ModuleList`` of FFNs), holding copies of ``layer``'s.
+    """
+
+    def __init__(self, layer: MoELayer, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.weight_ED = nn.Parameter(layer.router.weight_ED.detach().clone())
+        self.w1_DF = nn.ParameterList(w.detach().clone() for w in layer.experts.w1_SLDF[0])
+        self.w2_FD = nn.ParameterList(w.detach().clone() for w in layer.experts.w2_SLFD[0])
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        probs_TE = torch.softmax(x_TD.float() @ self.weight_ED.float().t(), dim=-1)
+        gates_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        if self.top_k > 1:
+            gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
+        y_TD = torch.zeros_like(x_TD)
+        for e, (w1_DF, w2_FD) in enumerate(zip(self.w1_DF, self.w2_FD)):
+            tok, slot = torch.where(ids_TK == e)
+            h = F.gelu(x_TD[tok] @ w1_DF) @ w2_FD
+            y_TD.index_add_(0, tok, h * gates_TK[tok, slot, None].to(h.dtype))
+        return y_TD
+
+
+class DenseFFN(nn.Module):
+    """A dense GELU FFN with hidden K*F: the same expert FLOPs per token as the MoE layer."""
+
+    def __init__(self, shape: Shape) -> None:
+        super().__init__()
+        hidden = shape.top_k * shape.d_hidden
+        self.w1 = nn.Parameter(torch.randn(shape.d_model, hidden) / shape.d_model**0.5)
+        self.w2 = nn.Parameter(torch.randn(hidden, shape.d_model) / hidden**0.5)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x_TD @ self.w1) @ self.w2
+
+
+def forward_fn(kind: str, module: nn.Module, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> Callable:
+    """A closure running one forward of ``module`` and returning (y_TD, aux loss or 0)."""
+    if kind == "moetrain":
+
+        def fwd():
+            out = module(x_TD, token_ids_T)
+            return out.y_TD, out.aux_loss
+
+    elif kind == "deepspeed":
+
+        def fwd():
+            y_TD, l_aux, _ = module(x_TD)
+            return y_TD, l_aux
+
+    else:
+
+        def fwd():
+            return module(x_TD), 0.0
+
+    return fwd
+
+
+def train_step_fn(
+    kind: str, module: nn.Module, x_TD: torch.Tensor, token_ids_T: torch.Tensor, w_TD: torch.Tensor
+) -> Callable:
+    """A closure running forward + backward (loss = <y, w> + aux), clearing gradients first."""
+    fwd = forward_fn(kind, module, x_TD, token_ids_T)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x_TD.grad = None
+        y_TD, aux = fwd()
+        ((y_TD.float() * w_TD).sum() + aux).backward()
+
+    return step
