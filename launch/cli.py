@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from moetrain.launch.plan import Job, LaunchPlan
-
 from moetrain.errors import UserError
+from moetrain.launch.plan import Job, LaunchPlan
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from moetrain.errors import UserError
 from moetrain.launch import hostfile, slurm
 from moetrain.launch.config import LaunchConfig
 from moetrain.launch.plan import Job, LaunchPlan
-
-from moetrain.errors import UserError
 
 
 def world_size(job: Job) -> int:

@@ -23,9 +23,8 @@ import subprocess
 from importlib import resources
 from pathlib import Path
 
-from moetrain.launch.plan import Job, LaunchPlan, tool, train_args
-
 from moetrain.errors import UserError
+from moetrain.launch.plan import Job, LaunchPlan, tool, train_args
 
 # Below the Linux ephemeral range (32768+), different for concurrent jobs on one node.
 DERIVED_PORT = "$((10000 + SLURM_JOB_ID % 20000))"

@@ -17,6 +17,7 @@ from moetrain.callbacks import Callback, CheckpointCallback, EvalCallback, Metri
 from moetrain.errors import UserError
 from moetrain.logging import NullLogger, RunLogger
 from moetrain.model import MoETransformer
+from moetrain.moe.schedule import isolate_distilled_params, routing_callbacks
 from moetrain.parallel import deepspeed_compat
 from moetrain.parallel.layout import ParallelLayout
 from moetrain.schema import StrictModel
@@ -74,6 +75,7 @@ class Trainer:
         self.callbacks: list[Callback] = [
             MetricsCallback(cfg.logging.interval),
             EvalCallback(cfg.train.eval_interval),
+            *routing_callbacks(cfg),  # StableMoE stage switch, routing-fluctuation probe, ...
             *(extra_callbacks or []),
             CheckpointCallback(cfg.checkpoint.interval, cfg.checkpoint.save_at_end),
         ]
@@ -102,6 +104,7 @@ class Trainer:
         self.model = MoETransformer(self.model_cfg, cfg.moe, layout)
         deepspeed_compat.register_expert_parallel(self.model, layout)
         groups = deepspeed_compat.param_groups(self.model, cfg.optim.weight_decay, layout.ep_size)
+        groups = isolate_distilled_params(self.model, groups)  # StableMoE: frozen at the switch
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
         ds_config = deepspeed_compat.build_ds_config(cfg, layout.world_size)

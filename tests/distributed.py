@@ -11,7 +11,6 @@ import traceback
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import free_port
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_distributed
+
 from moetrain.kernels import select_backend
 from moetrain.moe.dispatch import LocalDispatcher
 from moetrain.moe.experts import GroupedExperts

@@ -1,8 +1,8 @@
 """Bad configs: one clear message naming the field, the value and the fix; exit 2; nothing written."""
 
 import pytest
-
 from conftest import TINY_CONFIG, run_cli
+
 from moetrain.cli import main
 from moetrain.config import load_config, parse_overrides
 

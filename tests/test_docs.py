@@ -1,6 +1,7 @@
 """Docs that must move with the code."""
 
 from conftest import REPO
+
 from moetrain.config_docs import render_reference
 
 

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, TINY, TINY_CONFIG, free_port, read_metrics, run_cli
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(600)]
@@ -62,6 +61,8 @@ def assert_same_run(a, b):
     assert any(".experts." in n and wa[n].shape[1] == 4 for n in wa)  # all 4 global experts compared
 
 
+STABLE = ["moe.router={kind: stablemoe, stage1_steps: 2}", "moe.placement=insert", "moe.expert_type=stacked"]
+
 CASES = {
     # id: (world, ep, overrides)
     "top1-ep2-zero0": (2, 2, ["moe.router.top_k=1"]),
@@ -69,6 +70,10 @@ CASES = {
     "top2-ep2-zero2": (2, 2, ["moe.router.top_k=2", "deepspeed.zero_optimization.stage=2"]),
     "top2-ep4-zero0": (4, 4, ["moe.router.top_k=2", "moe.placement=replace_ffn", "moe.expert_type=swiglu"]),
     "top1-ep2-world4-zero2": (4, 2, ["moe.router.top_k=1", "deepspeed.zero_optimization.stage=2"]),
+    # StableMoE across its switch (stage 2 from step 3 of 5): balance loss on global counts,
+    # distilled router frozen by lr 0 inside the ZeRO partitions.
+    "stablemoe-switch-ep2-zero0": (2, 2, STABLE),
+    "stablemoe-switch-ep2-zero2": (2, 2, [*STABLE, "deepspeed.zero_optimization.stage=2"]),
 }
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_CONFIG
-from moetrain.launch import hostfile
 
 from moetrain.cli import main
 from moetrain.config import load_config
 from moetrain.errors import UserError
+from moetrain.launch import hostfile
 
 GOLDEN = REPO / "tests" / "golden"
 PY = "launch.python=/opt/venv/bin/python"

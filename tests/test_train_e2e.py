@@ -1,10 +1,7 @@
 """End to end through the real CLI: training, metrics, checkpoints, bitwise resume, bad input."""
 
-import json
-import shutil
 
 import pytest
-
 from conftest import TINY, TINY_CONFIG, read_metrics, run_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -85,6 +82,6 @@ def test_dense_baseline_and_replace_ffn_placement(tmp_path, data_cache):
     train(tmp_path / "dense", data_cache, "moe=null", "train.steps=2")
     assert "moe/layer0/load_min" not in read_metrics(tmp_path / "dense")[0]
     train(tmp_path / "k2", data_cache, "train.steps=2", "moe.placement=replace_ffn", "moe.every=1",
-          "moe.expert_type=swiglu", "moe.router.top_k=2", "moe.capacity_factor=1.0", "moe.router.z_loss_coeff=0.001")
+          "moe.expert_type=swiglu", "moe.router.kind=topk", "moe.router.top_k=2", "moe.capacity_factor=1.0", "moe.router.z_loss_coeff=0.001")
     rec = read_metrics(tmp_path / "k2")[0]
     assert "moe/layer1/load_min" in rec and "moe/layer0/z_loss" in rec and 0 <= rec["moe/layer0/dropped_frac"] < 1

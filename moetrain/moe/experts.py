@@ -71,6 +71,10 @@ def row_experts(counts_L: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.searchsorted(ends_L, rows_N, right=True).clamp_max(counts_L.numel() - 1)
 
 
+def _normal_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
+    t.copy_(torch.randn(t.shape, generator=gen) * std)
+
+
 class GroupedExperts(nn.Module):
     """L experts of one kind. ``forward`` returns each row's expert *residual branch*.
 
@@ -122,16 +126,13 @@ class GroupedExperts(nn.Module):
         for j in range(self.num_local):
             gen = torch.Generator().manual_seed(base_seed + self.first_expert + j)
 
-            def normal(t: torch.Tensor, std: float) -> None:
-                t.copy_(torch.randn(t.shape, generator=gen) * std)
-
-            normal(self.w1_SLDF[:, j], 1 / math.sqrt(d_model))
+            _normal_(self.w1_SLDF[:, j], 1 / math.sqrt(d_model), gen)
             if self.kind == "swiglu":
-                normal(self.w3_SLDF[:, j], 1 / math.sqrt(d_model))
+                _normal_(self.w3_SLDF[:, j], 1 / math.sqrt(d_model), gen)
             if self.kind == "stacked":
                 self.w2_SLFD[:, j].zero_()  # each expert starts as the identity (StableMoE code)
             else:
-                normal(self.w2_SLFD[:, j], 1 / math.sqrt(d_hidden))
+                _normal_(self.w2_SLFD[:, j], 1 / math.sqrt(d_hidden), gen)
 
     def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor, padded: bool = False) -> torch.Tensor:
         """``padded``: some rows past ``counts_L.sum()`` belong to no expert (capacity mode)."""

@@ -15,6 +15,7 @@ from torch import nn
 from moetrain.kernels import select_backend
 from moetrain.moe.dispatch import Dispatcher, LocalDispatcher
 from moetrain.moe.experts import ExpertType, GroupedExperts
+from moetrain.moe.fluctuation import FluctuationConfig
 from moetrain.moe.metrics import LayerStats
 from moetrain.moe.routers import RouterConfig, build_router
 from moetrain.moe.routers.topk import TopKRouterConfig
@@ -38,6 +39,7 @@ class MoEConfig(StrictModel):
     expert_parallel_size: int = Field(1, ge=1, description="ranks the experts are sharded over")
     kernels: Literal["auto", "triton", "torch"] = "auto"
     router: RouterConfig = TopKRouterConfig()
+    fluctuation: FluctuationConfig = Field(FluctuationConfig(), description="routing-fluctuation probe (moe/fluctuation.py)")
 
     @model_validator(mode="after")
     def _check(self) -> "MoEConfig":

@@ -12,10 +12,15 @@ import torch.distributed as dist
 from pydantic import Field
 
 from moetrain.kernels import KernelBackend
+from moetrain.moe.routers.base import BaseRouter, BaseRouterConfig
+from moetrain.moe.routers.hash import HashRouter, HashRouterConfig
+from moetrain.moe.routers.stablemoe import StableMoERouter, StableMoERouterConfig
 from moetrain.moe.routers.topk import TopKRouter, TopKRouterConfig
 from moetrain.moe.routing import Router
 
-RouterConfig = Annotated[Union[TopKRouterConfig], Field(discriminator="kind")]
+RouterConfig = Annotated[
+    Union[TopKRouterConfig, StableMoERouterConfig, BaseRouterConfig, HashRouterConfig], Field(discriminator="kind")
+]
 
 
 def build_router(
@@ -29,4 +34,10 @@ def build_router(
 ) -> Router:
     if isinstance(cfg, TopKRouterConfig):
         return TopKRouter(cfg, d_model, num_experts, backend, stats_group)
+    if isinstance(cfg, StableMoERouterConfig):
+        return StableMoERouter(cfg, d_model, num_experts, vocab_size, backend, stats_group)
+    if isinstance(cfg, BaseRouterConfig):
+        return BaseRouter(cfg, d_model, num_experts, backend)
+    if isinstance(cfg, HashRouterConfig):
+        return HashRouter(cfg, num_experts, vocab_size)
     raise TypeError(f"no router for config {type(cfg).__name__}")

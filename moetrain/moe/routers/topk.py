@@ -14,6 +14,7 @@ from torch import nn
 
 from moetrain.kernels import KernelBackend
 from moetrain.moe import aux
+from moetrain.moe.routers.init import orthogonal_, private_generator
 from moetrain.moe.routing import Router, RoutingDecision
 from moetrain.schema import StrictModel
 
@@ -25,7 +26,11 @@ class TopKRouterConfig(StrictModel):
     renormalize: bool = Field(False, description="rescale the k gates of a token to sum to 1")
     load_balance_coeff: float = Field(0.01, ge=0.0, description="weight of the Switch load-balance loss")
     z_loss_coeff: float = Field(0.0, ge=0.0, description="weight of the router z-loss")
+    init: Literal["normal", "orthogonal"] = Field(
+        "normal", description="normal(0, init_std); orthogonal with gain init_gain (the StableMoE code's Switch)"
+    )
     init_std: float = Field(0.02, gt=0.0)
+    init_gain: float = Field(0.1, gt=0.0, description="gain of the orthogonal init")
 
 
 class TopKRouter(Router):
@@ -48,7 +53,10 @@ class TopKRouter(Router):
         self.backend = backend
         self.stats_group = stats_group
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
-        nn.init.normal_(self.weight_ED, std=cfg.init_std)
+        if cfg.init == "orthogonal":
+            orthogonal_(self.weight_ED, cfg.init_gain, private_generator())  # one global draw, see routers/init.py
+        else:
+            nn.init.normal_(self.weight_ED, std=cfg.init_std)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
         """1. fp32 logits; 2. fused gating (top-k, gates, counts); 3. aux losses on global counts."""

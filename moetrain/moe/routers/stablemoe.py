@@ -1,0 +1,191 @@
+"""StableMoE router (Dai et al., ACL 2022): learn a balanced routing, distil it, then freeze it.
+
+Legend: T tokens, D model dim, E experts, R distilled routing dim (50), V vocabulary.
+
+Spec: ``docs/stablemoe.md``. Per token t with layer input h_t and token id X_t::
+
+    s_TE  = h E^T                 backbone scores: fp32, no bias, no norm
+    ŝ_TE  = D(X) Ê^T              distilled router: its own V x R embedding and E x R centroids
+
+    stage LEARN (training):  a = argmax s (no grad); gate = sigmoid(s[a]) (grad to E and h)
+                             + balance loss and distillation loss (below)
+    stage FROZEN:            a = argmax ŝ (D, Ê frozen); gate = sigmoid(s[a]) (E keeps learning)
+    evaluation:              the FROZEN rule; during stage 1 ``eval_routing`` picks the distilled
+                             router (the official code) or the backbone argmax
+
+The stage is an explicit enum held in a buffer (so DeepSpeed's module checkpoint stores it) and
+changed only by :meth:`StableMoERouter.set_stage`, which the trainer's schedule callback calls between
+optimizer steps (``moetrain/moe/schedule.py``); ``forward`` only reads it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from moetrain.kernels import KernelBackend
+from moetrain.moe import aux
+from moetrain.moe.routers.init import orthogonal_, private_generator
+from moetrain.moe.routing import Router, RoutingDecision
+from moetrain.schema import StrictModel
+
+
+class RouterStage(enum.IntEnum):
+    LEARN = 0  # stage 1: backbone routing, balance + distillation losses
+    FROZEN = 1  # stage 2: frozen distilled routing, no routing losses
+
+
+class StableMoERouterConfig(StrictModel):
+    kind: Literal["stablemoe"] = "stablemoe"
+    balance_coeff: float = Field(0.3, ge=0.0, description="alpha of the balance loss (paper and code: 0.3)")
+    distill_coeff: float = Field(
+        0.3, ge=0.0, description="weight of the distillation loss (official code: 0.3; paper Eq. 11: 1.0)"
+    )
+    distill_dim: int = Field(50, ge=1, description="distilled router: token-embedding dimension (paper: 50)")
+    stage1_steps: int | None = Field(
+        None, ge=0, description="optimizer steps in stage 1; null = ceil(10% of train.steps) (paper: 6K of 60K)"
+    )
+    eval_routing: Literal["distilled", "backbone"] = Field(
+        "distilled",
+        description="evaluation routing during stage 1 (the official code: distilled); stage 2 is always distilled",
+    )
+    init_gain: float = Field(0.1, gt=0.0, description="gain of the orthogonal init of both centroid matrices")
+
+    def resolved_stage1_steps(self, train_steps: int) -> int:
+        return self.stage1_steps if self.stage1_steps is not None else -(-train_steps // 10)
+
+
+class StableMoERouter(Router):
+    """Two-stage stable routing; see the module docstring. Top-1 by construction."""
+
+    def __init__(
+        self,
+        cfg: StableMoERouterConfig,
+        d_model: int,
+        num_experts: int,
+        vocab_size: int,
+        backend: KernelBackend,
+        stats_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = num_experts
+        self.top_k = 1
+        self.backend = backend
+        self.stats_group = stats_group
+        self.centroids_ED = nn.Parameter(torch.empty(num_experts, d_model))
+        self.distill_embed_VR = nn.Parameter(torch.empty(vocab_size, cfg.distill_dim))  # D: N(0, 1), as the code
+        self.distill_centroids_ER = nn.Parameter(torch.empty(num_experts, cfg.distill_dim))
+        gen = private_generator()
+        orthogonal_(self.centroids_ED, cfg.init_gain, gen)
+        orthogonal_(self.distill_centroids_ER, cfg.init_gain, gen)
+        with torch.no_grad():
+            self.distill_embed_VR.copy_(torch.randn(self.distill_embed_VR.shape, generator=gen))
+        self.register_buffer("stage_buf", torch.tensor(int(RouterStage.LEARN), dtype=torch.int64))
+        self._stage = RouterStage.LEARN  # host mirror of stage_buf: forward never reads the device
+
+    # --- stage ---------------------------------------------------------------------------------------
+
+    @property
+    def stage(self) -> RouterStage:
+        return self._stage
+
+    def distilled_parameters(self) -> list[nn.Parameter]:
+        """D and Ê: trained only by the distillation loss in stage 1, frozen in stage 2."""
+        return [self.distill_embed_VR, self.distill_centroids_ER]
+
+    @torch.no_grad()
+    def set_stage(self, stage: RouterStage) -> None:
+        """Switch the stage (call between optimizer steps). FROZEN stops D and Ê producing gradients.
+
+        NOTE: this alone does not keep an optimizer from moving D and Ê (weight decay, momentum, or
+        ZeRO's flat partitions stepping on zero gradients); ``moe/schedule.py`` also sets their
+        parameter group's learning rate to 0.
+        """
+        self._stage = RouterStage(stage)
+        self.stage_buf.fill_(int(stage))
+        frozen = self._stage is RouterStage.FROZEN
+        for p in self.distilled_parameters():
+            p.requires_grad_(not frozen)
+            if frozen:
+                p.grad = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.set_stage(RouterStage(int(self.stage_buf.item())))  # a checkpoint restores the stage
+
+    # --- routing -------------------------------------------------------------------------------------
+
+    def distilled_logits(self, token_ids_T: torch.Tensor) -> torch.Tensor:
+        """ŝ = D(X) Ê^T in fp32: a function of the token id only (no context, no backbone gradient)."""
+        return F.embedding(token_ids_T, self.distill_embed_VR).float() @ self.distill_centroids_ER.float().t()
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
+        """1. backbone scores; 2. assignment by the stage's rule; 3. sigmoid gate of the backbone score
+        of the chosen expert; 4. in training: stage-1 losses (zero in stage 2) and logged terms."""
+        scores_TE = x_TD.float() @ self.centroids_ED.float().t()
+        use_distilled = self._stage is RouterStage.FROZEN or (
+            not self.training and self.cfg.eval_routing == "distilled"
+        )
+        distilled_TE = None
+        if use_distilled:
+            with torch.no_grad():
+                distilled_TE = self.distilled_logits(token_ids_T)
+            expert_ids_TK = distilled_TE.argmax(dim=-1, keepdim=True)  # ties -> lower id
+            gates_TK = torch.sigmoid(scores_TE.gather(1, expert_ids_TK))
+            counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device)
+            counts_E.scatter_add_(0, expert_ids_TK.reshape(-1), torch.ones_like(expert_ids_TK.reshape(-1)))
+            decide_TE = distilled_TE
+        else:
+            g = self.backend.topk_gating(scores_TE, 1, "sigmoid", False)
+            expert_ids_TK, gates_TK, counts_E = g.expert_ids_TK, g.gates_TK, g.counts_E
+            decide_TE = scores_TE
+        loss = torch.zeros((), device=x_TD.device)
+        terms: dict[str, torch.Tensor] = {}
+        if self.training:
+            loss, terms = self._training_losses(scores_TE, expert_ids_TK[:, 0], gates_TK[:, 0], counts_E, token_ids_T)
+        probs_TE = torch.softmax(decide_TE.detach(), dim=-1)  # the distribution that decides, for the entropy metric
+        return RoutingDecision(expert_ids_TK, gates_TK, loss, terms, probs_TE)
+
+    def _training_losses(
+        self,
+        scores_TE: torch.Tensor,
+        expert_ids_T: torch.Tensor,
+        gates_T: torch.Tensor,
+        counts_E: torch.Tensor,
+        token_ids_T: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Stage 1: ``balance_coeff * L_bal + distill_coeff * L_dis``; stage 2: 0 (terms logged as 0).
+
+        Reduction (NOTE: what makes data parallelism exact). The paper's losses are sums over the
+        global micro-batch (all T_g tokens of one forward pass on every data-parallel rank); the task
+        loss is a per-token mean, so both are divided by T_g (stablemoe.md section 2.3). Rank r
+        returns ``world / T_g * (sum over its own tokens)``: gradient averaging divides by ``world``,
+        so the sum of the per-rank losses / world equals the single-process loss over the global
+        micro-batch, for any split of tokens over ranks. |A_i| and T_g come from one all-reduce of
+        the expert counts (:func:`aux.global_counts`, no gradient); the count factor
+        ``(|A_i| - n̄) / n̄`` is therefore a constant.
+        """
+        zero = torch.zeros((), device=scores_TE.device)
+        if self._stage is RouterStage.FROZEN:
+            agree = (scores_TE.detach().argmax(dim=-1) == expert_ids_T).float().mean()
+            return zero, {"load_balance": zero, "distill": zero, "distill_acc": agree}
+        counts_E = aux.global_counts(counts_E, self.stats_group).float()  # |A_i| over the global micro-batch
+        total = counts_E.sum()  # T_g (top-1: one slot per token)
+        world = dist.get_world_size(self.stats_group) if self.stats_group is not None else 1
+        mean = total / self.num_experts  # n̄
+        coeff_E = (counts_E - mean) / mean  # constant: > 0 over-loaded (push its scores down), < 0 under-loaded
+        # sum_i coeff_i * sum_{t in A_i} sigmoid(s_ti) == sum_t coeff_{a_t} * gate_t (the gate is sigmoid(s_t,a_t))
+        balance = world / total * (coeff_E[expert_ids_T] * gates_T).sum()
+        distilled_TE = self.distilled_logits(token_ids_T)  # its only gradient goes to D and Ê
+        target_T = expert_ids_T.detach()  # the backbone argmax (computed without gradient)
+        distill = world / total * F.cross_entropy(distilled_TE, target_T, reduction="sum")
+        agree = (distilled_TE.detach().argmax(dim=-1) == target_T).float().mean()
+        loss = self.cfg.balance_coeff * balance + self.cfg.distill_coeff * distill
+        return loss, {"load_balance": balance.detach(), "distill": distill.detach(), "distill_acc": agree}
