@@ -97,11 +97,16 @@ class MetricsCallback(Callback):
 
 
 class EvalCallback(Callback):
-    """Validation loss and perplexity every ``interval`` steps (0: only at the end) and at the end."""
+    """Validation loss and perplexity at step 0 of a fresh run, every ``interval`` steps, and at the end
+    (``interval`` 0: only at the end). Evaluation draws no random numbers, so it never changes training."""
 
     def __init__(self, interval: int) -> None:
         self.interval = interval
         self.last_eval = -1
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        if self.interval and trainer.state.step == 0:  # the starting point of a fresh run
+            self.run(trainer, 0)
 
     def on_step_end(self, trainer: "Trainer", result: StepResult) -> None:
         if self.interval and result.step % self.interval == 0:

@@ -31,7 +31,8 @@ def test_tiny_trains_and_writes_run_dir(tmp_path, data_cache):
         assert key in last, key
     assert last["grad_norm"] > 0 and len(last["moe/layer0/load"]) == 4
     evals = [r for r in records if "val_loss" in r]
-    assert [r["step"] for r in evals] == [6, 12] and evals[-1]["val_loss"] < evals[0]["val_loss"] + 1.0
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert evals[0]["val_loss"] > 5.0 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5  # it learns
     assert (run / "config.yaml").read_text().count("vocab_size: 257") == 1
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000006", "step_000012"]
     assert (run / "checkpoints" / "step_000012" / "COMMITTED").is_file()
@@ -80,8 +81,8 @@ def test_missing_data_path_fails_cleanly(tmp_path, data_cache):
 
 def test_dense_baseline_and_replace_ffn_placement(tmp_path, data_cache):
     train(tmp_path / "dense", data_cache, "moe=null", "train.steps=2")
-    assert "moe/layer0/load_min" not in read_metrics(tmp_path / "dense")[0]
+    assert not any("moe/layer0/load_min" in r for r in read_metrics(tmp_path / "dense"))
     train(tmp_path / "k2", data_cache, "train.steps=2", "moe.placement=replace_ffn", "moe.every=1",
           "moe.expert_type=swiglu", "moe.router.kind=topk", "moe.router.top_k=2", "moe.capacity_factor=1.0", "moe.router.z_loss_coeff=0.001")
-    rec = read_metrics(tmp_path / "k2")[0]
+    rec = next(r for r in read_metrics(tmp_path / "k2") if "loss" in r)
     assert "moe/layer1/load_min" in rec and "moe/layer0/z_loss" in rec and 0 <= rec["moe/layer0/dropped_frac"] < 1
