@@ -51,12 +51,7 @@ def make_report(run_dir: Path) -> list[Path]:
     ax.legend()
     written.append(_save(fig, run_dir / "loss.png"))
 
-    loads: dict[int, list[tuple[int, list[float]]]] = {}
-    for r in records:
-        for key, value in r.items():
-            m = LOAD_KEY.match(key)
-            if m:
-                loads.setdefault(int(m.group(1)), []).append((r["step"], value))
+    loads = _series(records, LOAD_KEY)
     if loads:
         fig, axes = plt.subplots(len(loads), 1, figsize=(7, 2.5 * len(loads)), squeeze=False)
         for ax, (layer, series) in zip(axes[:, 0], sorted(loads.items())):
@@ -69,12 +64,7 @@ def make_report(run_dir: Path) -> list[Path]:
             fig.colorbar(im, ax=ax)
         written.append(_save(fig, run_dir / "expert_load.png"))
 
-    fluct: dict[int, list[tuple[int, float]]] = {}
-    for r in records:
-        for key, value in r.items():
-            m = FLUCT_KEY.match(key)
-            if m:
-                fluct.setdefault(int(m.group(1)), []).append((r["step"], value))
+    fluct = _series(records, FLUCT_KEY)
     if fluct:
         fig, ax = plt.subplots(figsize=(7, 4))
         for layer, series in sorted(fluct.items()):
@@ -83,6 +73,17 @@ def make_report(run_dir: Path) -> list[Path]:
         ax.legend()
         written.append(_save(fig, run_dir / "fluctuation.png"))
     return written
+
+
+def _series(records: list[dict], key: re.Pattern) -> dict[int, list[tuple[int, object]]]:
+    """{MoE layer: [(step, value), ...]} for the metric names ``key`` matches (layer = group 1)."""
+    out: dict[int, list[tuple[int, object]]] = {}
+    for r in records:
+        for name, value in r.items():
+            m = key.match(name)
+            if m:
+                out.setdefault(int(m.group(1)), []).append((r["step"], value))
+    return out
 
 
 def _save(fig, path: Path) -> Path:
