@@ -18,7 +18,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 class CheckpointConfig(StrictModel):
     interval: int = Field(0, ge=0, description="save every N steps (0 = only at the end)")
     keep_last: int = Field(2, ge=1, description="committed checkpoints to keep")
-    resume: Literal["auto", "none"] | str = Field(
+    resume: str = Field(
         "auto", description="auto: the latest valid checkpoint in the run dir; none; or a checkpoint path"
     )
     save_at_end: bool = True

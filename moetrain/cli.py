@@ -65,20 +65,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from moetrain.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    _quiet_imports()
-    from moetrain.parallel.layout import ParallelLayout, env_rank_world
+    _prepare_process_env()
+    from moetrain.parallel.layout import ParallelLayout
     from moetrain.trainer import Trainer
 
-    _, world, _ = env_rank_world()
-    cfg.check_world_size(world)
-    layout = ParallelLayout.init(cfg.moe.expert_parallel_size if cfg.moe else 1, cfg.moe.num_experts if cfg.moe else None)
+    layout = ParallelLayout.init(cfg.ep_size)  # checks the layout against the launcher's world size
     trainer = Trainer(cfg, layout)
     trainer.setup()
     trainer.train()
     return 0
 
 
-def _quiet_imports() -> None:
+def _prepare_process_env() -> None:
+    """DeepSpeed on the CPU accelerator without probing for GPUs; a free port for a lone process."""
     import torch
 
     if not torch.cuda.is_available():

@@ -63,16 +63,13 @@ class JobConfig(StrictModel):
 
     def check_world_size(self, world_size: int) -> None:
         """Check the parallel layout for ``world_size`` ranks (``moetrain validate --world-size``)."""
-        if world_size < 1:
-            raise UserError(f"--world-size ({world_size}) must be >= 1")
-        if self.moe is None:
-            return
-        ep = self.moe.expert_parallel_size
-        if world_size % ep:
-            raise UserError(
-                f"world size ({world_size}) must be divisible by moe.expert_parallel_size ({ep}); "
-                f"use a world size that is a multiple of {ep} or lower expert_parallel_size"
-            )
+        from moetrain.parallel.layout import ParallelLayout
+
+        ParallelLayout.check(world_size, self.ep_size)
+
+    @property
+    def ep_size(self) -> int:
+        return self.moe.expert_parallel_size if self.moe is not None else 1
 
 
 # --- loading ---------------------------------------------------------------------------------------

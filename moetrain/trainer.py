@@ -13,7 +13,14 @@ import torch.distributed as dist
 from pydantic import Field
 
 from moetrain import checkpoint, data
-from moetrain.callbacks import Callback, CheckpointCallback, EvalCallback, MetricsCallback, StepResult
+from moetrain.callbacks import (
+    Callback,
+    CheckpointCallback,
+    EvalCallback,
+    MetricsCallback,
+    StepResult,
+    all_reduce_mean,
+)
 from moetrain.errors import UserError
 from moetrain.logging import NullLogger, RunLogger
 from moetrain.model import MoETransformer
@@ -180,12 +187,10 @@ class Trainer:
         for x, y in batches:
             total += engine(x.to(engine.device), y.to(engine.device)).lm_loss.float()
         engine.train()
-        from moetrain.callbacks import all_reduce_mean
-
         return all_reduce_mean(total / cfg.train.eval_batches).item()
 
     def current_lr(self) -> float:
-        return self.engine.optimizer.param_groups[0]["lr"] if hasattr(self.engine.optimizer, "param_groups") else float("nan")
+        return self.engine.get_lr()[0]
 
     def grad_norm(self) -> float:
         norm = self._grad_norm if self.own_clipping else self.engine.get_global_grad_norm()

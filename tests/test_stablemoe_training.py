@@ -28,7 +28,7 @@ RECORDER = r"""
 import hashlib, json, sys
 import torch
 from moetrain.callbacks import Callback
-from moetrain.cli import _quiet_imports
+from moetrain.cli import _prepare_process_env
 from moetrain.config import load_config
 from moetrain.moe.schedule import stable_routers
 from moetrain.parallel.layout import ParallelLayout
@@ -57,8 +57,8 @@ class Recorder(Callback):
         self.e_grad = 0.0
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
-_quiet_imports()
-layout = ParallelLayout.init(1, cfg.moe.num_experts)
+_prepare_process_env()
+layout = ParallelLayout.init(1)
 rec = Recorder()
 trainer = Trainer(cfg, layout, [rec])
 trainer.setup()

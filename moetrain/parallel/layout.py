@@ -65,21 +65,24 @@ class ParallelLayout:
         return torch.device("cpu")
 
     @staticmethod
-    def check(world_size: int, ep_size: int, num_experts: int | None = None) -> None:
+    def check(world_size: int, ep_size: int) -> None:
+        """The one check of a layout against a world size (``moetrain validate --world-size`` too).
+
+        ``num_experts % ep_size`` needs no world size; MoEConfig validates it with the config.
+        """
+        if world_size < 1:
+            raise UserError(f"world size ({world_size}) must be >= 1")
         if world_size % ep_size:
             raise UserError(
-                f"world size ({world_size}) must be divisible by moe.expert_parallel_size ({ep_size})"
-            )
-        if num_experts is not None and num_experts % ep_size:
-            raise UserError(
-                f"moe.num_experts ({num_experts}) must be divisible by moe.expert_parallel_size ({ep_size})"
+                f"world size ({world_size}) must be divisible by moe.expert_parallel_size ({ep_size}); "
+                f"use a world size that is a multiple of {ep_size} or lower expert_parallel_size"
             )
 
     @classmethod
-    def init(cls, ep_size: int = 1, num_experts: int | None = None) -> "ParallelLayout":
+    def init(cls, ep_size: int = 1) -> "ParallelLayout":
         """Initialise torch.distributed (gloo on CPU, NCCL on CUDA) from the environment and build groups."""
         rank, world, local_rank = env_rank_world()
-        cls.check(world, ep_size, num_experts)
+        cls.check(world, ep_size)
         import deepspeed
 
         if torch.cuda.is_available():
