@@ -42,26 +42,29 @@ setup(
     python_requires=">=3.10",
     packages=[
         "moetrain",
+        "moetrain.config",
         "moetrain.moe",
         "moetrain.moe.routers",
         "moetrain.parallel",
+        "moetrain.training",
         "moetrain.kernels",
         "moetrain.launch",
     ],
     package_dir={"moetrain.kernels": "kernels", "moetrain.launch": "launch"},
     package_data={"moetrain.launch": ["templates/*"]},
     install_requires=[
-        "deepspeed>=0.16",
+        # Expert parallelism writes DeepSpeed's private MoE group tables; tested on 0.19.8
+        # (tests/test_deepspeed_contract.py fails loudly when a release changes them).
+        "deepspeed>=0.19.8,<0.20",
         "datasets>=2.19",
         "pydantic>=2.5",
         "pyyaml>=6.0",
         "tqdm>=4.0",
         "numpy>=1.24",
-        "safetensors>=0.4",
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "triton>=3.0", "ruff>=0.5"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "triton>=3.0", "ruff==0.17.6"],
         "wandb": ["wandb>=0.16"],
         "hf": ["transformers>=4.40"],
     },

@@ -1,6 +1,6 @@
 """Shared benchmark plumbing: environment record, interleaved timing, counters, JSON output.
 
-Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
 Rules (docs/benchmarks.md): variants run interleaved (A, B, A, B, ...) after warm-up, the median of
 >= 11 repetitions is reported, and every run writes one JSON with the shapes, seeds, library versions
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from typing import Callable
 import torch
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from moetrain.parallel.layout import free_port
 
 MIN_REPS = 11
 
@@ -178,12 +179,6 @@ def saved_activation_bytes(fn: Callable[[], object], params: list[torch.Tensor])
     return sum(seen.values())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_single_process_deepspeed() -> None:
     """DeepSpeed's MoE needs torch.distributed and its groups; one gloo process is enough."""
     import deepspeed
@@ -198,9 +193,7 @@ def init_single_process_deepspeed() -> None:
 
 def fmt_table(rows: list[list[object]], header: list[str]) -> str:
     """A GitHub-markdown table (also readable on a terminal)."""
-    cells = [[str(c) for c in header]] + [
-        [f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows
-    ]
+    cells = [[str(c) for c in header]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -1,6 +1,6 @@
 """CPU tier of docs/benchmarks.md: exact counters (C1-C4) and timing ratios, measured in one run.
 
-Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, N = T*K routed rows.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
     python bench/cpu_tier.py            # full: S1-cpu and S2-cpu, a few minutes on 2 cores
     python bench/cpu_tier.py --quick    # smaller shapes, under a minute
@@ -175,9 +175,7 @@ def progress(msg: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller shapes (same reps)")
     parser.add_argument("--reps", type=int, default=11, help="timed repetitions per variant (>= 11)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

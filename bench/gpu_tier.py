@@ -1,6 +1,6 @@
 """GPU tier of docs/benchmarks.md (G0-G6), for an H100 / H200. Prints ratios measured in one run.
 
-Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, N = T*K routed rows.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
     python bench/gpu_tier.py                 # S1 + S2 at T=16384, bf16, about 5 minutes
     python bench/gpu_tier.py --only G1 G3    # a subset
@@ -81,9 +81,7 @@ def g0_ceilings(b: Bench) -> dict:
 
 
 def eager_gating(logits_TE, k, score_func, renormalize):
-    scores_TE = (
-        torch.softmax(logits_TE.float(), -1) if score_func == "softmax" else torch.sigmoid(logits_TE.float())
-    )
+    scores_TE = torch.softmax(logits_TE.float(), -1) if score_func == "softmax" else torch.sigmoid(logits_TE.float())
     gates_TK, ids_TK = torch.topk(scores_TE, k, dim=-1)
     if renormalize:
         gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
@@ -95,9 +93,7 @@ def eager_gating(logits_TE, k, score_func, renormalize):
 def g1_gating(b: Bench, shape: Shape) -> dict:
     logits_TE = b.randn(shape.tokens, shape.num_experts, dtype=torch.float32, grad=True)
     w_TK = b.randn(shape.tokens, shape.top_k, dtype=torch.float32)
-    return {
-        sf: _g1_one(b, logits_TE, w_TK, shape.top_k, sf, sf == "softmax") for sf in ("softmax", "sigmoid")
-    }
+    return {sf: _g1_one(b, logits_TE, w_TK, shape.top_k, sf, sf == "softmax") for sf in ("softmax", "sigmoid")}
 
 
 def _g1_one(b: Bench, logits_TE, w_TK, k: int, score_func: str, renorm: bool) -> dict:
@@ -164,9 +160,7 @@ def _g3_one(b: Bench, shape: Shape, kind: str, beta_GBps: float) -> dict:
         "unpermute fwd": lambda: permute.unpermute(y_ND.detach(), rows_TK, gates_TK.detach()),
         "scatter_add_ fwd": baseline_combine,
         "permute fwd+bwd": lambda: torch.autograd.backward(permute.permute(x_TD, rows_TK), g_ND),
-        "unpermute fwd+bwd": lambda: torch.autograd.backward(
-            permute.unpermute(y_ND, rows_TK, gates_TK), g_TD
-        ),
+        "unpermute fwd+bwd": lambda: torch.autograd.backward(permute.unpermute(y_ND, rows_TK, gates_TK), g_TD),
     }
     t = b.time(variants, inner=5)
     moved = (t_ + t_ * k) * d * x_TD.element_size()  # read T*D + write N*D (or the reverse)
@@ -183,9 +177,7 @@ def g4_grouped_gemm(b: Bench, shape: Shape) -> dict:
     n, d, f, e = shape.tokens * shape.top_k, shape.d_model, shape.d_hidden, shape.num_experts
     x_ND, w_EDF, w_DF = b.randn(n, d), b.randn(e, d, f), b.randn(d, f)
     offs_E = torch.arange(1, e + 1, device=b.device, dtype=torch.int32) * (n // e)  # balanced
-    if not hasattr(torch, "_grouped_mm") or (
-        b.device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9
-    ):
+    if not hasattr(torch, "_grouped_mm") or (b.device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9):
         return {"skipped": "torch._grouped_mm needs sm90+"}
     t = b.time({"grouped": lambda: torch._grouped_mm(x_ND, w_EDF, offs=offs_E), "dense": lambda: x_ND @ w_DF})
     return {
@@ -211,9 +203,7 @@ def g5_layer(b: Bench, shape: Shape, ceilings: dict) -> dict:
     token_ids_T = torch.randint(0, 256, (shape.tokens,), device=b.device)
     t = b.time({name: train_step_fn(kind, m, x_TD, token_ids_T, w_TD) for name, (kind, m) in layers.items()})
     b_perm = 2 * (shape.top_k + 1) * shape.tokens * shape.d_model * x_TD.element_size()
-    t_ideal = shape.ideal_train_flops() / (ceilings["pi_TFLOPs"] * 1e12) + 2 * b_perm / (
-        ceilings["beta_GBps"] * 1e9
-    )
+    t_ideal = shape.ideal_train_flops() / (ceilings["pi_TFLOPs"] * 1e12) + 2 * b_perm / (ceilings["beta_GBps"] * 1e9)
     out = {f"{name}_ms": v * 1e3 for name, v in t.items()}
     out.update({f"{name}/moetrain": v / t["moetrain"] for name, v in t.items() if name != "moetrain"})
     out["eta"] = t_ideal / t["moetrain"]
@@ -226,9 +216,7 @@ def g6_sync(b: Bench, shape: Shape) -> dict:
         return {"skipped": "needs CUDA"}
     mt = build_moetrain(shape, None, kernels="auto", seed=SEED).to(b.device, b.dtype)
     x_TD, w_TD = b.randn(shape.tokens, shape.d_model, grad=True), b.randn(shape.tokens, shape.d_model)
-    step = train_step_fn(
-        "moetrain", mt, x_TD, torch.zeros(shape.tokens, dtype=torch.long, device=b.device), w_TD
-    )
+    step = train_step_fn("moetrain", mt, x_TD, torch.zeros(shape.tokens, dtype=torch.long, device=b.device), w_TD)
     step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -259,12 +247,8 @@ def run_shape(b: Bench, shape: Shape, only: list[str], ceilings: dict | None) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--only", nargs="*", default=["G0", "G1", "G2", "G3", "G4", "G5", "G6"])
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_tier.json"))
@@ -293,9 +277,7 @@ def flatten(prefix: str, value) -> list[list]:
 
 def print_report(record: dict, shapes: list[Shape]) -> None:
     env = record["env"]
-    print(
-        f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, deepspeed {env['deepspeed']}"
-    )
+    print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, deepspeed {env['deepspeed']}")
     if record.get("smoke"):
         print("SMOKE RUN: tiny shapes (on CPU: the Triton interpreter); the numbers mean nothing")
     rows = flatten("G0.", record["G0"]) if record.get("G0") else []

@@ -1,6 +1,6 @@
 """The layers the benchmarks compare, built to share one set of weights and one routing.
 
-Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
 - moetrain's :class:`~moetrain.moe.layer.MoELayer` (GELU experts, top-k softmax router);
 - ``deepspeed.moe.layer.MoE`` with the same router and expert weights, deterministic routing
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.moe.layer import MoEConfig, MoELayer
-from moetrain.parallel.layout import ParallelLayout
+from moetrain.config.model import MoEConfig
+from moetrain.moe.layer import MoELayer
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,7 @@ class Shape:
         return 3 * (2 * t * d * e + 2 * matrices * t * k * d * f)
 
 
-def build_moetrain(
-    shape: Shape, capacity_factor: float | None, kernels: str = "torch", seed: int = 0
-) -> MoELayer:
+def build_moetrain(shape: Shape, capacity_factor: float | None, kernels: str = "torch", seed: int = 0) -> MoELayer:
     torch.manual_seed(seed)
     cfg = MoEConfig(
         num_experts=shape.num_experts,
@@ -51,7 +49,7 @@ def build_moetrain(
         kernels=kernels,
         router={"kind": "topk", "top_k": shape.top_k, "renormalize": shape.top_k > 1},
     )
-    return MoELayer(cfg, shape.d_model, shape.d_hidden, vocab_size=256, layout=ParallelLayout())
+    return MoELayer(cfg, shape.d_model, shape.d_hidden, vocab_size=256)
 
 
 def build_deepspeed(layer: MoELayer, shape: Shape, capacity_factor: float | None) -> nn.Module:

@@ -36,9 +36,7 @@ class KernelBackend:
     unpermute: Callable
 
 
-TRITON_BACKEND = KernelBackend(
-    "triton", gating.topk_gating, permute.routing_map, permute.permute, permute.unpermute
-)
+TRITON_BACKEND = KernelBackend("triton", gating.topk_gating, permute.routing_map, permute.permute, permute.unpermute)
 TORCH_BACKEND = KernelBackend(
     "torch",
     gating.topk_gating_reference,

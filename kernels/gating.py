@@ -1,6 +1,6 @@
 """Fused gating: router logits -> top-k -> softmax/sigmoid gates -> per-expert counts.
 
-Legend: T tokens, E experts, K top-k, B token blocks of the Triton grid.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``; here B counts token blocks of the Triton grid.
 
 Three things side by side: the plain PyTorch :func:`topk_gating_reference` (the CPU path and the test
 oracle), the Triton kernels with their launchers, and :class:`_TopKGatingFn`, the autograd op that

@@ -1,7 +1,6 @@
 """Token permute / unpermute: expert-contiguous order for the grouped GEMM, and the weighted combine.
 
-Legend: T tokens, D hidden, E experts, K top-k, N = T*K rows of the permuted buffer (also the flat
-(token, slot) index n = t*K + k), B blocks of the Triton grid.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``; here B counts blocks of the Triton grid.
 
 A routing map assigns each (token, slot) pair a row of the permuted buffer: rows of expert e are
 contiguous and ordered by token (stable), and expert e's rows start at sum(counts[:e]), so the
@@ -217,9 +216,7 @@ def _scatter_rows_kernel(
             zeros_TD = tl.zeros((BLOCK_T, BLOCK_D), dtype=out_ptr.dtype.element_ty)
             tl.store(out_ptr + z_T[:, None] * D + d_D[None, :], zeros_TD, mask=z_ok_TD)
     if HAS_DOT:
-        tl.store(
-            dot_out_ptr + t_T[:, None] * K + k_K[None, :], dot_TK, mask=t_ok_T[:, None] & (k_K < K)[None, :]
-        )
+        tl.store(dot_out_ptr + t_T[:, None] * K + k_K[None, :], dot_TK, mask=t_ok_T[:, None] & (k_K < K)[None, :])
 
 
 @triton.jit
@@ -272,9 +269,7 @@ def _scatter_rows(
     num_tokens, k = rows_TK.shape
     dim = src_TD.shape[-1]
     out_ND = torch.empty(num_tokens * k, dim, dtype=out_dtype, device=src_TD.device)
-    dot_TK = (
-        torch.empty(num_tokens, k, dtype=torch.float32, device=src_TD.device) if dot_ND is not None else None
-    )
+    dot_TK = torch.empty(num_tokens, k, dtype=torch.float32, device=src_TD.device) if dot_ND is not None else None
     used = (rows_TK >= 0).sum().reshape(1)  # on the device
     block_t, block_d = _row_blocks(dim)
     _scatter_rows_kernel[(triton.cdiv(num_tokens, block_t),)](

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from moetrain.config.loading import load_config
 from moetrain.errors import UserError
+from moetrain.launch import local, preflight, slurm
 from moetrain.launch.plan import Job, LaunchPlan
 
 
@@ -40,9 +42,7 @@ FLAGS = [
     Flag("--procs-per-node", "launch.procs_per_node", "processes per node (CPU)", "int", "P"),
     Flag("--master-addr", "launch.master_addr", "address of the first node", metavar="HOST"),
     Flag("--master-port", "launch.master_port", "port on the first node", "int", "PORT"),
-    Flag(
-        "--rdzv-endpoint", "launch.rendezvous.endpoint", "torchrun: the c10d rendezvous", metavar="HOST:PORT"
-    ),
+    Flag("--rdzv-endpoint", "launch.rendezvous.endpoint", "torchrun: the c10d rendezvous", metavar="HOST:PORT"),
     Flag("--rdzv-id", "launch.rendezvous.id", "torchrun: rendezvous id shared by the nodes", metavar="ID"),
     Flag(
         "--max-restarts",
@@ -57,9 +57,7 @@ FLAGS = [
     Flag("--partition", "launch.slurm.partition", "SLURM partition", metavar="NAME"),
     Flag("--account", "launch.slurm.account", "SLURM account", metavar="NAME"),
     Flag("--time", "launch.slurm.time", "SLURM time limit, e.g. 04:00:00", metavar="LIMIT"),
-    Flag(
-        "--job-name", "launch.slurm.job_name", "SLURM job name (default: the config's name)", metavar="NAME"
-    ),
+    Flag("--job-name", "launch.slurm.job_name", "SLURM job name (default: the config's name)", metavar="NAME"),
     Flag(
         "--slurm-mode",
         "launch.slurm.mode",
@@ -87,9 +85,7 @@ def add_launch_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML job config")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
-    p.add_argument(
-        "--dry-run", action="store_true", help="print the command (SLURM: the script); start nothing"
-    )
+    p.add_argument("--dry-run", action="store_true", help="print the command (SLURM: the script); start nothing")
     for flag in FLAGS:
         if flag.kind == "bool":
             p.add_argument(flag.option, dest=flag.dest, action="store_true", default=None, help=flag.help)
@@ -120,8 +116,6 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def make_job(args: argparse.Namespace) -> Job:
-    from moetrain.config import load_config
-
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides + flag_overrides(args))
     return Job(
@@ -135,15 +129,11 @@ def make_job(args: argparse.Namespace) -> Job:
 
 
 def _builders() -> dict[str, Callable[[Job], LaunchPlan]]:
-    from moetrain.launch import local, slurm
-
     return {"torchrun": local.torchrun_plan, "deepspeed": local.deepspeed_plan, "slurm": slurm.slurm_plan}
 
 
 def run_launch(args: argparse.Namespace) -> int:
     """Check the job, then start it (or print it with --dry-run); returns the exit code."""
-    from moetrain.launch import preflight
-
     job = make_job(args)
     launcher = job.cfg.launch.launcher
     plan = preflight.run_all(job, _builders()[launcher], dry_run=args.dry_run)
@@ -165,8 +155,6 @@ def run_launch(args: argparse.Namespace) -> int:
 
 
 def _submit(job: Job, plan: LaunchPlan) -> int:
-    from moetrain.launch import slurm
-
     job_id = slurm.submit(plan)
     print(f"submitted batch job {job_id}")
     print(f"  script: {slurm.script_path(job)}")

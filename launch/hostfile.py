@@ -65,8 +65,7 @@ def _apply_filter(slots: dict[str, list[int]], spec: str, field: str) -> dict[st
         missing = [s for s in wanted if s not in slots[host]]
         if missing:
             raise UserError(
-                f"launch.{field}: host {host!r} has no slot {missing[0]} "
-                f"(it has slots 0-{len(slots[host]) - 1})"
+                f"launch.{field}: host {host!r} has no slot {missing[0]} (it has slots 0-{len(slots[host]) - 1})"
             )
     if field == "include":
         kept = {h: sorted(set(chosen[h])) or s for h, s in slots.items() if h in chosen}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moetrain.config.launch import DEFAULT_PORT, LaunchConfig
 from moetrain.errors import UserError
-from moetrain.launch.config import DEFAULT_PORT, LaunchConfig
 from moetrain.launch.hostfile import render_hostfile
 from moetrain.launch.plan import Job, LaunchPlan, tool, train_args
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from moetrain.config import JobConfig
+    from moetrain.config.job import JobConfig
 
 TRAIN_MODULE = "moetrain.cli"  # workers run `python -m moetrain.cli train CONFIG [overrides]`
 

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from moetrain.config.launch import LaunchConfig
 from moetrain.errors import UserError
 from moetrain.launch import hostfile, slurm
-from moetrain.launch.config import LaunchConfig
 from moetrain.launch.plan import Job, LaunchPlan
 
 
@@ -37,9 +37,7 @@ def deepspeed_slots(launch: LaunchConfig) -> dict[str, list[int]]:
     elif launch.hostfile:
         path = Path(launch.hostfile)
         if not path.is_file():
-            raise UserError(
-                f"launch.hostfile: {str(path)!r} does not exist; give a file of 'HOST slots=N' lines"
-            )
+            raise UserError(f"launch.hostfile: {str(path)!r} does not exist; give a file of 'HOST slots=N' lines")
         pool = hostfile.parse_hostfile(path.read_text(encoding="utf-8"), f"launch.hostfile {str(path)!r}")
     else:
         if (launch.nodes or 1) > 1:
@@ -58,9 +56,7 @@ def check_layout(job: Job) -> int:
     try:
         job.cfg.check_world_size(world)
     except UserError as exc:
-        if launch.launcher == "deepspeed" and (
-            launch.hosts or launch.hostfile or launch.include or launch.exclude
-        ):
+        if launch.launcher == "deepspeed" and (launch.hosts or launch.hostfile or launch.include or launch.exclude):
             where = "the deepspeed hosts and filters give"
         else:
             where = f"launch.nodes ({launch.nodes or 1}) x {launch.procs} processes per node ="
@@ -71,9 +67,7 @@ def check_layout(job: Job) -> int:
 def check_settings(job: Job) -> None:
     """Launch settings that cannot work together."""
     launch, cfg = job.cfg.launch, job.cfg
-    uses_torchrun = launch.launcher == "torchrun" or (
-        launch.launcher == "slurm" and launch.slurm.mode == "torchrun"
-    )
+    uses_torchrun = launch.launcher == "torchrun" or (launch.launcher == "slurm" and launch.slurm.mode == "torchrun")
     if launch.max_restarts and not uses_torchrun:
         mode = " with launch.slurm.mode=tasks" if launch.launcher == "slurm" else ""
         raise UserError(
@@ -97,9 +91,7 @@ def check_run_dir(run_dir: Path, create: bool) -> None:
         raise UserError(f"run_dir: {str(run_dir)!r} cannot be created, {str(probe)!r} is a file; set run_dir")
     fix = "set run_dir (or name) to a folder you can write"
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(
-            f"run_dir: {str(run_dir)!r} is not writable ({str(probe)!r} is read-only to you); {fix}"
-        )
+        raise UserError(f"run_dir: {str(run_dir)!r} is not writable ({str(probe)!r} is read-only to you); {fix}")
     if create:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -150,9 +142,7 @@ def check_partition(job: Job) -> None:
             f"or launch.slurm.partition with one of: {listing}"
         )
     if partition is not None and partition not in names:
-        raise UserError(
-            f"launch.slurm.partition {partition!r} does not exist on this cluster; partitions: {listing}"
-        )
+        raise UserError(f"launch.slurm.partition {partition!r} does not exist on this cluster; partitions: {listing}")
 
 
 def run_all(job: Job, build_plan: Callable[[Job], LaunchPlan], *, dry_run: bool) -> LaunchPlan:

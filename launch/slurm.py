@@ -23,6 +23,7 @@ import subprocess
 from importlib import resources
 from pathlib import Path
 
+from moetrain.config.loading import dump_config
 from moetrain.errors import UserError
 from moetrain.launch.plan import Job, LaunchPlan, tool, train_args
 
@@ -41,8 +42,6 @@ def job_config_path(job: Job) -> Path:
 
 def slurm_plan(job: Job) -> LaunchPlan:
     """Write the resolved config and the script into the run dir, then ``sbatch --parsable`` it."""
-    from moetrain.config import dump_config
-
     frozen = job.cfg.model_copy(update={"run_dir": str(job.run_dir)})
     script = render_sbatch(job)
     files = {job_config_path(job): dump_config(frozen), script_path(job): script}
@@ -126,11 +125,7 @@ def _srun_lines(job: Job) -> list[str]:
     worker = "-m " + shlex.join(train_args(str(job_config_path(job)), []))
     if slurm.mode == "tasks":
         return [" ".join(srun), f"{shlex.quote(job.python)} -u {worker}"]
-    endpoint = (
-        shlex.quote(launch.rendezvous.endpoint)
-        if launch.rendezvous.endpoint
-        else '"$MASTER_ADDR:$MASTER_PORT"'
-    )
+    endpoint = shlex.quote(launch.rendezvous.endpoint) if launch.rendezvous.endpoint else '"$MASTER_ADDR:$MASTER_PORT"'
     rdzv_id = shlex.quote(launch.rendezvous.id) if launch.rendezvous.id else '"$SLURM_JOB_ID"'
     options = [
         '--nnodes "$SLURM_JOB_NUM_NODES"',

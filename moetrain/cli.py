@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from moetrain.errors import UserError
+from moetrain.launch.cli import add_launch_parser, run_launch
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -29,15 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="also check the layout for this many ranks")
     p = sub.add_parser("report", help="draw PNG plots (loss, expert load, fluctuation) of a run directory")
     p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
-    try:
-        from moetrain.launch.cli import add_launch_parser
-    except ImportError:  # launch/ not installed in this checkout
-        add_launch_parser = None
-    if add_launch_parser is not None:
-        add_launch_parser(sub)
+    add_launch_parser(sub)
     return parser
-
-
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -66,10 +60,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _prepare_process_env()
-    from moetrain.parallel.layout import ParallelLayout
-    from moetrain.trainer import Trainer
+    from moetrain.parallel.layout import ParallelLayout, env_rank_world
+    from moetrain.training.trainer import Trainer
 
-    layout = ParallelLayout.init(cfg.ep_size)  # checks the layout against the launcher's world size
+    cfg.check_world_size(env_rank_world()[1])  # the layout against the launcher's world size
+    layout = ParallelLayout.init(cfg.ep_size)
     trainer = Trainer(cfg, layout)
     trainer.setup()
     trainer.train()
@@ -83,11 +78,9 @@ def _prepare_process_env() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "MASTER_PORT" not in os.environ and "WORLD_SIZE" not in os.environ:
-        import socket
+        from moetrain.parallel.layout import free_port
 
-        with socket.socket() as s:  # a lone process: any free port for its own process group
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())  # a lone process: its own process group
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,8 +100,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in commands:
             return commands[args.command](args)
-        from moetrain.launch.cli import run_launch
-
         return run_launch(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

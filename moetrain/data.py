@@ -1,6 +1,6 @@
 """Data: HF ``datasets`` -> tokenizer -> memmap token cache -> packed blocks -> data-parallel shards.
 
-Legend: S sequence length, B micro-batch size.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py`` (B is the micro-batch size).
 
 Tokens are written once per fingerprint (sources, tokenizer, split settings) to a flat memmap; a
 sample is a block of S+1 tokens. The sample order is a pure function of (seed, epoch, global sample
@@ -22,26 +22,12 @@ from typing import Iterator, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 
+from moetrain.config.data import DataConfig
 from moetrain.errors import UserError
-from moetrain.schema import StrictModel
 
 CACHE_VERSION = 1
 EXTENSIONS = {"text": (".txt", ".md", ".py", ".text"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
-
-
-class DataConfig(StrictModel):
-    paths: list[str] = Field(default_factory=list, description="files, folders or globs; empty = built-in corpus")
-    hub: str | None = Field(None, description="a Hugging Face hub dataset name (needs a network)")
-    hub_split: str = "train"
-    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
-    text_field: str = Field("text", description="jsonl / parquet column holding the text")
-    tokenizer: str = Field("byte", description="'byte' or a Hugging Face tokenizer name or path")
-    seq_len: int = Field(128, ge=2)
-    val_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="fraction of documents held out")
-    max_tokens: int | None = Field(None, ge=1000, description="cap on the corpus size, in tokens")
-    cache_dir: str = ".cache/moetrain/data"
 
 
 # --- sources ----------------------------------------------------------------------------------------
@@ -120,9 +106,7 @@ def iter_documents(cfg: DataConfig, files: list[Path]) -> Iterator[str]:
 
 def _texts(ds, field: str, source: str) -> Iterator[str]:
     if field not in ds.column_names:
-        raise UserError(
-            f"data.text_field: column {field!r} not found in {source!r} (columns: {ds.column_names})"
-        )
+        raise UserError(f"data.text_field: column {field!r} not found in {source!r} (columns: {ds.column_names})")
     for batch in ds.iter(batch_size=512):
         yield from (t for t in batch[field] if t)
 
@@ -182,8 +166,20 @@ class TokenCache:
 
 def fingerprint(cfg: DataConfig, files: list[Path]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, cfg.tokenizer, cfg.format, cfg.text_field, cfg.hub, cfg.hub_split,
-                         cfg.val_fraction, cfg.max_tokens]).encode())
+    h.update(
+        json.dumps(
+            [
+                CACHE_VERSION,
+                cfg.tokenizer,
+                cfg.format,
+                cfg.text_field,
+                cfg.hub,
+                cfg.hub_split,
+                cfg.val_fraction,
+                cfg.max_tokens,
+            ]
+        ).encode()
+    )
     for p in files:
         st = p.stat()
         h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -235,8 +231,15 @@ def _build_cache(cfg: DataConfig, files: list[Path], folder: Path, fp: str) -> N
             )
         arr.tofile(tmp / f"{split}.bin")
         counts[split] = int(arr.size)
-    meta = {"fingerprint": fp, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-            "dtype": np.dtype(dtype).name, "tokens": counts, "files": len(files)}
+    meta = {
+        "fingerprint": fp,
+        "tokenizer": tok.name,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "dtype": np.dtype(dtype).name,
+        "tokens": counts,
+        "files": len(files),
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         os.replace(tmp, folder)  # atomic publish: a half-written cache is never seen
@@ -289,7 +292,9 @@ class TrainStream:
 
     def sample_indices(self, step: int, micro_step: int) -> list[int]:
         """Global sample indices of this rank's micro-batch ``micro_step`` of optimizer step ``step``."""
-        first = step * self.global_batch + micro_step * self.micro_batch * self.dp_size + self.dp_rank * self.micro_batch
+        first = (
+            step * self.global_batch + micro_step * self.micro_batch * self.dp_size + self.dp_rank * self.micro_batch
+        )
         return list(range(first, first + self.micro_batch))
 
     def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,25 +11,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from moetrain.schema import StrictModel
-
-
-class WandbConfig(StrictModel):
-    enabled: bool = False
-    project: str = "moetrain"
-    entity: str | None = None
-    mode: Literal["offline", "online"] = Field("offline", description="offline unless told otherwise")
-    tags: list[str] = Field(default_factory=list)
-
-
-class LoggingConfig(StrictModel):
-    interval: int = Field(10, ge=1, description="steps per summary line / metrics.jsonl record")
-    progress: Literal["auto", "on", "off"] = Field("auto", description="auto: a progress bar on a terminal only")
-    wandb: WandbConfig = WandbConfig()
+from moetrain.config.training import LoggingConfig
 
 
 def _fmt(v: float) -> str:
@@ -57,8 +41,13 @@ class RunLogger:
 
             os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
             self.wandb = wandb.init(
-                project=cfg.wandb.project, entity=cfg.wandb.entity, tags=cfg.wandb.tags, config=config,
-                dir=str(run_dir), name=run_dir.name, mode=cfg.wandb.mode,
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                tags=cfg.wandb.tags,
+                config=config,
+                dir=str(run_dir),
+                name=run_dir.name,
+                mode=cfg.wandb.mode,
             )
 
     def write(self, text: str) -> None:
@@ -76,11 +65,17 @@ class RunLogger:
         if "loss" in metrics:
             parts = [f"step {step}/{self.total}", f"loss {_fmt(metrics['loss'])}"]
             for key, label in (("aux_loss", "aux"), ("lr", "lr"), ("grad_norm", "grad"), ("tokens_per_s", "tok/s")):
-                if key in metrics and metrics[key] is not None and not (isinstance(metrics[key], float) and math.isnan(metrics[key])):
+                if (
+                    key in metrics
+                    and metrics[key] is not None
+                    and not (isinstance(metrics[key], float) and math.isnan(metrics[key]))
+                ):
                     parts.append(f"{label} {_fmt(metrics[key])}")
             self.write(" | ".join(parts))
         if "val_loss" in metrics:
-            self.write(f"step {step}/{self.total} | val_loss {_fmt(metrics['val_loss'])} | val_ppl {_fmt(metrics['val_ppl'])}")
+            self.write(
+                f"step {step}/{self.total} | val_loss {_fmt(metrics['val_loss'])} | val_ppl {_fmt(metrics['val_ppl'])}"
+            )
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

@@ -2,46 +2,25 @@
 
 - ``replace_ffn``: the FFN of every k-th block is an MoE layer (modern style).
 - ``insert``: an extra MoE layer after chosen blocks whose experts are stacks of residual FFN
-  sublayers (the StableMoE paper, ``../shared/docs/stablemoe.md`` section 1).
-Without an ``moe`` config it is the dense baseline.
+  sublayers (the StableMoE paper; docs/stablemoe.md, "Using it").
+Without an ``moe`` config it is the dense baseline. The model knows nothing of parallelism: it is
+built whole, and :func:`moetrain.parallel.parallelize` shards its experts afterwards.
 
-Legend: B batch, S sequence, D model dim, V vocabulary, T = B*S tokens.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from moetrain.moe.layer import MoEConfig, MoELayer
+from moetrain.config.model import ModelConfig, MoEConfig
+from moetrain.moe.layer import MoELayer
 from moetrain.moe.metrics import LayerStats
-from moetrain.parallel.layout import ParallelLayout
-from moetrain.schema import StrictModel
-
-
-class ModelConfig(StrictModel):
-    vocab_size: int | None = Field(None, ge=2, description="default: the tokenizer's vocabulary")
-    d_model: int = Field(128, ge=1)
-    n_layers: int = Field(4, ge=1)
-    n_heads: int = Field(4, ge=1)
-    d_ff: int = Field(512, ge=1)
-    ffn_type: Literal["gelu", "swiglu"] = "gelu"
-    max_seq_len: int = Field(256, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    tie_embeddings: bool = True
-    init_std: float = Field(0.02, gt=0.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
-        return self
 
 
 @dataclass(frozen=True)
@@ -65,8 +44,11 @@ class Attention(nn.Module):
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
@@ -127,10 +109,9 @@ class InsertedMoE(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig | None, layout: ParallelLayout | None = None):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig | None):
         super().__init__()
         assert cfg.vocab_size is not None, "resolve model.vocab_size from the tokenizer first"
-        layout = layout or ParallelLayout()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
@@ -138,7 +119,7 @@ class MoETransformer(nn.Module):
         moe_at = set(moe_cfg.moe_blocks(cfg.n_layers)) if moe_cfg else set()
 
         def new_moe() -> MoELayer:
-            return MoELayer(moe_cfg, cfg.d_model, moe_cfg.expert_hidden or cfg.d_ff, cfg.vocab_size, layout)
+            return MoELayer(moe_cfg, cfg.d_model, moe_cfg.expert_hidden or cfg.d_ff, cfg.vocab_size)
 
         layers: list[nn.Module] = []
         for i in range(cfg.n_layers):

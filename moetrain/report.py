@@ -58,8 +58,13 @@ def make_report(run_dir: Path) -> list[Path]:
             steps = [s for s, _ in series]
             share = np.array([v for _, v in series], dtype=float)
             share = share / share.sum(axis=1, keepdims=True).clip(min=1e-9)
-            im = ax.imshow(share.T, aspect="auto", cmap="viridis", origin="lower",
-                           extent=(steps[0], steps[-1], -0.5, share.shape[1] - 0.5))
+            im = ax.imshow(
+                share.T,
+                aspect="auto",
+                cmap="viridis",
+                origin="lower",
+                extent=(steps[0], steps[-1], -0.5, share.shape[1] - 0.5),
+            )
             ax.set(xlabel="step", ylabel="expert", title=f"MoE layer {layer}: share of tokens per expert")
             fig.colorbar(im, ax=ax)
         written.append(_save(fig, run_dir / "expert_load.png"))

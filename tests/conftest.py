@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,13 +25,25 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from moetrain.parallel.layout import free_port  # noqa: E402, F401 - after the variables above; for the tests
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 # A 2-block d=32 model on a small slice of the built-in corpus: a few seconds per run on CPU.
 TINY = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=32",
-    "moe.num_experts=4", "moe.expert_hidden=32", "data.seq_len=32", "data.max_tokens=200000",
-    "train.micro_batch_size=4", "train.eval_batches=2", "logging.interval=1", "optim.warmup_steps=2",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.d_ff=64",
+    "model.max_seq_len=32",
+    "moe.num_experts=4",
+    "moe.expert_hidden=32",
+    "data.seq_len=32",
+    "data.max_tokens=200000",
+    "train.micro_batch_size=4",
+    "train.eval_batches=2",
+    "logging.interval=1",
+    "optim.warmup_steps=2",
 ]
 
 
@@ -55,21 +66,26 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("data_cache"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without a launcher's rank variables (a child starts its own job)."""
+    return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}, **extra}
+
+
+def run_cli(
+    *args: str, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """``python -m moetrain.cli ARGS`` as a real process; returns the completed process (text output)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if env is None or var not in env:
-            full_env.pop(var, None)
+    full_env = clean_env(PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", "moetrain.cli", *args], capture_output=True, text=True, env=full_env,
-        timeout=timeout, cwd=cwd or REPO,
+        [sys.executable, "-m", "moetrain.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd or REPO,
     )
 
 

@@ -1,5 +1,7 @@
 """The all-to-all dispatcher against the local one, including the edge cases that hang peers."""
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,7 +12,6 @@ from moetrain.moe.dispatch import LocalDispatcher
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.routing import RoutingDecision
 from moetrain.parallel.all_to_all import AllToAllDispatcher
-from moetrain.parallel.layout import ParallelLayout
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(120)]
 
@@ -34,21 +35,18 @@ def _inputs(world, k, routing):
 
 
 def _check(rank, world, k, routing, capacity):
-    layout = ParallelLayout(rank=rank, world_size=world, ep_size=world, ep_group=dist.group.WORLD)
     backend = select_backend("torch")
     x_all, ids_all, gates_all = _inputs(world, k, routing)
     torch.manual_seed(1)
     experts = GroupedExperts("gelu", E, D, F)  # all experts; rank r uses its slice below
     L = E // world
-    local = GroupedExperts("gelu", E, D, F, first_expert=rank * L, num_local=L)
-    with torch.no_grad():
-        for (_, p_all), (_, p_loc) in zip(experts.named_parameters(), local.named_parameters()):
-            p_loc.copy_(p_all[:, rank * L : (rank + 1) * L])
+    local = copy.deepcopy(experts)
+    local.shard(rank, world)  # the same experts, this rank's share
 
     # EP path: this rank's tokens
     x = x_all[rank].clone().requires_grad_()
     gates = gates_all[rank].clone().requires_grad_()
-    disp = AllToAllDispatcher(E, capacity, backend, layout)
+    disp = AllToAllDispatcher(E, capacity, backend, dist.group.WORLD)
     x_RD, counts_L, meta = disp.dispatch(x, RoutingDecision(ids_all[rank], gates, torch.zeros(())))
     out = disp.combine(local(x_RD, counts_L), meta)
     out.square().sum().backward()

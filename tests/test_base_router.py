@@ -6,9 +6,10 @@ import itertools
 import pytest
 import torch
 
+from moetrain.config.routers import BaseLayerRouterConfig
 from moetrain.kernels import select_backend
-from moetrain.moe.routers.balanced import auction_assignment, balanced_assignment, expert_capacities
-from moetrain.moe.routers.base import BaseRouter, BaseRouterConfig
+from moetrain.moe.routers.balanced_assignment import auction_assignment, balanced_assignment, expert_capacities
+from moetrain.moe.routers.base_layer import BaseLayerRouter
 
 
 def brute_force(scores, caps):
@@ -73,7 +74,7 @@ def test_skewed_scores_are_still_balanced():
 
 def _router(**kw):
     torch.manual_seed(0)
-    return BaseRouter(BaseRouterConfig(**kw), d_model=8, num_experts=4, backend=select_backend("torch"))
+    return BaseLayerRouter(BaseLayerRouterConfig(**kw), d_model=8, num_experts=4, backend=select_backend("torch"))
 
 
 def test_router_training_is_balanced_eval_is_greedy_and_gate_is_sigmoid():

@@ -11,8 +11,10 @@ BAD = [
     (["moe.num_expert=4"], ["moe: unknown key 'num_expert'", "did you mean 'num_experts'"]),
     (["trian.steps=5"], ["unknown key 'trian'", "did you mean 'train'"]),
     (["moe.router.kind=topk", "moe.router.top_kk=2"], ["moe.router: unknown key 'top_kk'", "did you mean 'top_k'"]),
-    (["moe.num_experts=12", "moe.expert_parallel_size=8"],
-     ["moe.num_experts (12) must be divisible by moe.expert_parallel_size (8)"]),
+    (
+        ["moe.num_experts=12", "moe.expert_parallel_size=8"],
+        ["moe.num_experts (12) must be divisible by moe.expert_parallel_size (8)"],
+    ),
     (["moe.router.kind=topk", "moe.router.top_k=9"], ["moe.router.top_k (9) must be <= moe.num_experts (8)"]),
     (["train.steps=-5"], ["train.steps: Input should be greater than or equal to 1 (got -5)"]),
     (["train.micro_batch_size=lots"], ["train.micro_batch_size: Input should be a valid integer", "'lots'"]),
@@ -21,8 +23,10 @@ BAD = [
     (["moe.placement=middle"], ["moe.placement: Input should be 'replace_ffn' or 'insert' (got 'middle')"]),
     (["moe.insert_after=[7]"], ["moe.insert_after ([7]) holds 7, outside the blocks 0..3"]),
     (["data.seq_len=512"], ["data.seq_len (512) must be <= model.max_seq_len (128)"]),
-    (["deepspeed.train_micro_batch_size_per_gpu=4"],
-     ["deepspeed.train_micro_batch_size_per_gpu (4) conflicts with train.micro_batch_size (16)"]),
+    (
+        ["deepspeed.train_micro_batch_size_per_gpu=4"],
+        ["deepspeed.train_micro_batch_size_per_gpu (4) conflicts with train.micro_batch_size (16)"],
+    ),
     (["deepspeed.optimizer={type: Adam}"], ["deepspeed.optimizer: not allowed"]),
     (["deepspeed.bf16={enabled: true}"], ["deepspeed.bf16.enabled (true) conflicts with train.precision ('fp32')"]),
     (["deepspeed.zero_optimization={stage: 3}"], ["deepspeed.zero_optimization.stage (3) must be 0, 1 or 2"]),
@@ -64,10 +68,25 @@ def test_validate_world_size(capsys):
 
 
 def test_overrides_parse_as_yaml_and_dash_form():
-    assert parse_overrides(["a.b=1", "--c=x", "d=[1, 2]", "e=null"]) == {"a": {"b": 1}, "c": "x", "d": [1, 2], "e": None}
+    assert parse_overrides(["a.b=1", "--c=x", "d=[1, 2]", "e=null"]) == {
+        "a": {"b": 1},
+        "c": "x",
+        "d": [1, 2],
+        "e": None,
+    }
     cfg = load_config(TINY_CONFIG, ["moe=null"])
     assert cfg.moe is None
 
 
 def test_cli_accepts_dash_dash_overrides(capsys):
     assert main(["validate", str(TINY_CONFIG), "--train.steps=3"]) == 0
+
+
+def test_yaml_1_1_booleans_stay_the_strings_they_are(tmp_path):
+    """``logging.progress: off`` (a documented value) is 'off', not False; boolean fields still take yes/no."""
+    cfg = load_config(TINY_CONFIG, ["logging.progress=off", "checkpoint.save_at_end=no", "logging.wandb.enabled=on"])
+    assert (cfg.logging.progress, cfg.checkpoint.save_at_end, cfg.logging.wandb.enabled) == ("off", False, True)
+    path = tmp_path / "job.yaml"
+    path.write_text("logging:\n  progress: on\ncheckpoint:\n  save_at_end: True\n")
+    cfg = load_config(path)
+    assert (cfg.logging.progress, cfg.checkpoint.save_at_end) == ("on", True)

@@ -1,14 +1,16 @@
 """Docs that must move with the code."""
 
+import re
+
 from conftest import REPO
 
-from moetrain.config_docs import render_reference
+from moetrain.config.reference import render_reference
 
 
 def test_config_reference_is_in_sync():
     expected = render_reference()
     actual = (REPO / "docs" / "config.md").read_text()
-    assert actual == expected, "docs/config.md is stale: run `python -m moetrain.config_docs > docs/config.md`"
+    assert actual == expected, "docs/config.md is stale: run `python -m moetrain.config.reference > docs/config.md`"
 
 
 def test_readme_quickstart_has_exactly_the_two_commands_ci_runs():
@@ -21,3 +23,32 @@ def test_readme_quickstart_has_exactly_the_two_commands_ci_runs():
     assert "moetrain train configs/tiny.yaml" in train and "pip install torch==2.13.0" in train
     ci = (REPO / ".ci" / "run").read_text()
     assert test in ci  # CI runs the README's test command verbatim
+
+
+SOURCES = ["README.md", "docs/*.md", "moetrain/**/*.py", "kernels/*.py", "launch/*.py", "bench/*.py", "scripts/*"]
+TOP = r"(?:moetrain|kernels|launch|docs|configs|bench|scripts|tests|\.ci)"
+FULL_PATH = re.compile(rf"(?<![\w./-])({TOP}/[\w./-]*\w\.(?:py|md|yaml|sh|txt))")
+SHORT_PATH = re.compile(r"(?<![\w./-])((?:moe|parallel|training|config|routers)/\w+\.py)")
+OUTPUTS = ("bench/results/", "moetrain/runs/")  # written by runs, not part of the repository
+
+
+def _files():
+    for pattern in SOURCES:
+        for path in sorted(REPO.glob(pattern)):
+            if path.is_file() and path.name != "config.md":
+                yield path, path.read_text(encoding="utf-8")
+
+
+def test_no_reference_points_at_a_file_that_does_not_exist():
+    missing = []
+    for path, text in _files():
+        rel = path.relative_to(REPO)
+        if "../shared" in text:
+            missing.append(f"{rel}: points outside the repository (../shared)")
+        for ref in FULL_PATH.findall(text):
+            if not ref.startswith(OUTPUTS) and not (REPO / ref).exists():
+                missing.append(f"{rel}: {ref}")
+        for ref in SHORT_PATH.findall(text):
+            if not any((REPO / base / ref).exists() for base in ("moetrain", "moetrain/moe")):
+                missing.append(f"{rel}: {ref}")
+    assert not missing, "dangling references:\n" + "\n".join(missing)

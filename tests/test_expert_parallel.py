@@ -11,37 +11,63 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY, TINY_CONFIG, free_port, read_metrics, run_cli
+from conftest import REPO, TINY, TINY_CONFIG, clean_env, free_port, read_metrics, run_cli
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(600)]
 
 STEPS = 5
-COMMON = [*TINY, f"train.steps={STEPS}", "optim.lr=1e-2", "moe.num_experts=4", "checkpoint.resume=none", "moe.router.kind=topk"]
+COMMON = [
+    *TINY,
+    f"train.steps={STEPS}",
+    "optim.lr=1e-2",
+    "moe.num_experts=4",
+    "checkpoint.resume=none",
+    "moe.router.kind=topk",
+]
 
 
 def torchrun(nproc, run_dir, data_cache, *overrides, timeout=400, launcher="torchrun"):
     """A real multi-process run: ``torchrun --standalone`` or the ``deepspeed`` launcher."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = clean_env()
     if launcher == "torchrun":
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"]
     else:
-        head = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), f"--num_gpus={nproc}",
-                f"--master_port={free_port()}", "--module"]
-    cmd = [*head, "moetrain.cli", "train", str(TINY_CONFIG), *COMMON, f"data.cache_dir={data_cache}",
-           f"run_dir={run_dir}", *overrides]
+        head = [
+            os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+            f"--num_gpus={nproc}",
+            f"--master_port={free_port()}",
+            "--module",
+        ]
+    cmd = [
+        *head,
+        "moetrain.cli",
+        "train",
+        str(TINY_CONFIG),
+        *COMMON,
+        f"data.cache_dir={data_cache}",
+        f"run_dir={run_dir}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
 
 def single(run_dir, data_cache, micro, *overrides):
-    proc = run_cli("train", str(TINY_CONFIG), *COMMON, f"data.cache_dir={data_cache}", f"run_dir={run_dir}",
-                   f"train.micro_batch_size={micro}", *overrides)
+    proc = run_cli(
+        "train",
+        str(TINY_CONFIG),
+        *COMMON,
+        f"data.cache_dir={data_cache}",
+        f"run_dir={run_dir}",
+        f"train.micro_batch_size={micro}",
+        *overrides,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def final_weights(run_dir):
-    from moetrain.checkpoint import consolidated_state_dict
+    from moetrain.training.checkpoint import consolidated_state_dict
 
     return consolidated_state_dict(run_dir / "checkpoints" / f"step_{STEPS:06d}")
 
@@ -81,15 +107,18 @@ CASES = {
 def test_ep_equals_single_process(case, tmp_path, data_cache):
     world, ep, overrides = CASES[case]
     single(tmp_path / "one", data_cache, 2 * world, *overrides)
-    torchrun(world, tmp_path / "ep", data_cache, "train.micro_batch_size=2", f"moe.expert_parallel_size={ep}", *overrides)
+    torchrun(
+        world, tmp_path / "ep", data_cache, "train.micro_batch_size=2", f"moe.expert_parallel_size={ep}", *overrides
+    )
     assert_same_run(tmp_path / "one", tmp_path / "ep")
 
 
 def test_deepspeed_launcher_ep_run_equals_single_process(tmp_path, data_cache):
     """The deepspeed launcher (2 processes, gloo) runs the same EP job; expert load covers all experts."""
     single(tmp_path / "one", data_cache, 4)
-    torchrun(2, tmp_path / "ds", data_cache, "train.micro_batch_size=2", "moe.expert_parallel_size=2",
-             launcher="deepspeed")
+    torchrun(
+        2, tmp_path / "ds", data_cache, "train.micro_batch_size=2", "moe.expert_parallel_size=2", launcher="deepspeed"
+    )
     assert_same_run(tmp_path / "one", tmp_path / "ds")
     rec = next(r for r in read_metrics(tmp_path / "ds") if "loss" in r)
     # tokens of both ranks (2 x 2 x 32, k=1) counted over the experts of both ranks

@@ -1,7 +1,10 @@
 """Grouped experts equal a per-expert loop, forward and backward."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moetrain.moe import experts as ex
 
@@ -14,7 +17,7 @@ def test_grouped_matmul_equals_loop(counts):
     x1 = torch.randn(n, 8, requires_grad=True)
     w1 = torch.randn(4, 8, 16, requires_grad=True)
     x2, w2 = x1.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_()
-    assert ex._grouped_mm_supported(x1, w1)  # the fused path is what we compare
+    assert ex.grouped_mm_unsupported(x1, w1) is None  # the fused path is what we compare
     y1 = ex.grouped_matmul(x1, w1, counts_L)
     y2 = ex.grouped_matmul_loop(x2, w2, counts_L)
     used = sum(counts)
@@ -80,3 +83,38 @@ def test_padded_rows_never_poison_outputs_or_gradients():
         assert torch.isfinite(y[:3]).all()
         y[:3].sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in m.parameters()), kind
+
+
+def test_fallback_to_the_loop_warns_once_and_is_recorded():
+    """float64 has no grouped GEMM: the experts still compute the right thing, say so once, and record it."""
+    torch.manual_seed(0)
+    m = ex.GroupedExperts("gelu", num_experts=2, d_model=8, d_hidden=16)
+    counts_L = torch.tensor([3, 2])
+    x = torch.randn(5, 8)
+    m(x, counts_L)
+    assert not m.uses_loop  # fp32 on the CPU: torch._grouped_mm
+    m.double()
+    with pytest.warns(RuntimeWarning, match="grouped GEMM unavailable") as record:
+        y = m(x.double(), counts_L)
+        m(x.double(), counts_L)
+    assert len(record) == 1 and m.uses_loop
+    ref = torch.cat(
+        [
+            F.gelu(x.double()[:3] @ m.w1_SLDF[0, 0]) @ m.w2_SLFD[0, 0],
+            F.gelu(x.double()[3:] @ m.w1_SLDF[0, 1]) @ m.w2_SLFD[0, 1],
+        ]
+    )
+    torch.testing.assert_close(y, ref)
+
+
+def test_shard_keeps_each_global_expert_exactly():
+    torch.manual_seed(0)
+    whole = ex.GroupedExperts("swiglu", num_experts=4, d_model=8, d_hidden=16)
+    for rank in range(2):
+        part = copy.deepcopy(whole)
+        part.shard(rank, 2)
+        assert (part.first_expert, part.num_local) == (2 * rank, 2)
+        for (name, p), (_, q) in zip(whole.named_parameters(), part.named_parameters()):
+            assert torch.equal(q, p[:, 2 * rank : 2 * rank + 2]), name
+    with pytest.raises(RuntimeError, match="already sharded"):
+        part.shard(0, 2)

@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from moetrain.moe.routers.hash import HashRouter, HashRouterConfig, balanced_table, random_table
+from moetrain.config.routers import HashRouterConfig
+from moetrain.moe.routers.hash import HashRouter, balanced_table, random_table
 
 
 def test_routing_is_a_pure_function_of_the_token_id():

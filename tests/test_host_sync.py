@@ -1,6 +1,6 @@
 """The single-process MoE layer's forward + backward makes no host synchronisation.
 
-Legend: T tokens, D model dim.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
 On CPU, :class:`~moetrain.kernels.host_sync.HostSyncCounter` recognises every operation that would
 make the host wait on a GPU (``.item()``, ``.tolist()``, ``nonzero``, tensor -> bool, boolean-mask
@@ -13,18 +13,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moetrain.config.model import MoEConfig
 from moetrain.kernels.host_sync import HostSyncCounter
 from moetrain.kernels.runtime import triton_available
-from moetrain.moe.layer import MoEConfig, MoELayer
-from moetrain.parallel.layout import ParallelLayout
+from moetrain.moe.layer import MoELayer
 
 BACKENDS = [
     "torch",
     pytest.param(
         "triton",
-        marks=pytest.mark.skipif(
-            not triton_available(), reason="Triton cannot run: no CUDA and no interpreter"
-        ),
+        marks=pytest.mark.skipif(not triton_available(), reason="Triton cannot run: no CUDA and no interpreter"),
     ),
 ]
 
@@ -37,7 +35,7 @@ def _layer(kernels: str, top_k: int, capacity_factor: float | None, device="cpu"
         capacity_factor=capacity_factor,
         router={"kind": "topk", "top_k": top_k, "z_loss_coeff": 1e-3},
     )
-    layer = MoELayer(cfg, d_model=64, d_hidden=128, vocab_size=256, layout=ParallelLayout())
+    layer = MoELayer(cfg, d_model=64, d_hidden=128, vocab_size=256)
     return layer.to(device, dtype)
 
 

@@ -1,6 +1,6 @@
 """Backend selection, and the MoE layer giving the same results on the Triton and torch backends.
 
-Legend: T tokens, D model dim.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
+from moetrain.config.model import MoEConfig
 from moetrain.kernels import select_backend
 from moetrain.kernels.runtime import triton_available
-from moetrain.moe.layer import MoEConfig, MoELayer
-from moetrain.parallel.layout import ParallelLayout
+from moetrain.moe.layer import MoELayer
 
 requires_triton = pytest.mark.skipif(
     not triton_available(), reason="Triton cannot run: no CUDA and TRITON_INTERPRET unset at import"
@@ -71,7 +71,7 @@ def _layer_step(kernels: str, top_k: int, capacity_factor: float | None, score_f
         capacity_factor=capacity_factor,
         router={"kind": "topk", "top_k": top_k, "score_func": score_func, "renormalize": top_k > 1},
     )
-    layer = MoELayer(cfg, d_model=32, d_hidden=64, vocab_size=256, layout=ParallelLayout())
+    layer = MoELayer(cfg, d_model=32, d_hidden=64, vocab_size=256)
     x_TD = torch.randn(70, 32, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     token_ids_T = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(2))
     out = layer(x_TD, token_ids_T)

@@ -1,6 +1,6 @@
 """Fused gating kernel vs its PyTorch reference, forward and backward.
 
-Legend: T tokens, E experts, K top-k.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
 On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before triton is imported), so shapes stay small; `gpu`-marked tests rerun it natively at real sizes.

@@ -1,6 +1,6 @@
 """Routing-map, permute and unpermute kernels vs their PyTorch references, forward and backward.
 
-Legend: T tokens, D hidden, E experts, K top-k, N = T*K permuted rows.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
 On CPU the Triton kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before triton is imported), so shapes stay small; `gpu`-marked tests rerun them natively.
@@ -59,9 +59,7 @@ def make_expert_ids(num_tokens: int, num_experts: int, k: int, kind: str, seed: 
 )
 def test_routing_map_matches_reference(num_tokens, num_experts, k, capacity_factor, kind):
     ids_TK = make_expert_ids(num_tokens, num_experts, k, kind, seed=num_tokens + k)
-    capacity = (
-        None if capacity_factor is None else max(1, math.ceil(capacity_factor * ids_TK.numel() / num_experts))
-    )
+    capacity = None if capacity_factor is None else max(1, math.ceil(capacity_factor * ids_TK.numel() / num_experts))
     rows_TK, counts_E = routing_map(ids_TK, num_experts, capacity)
     ref_rows_TK, ref_counts_E = routing_map_reference(ids_TK, num_experts, capacity)
     assert rows_TK.dtype == torch.int64 and counts_E.dtype == torch.int64
@@ -116,9 +114,7 @@ def _check_permute(num_tokens, dim, k, num_experts, kind, capacity, dtype, devic
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
     for got_t, ref_t in zip(got[1:4], ref[1:4]):
         torch.testing.assert_close(got_t.float(), ref_t, **tol)
-    torch.testing.assert_close(
-        got[4], ref[4], **(tol if dtype == torch.float32 else dict(atol=0.1, rtol=2e-2))
-    )
+    torch.testing.assert_close(got[4], ref[4], **(tol if dtype == torch.float32 else dict(atol=0.1, rtol=2e-2)))
 
 
 @requires_triton

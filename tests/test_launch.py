@@ -137,7 +137,7 @@ def test_launch_config_defaults_and_coercions():
 
 
 def test_launch_config_imports_without_torch():
-    code = "import sys, moetrain.launch.config; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, moetrain.config; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

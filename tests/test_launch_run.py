@@ -44,13 +44,9 @@ def launch_args(run: Path, data_cache: str, *extra: str) -> list[str]:
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_process_cpu_launch_finishes(launcher, tmp_path, data_cache):
     run = tmp_path / "run"
-    proc = run_cli(
-        *launch_args(run, data_cache, "train.steps=4", "--launcher", launcher, "--procs-per-node", "2")
-    )
+    proc = run_cli(*launch_args(run, data_cache, "train.steps=4", "--launcher", launcher, "--procs-per-node", "2"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    expected = (
-        "torchrun --standalone --nproc-per-node 2" if launcher == "torchrun" else "deepspeed --num_gpus 2"
-    )
+    expected = "torchrun --standalone --nproc-per-node 2" if launcher == "torchrun" else "deepspeed --num_gpus 2"
     assert "moetrain launch: OMP_NUM_THREADS=1 " in proc.stderr and expected in proc.stderr
     assert_two_rank_run(run, steps=4)
 

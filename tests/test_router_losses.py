@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+from moetrain.config.routers import TopKRouterConfig
 from moetrain.kernels import select_backend
 from moetrain.moe import aux
-from moetrain.moe.routers.topk import TopKRouter, TopKRouterConfig
+from moetrain.moe.routers.topk import TopKRouter
 
 
 def test_switch_load_balance_loss_hand_computed():
@@ -58,7 +59,9 @@ def test_topk_router_decision_and_aux_terms():
     assert d.expert_ids_TK.tolist() == [[0, 2], [1, 2]]
     p0 = torch.softmax(torch.tensor([2.0, 0.0, 2.0]), 0)
     assert d.gates_TK[0].tolist() == pytest.approx([p0[0].item(), p0[2].item()])
-    assert d.aux_loss.item() == pytest.approx(0.5 * d.aux_terms["load_balance"].item() + 0.1 * d.aux_terms["z_loss"].item())
+    assert d.aux_loss.item() == pytest.approx(
+        0.5 * d.aux_terms["load_balance"].item() + 0.1 * d.aux_terms["z_loss"].item()
+    )
     r.eval()
     assert r(x, torch.tensor([0, 1])).aux_loss.item() == 0.0  # aux losses are training-only
 

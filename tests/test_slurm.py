@@ -108,10 +108,7 @@ def test_slurm_job_trains_on_two_processes(mode, slurm_env, tmp_path, data_cache
     log = run / f"slurm-{job_id}.out"
     state = wait_until(
         f"job {job_id} to finish",
-        lambda: (
-            job_info(job_id, slurm_env).get("JobState") in FINISHED
-            and job_info(job_id, slurm_env)["JobState"]
-        ),
+        lambda: job_info(job_id, slurm_env).get("JobState") in FINISHED and job_info(job_id, slurm_env)["JobState"],
         timeout=300,
         log=log,
     )
@@ -132,9 +129,7 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm_env, tmp_path, data_cach
     requeued = {"Restarts": "1", "JobState": "PENDING"}
     wait_until("the requeue", lambda: requeued.items() <= job_info(job_id, slurm_env).items(), 60, log)
     # SLURM holds a requeued job back for two minutes (Reason=BeginTime); release it now.
-    subprocess.run(
-        ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=_env(slurm_env), check=True
-    )
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=_env(slurm_env), check=True)
     resumed = wait_until(
         "the second run to resume",
         lambda: re.search(r"resumed from \S*step_(\d+) at step (\d+)", log.read_text()),
@@ -162,8 +157,5 @@ def test_bad_partition_is_rejected_before_submission(slurm_env, tmp_path, capsys
         env=slurm_env,
     )
     assert proc.returncode == 2
-    assert (
-        "launch.slurm.partition 'nosuch' does not exist on this cluster; partitions: debug (default)"
-        in proc.stderr
-    )
+    assert "launch.slurm.partition 'nosuch' does not exist on this cluster; partitions: debug (default)" in proc.stderr
     assert "Traceback" not in proc.stderr and not run.exists()

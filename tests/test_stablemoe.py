@@ -20,8 +20,9 @@ import pytest
 import torch
 from distributed import run_distributed
 
+from moetrain.config.routers import StableMoERouterConfig
 from moetrain.kernels import select_backend
-from moetrain.moe.routers.stablemoe import RouterStage, StableMoERouter, StableMoERouterConfig
+from moetrain.moe.routers.stablemoe import RouterStage, StableMoERouter
 
 X = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.5, 0.0], [0.0, 1.0]])
 IDS = torch.tensor([0, 1, 2, 3])
@@ -204,13 +205,13 @@ def test_data_parallel_reduction_equals_one_process():
 def test_moe_layer_with_the_router_makes_no_host_sync_in_either_stage(router):
     """The stage is read from a host mirror, never from the device buffer (BASE's balanced assignment,
     by contrast, runs on the host by design)."""
+    from moetrain.config.model import MoEConfig
     from moetrain.kernels.host_sync import HostSyncCounter
-    from moetrain.moe.layer import MoEConfig, MoELayer
-    from moetrain.parallel.layout import ParallelLayout
+    from moetrain.moe.layer import MoELayer
 
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, kernels="torch", expert_type="stacked", sublayers=2, router=router)
-    layer = MoELayer(cfg, d_model=64, d_hidden=128, vocab_size=256, layout=ParallelLayout())
+    layer = MoELayer(cfg, d_model=64, d_hidden=128, vocab_size=256)
 
     def step():
         x = torch.randn(48, 64, requires_grad=True)

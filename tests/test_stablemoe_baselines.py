@@ -63,18 +63,15 @@ def test_same_seed_gives_the_same_backbone_and_experts_for_every_router():
     """Routers draw once from the global RNG (routers/init.py): only the router's weights differ."""
     import torch
 
-    from moetrain.model import ModelConfig, MoETransformer
-    from moetrain.moe.layer import MoEConfig
-    from moetrain.moe.routers.base import BaseRouterConfig
-    from moetrain.moe.routers.hash import HashRouterConfig
-    from moetrain.moe.routers.stablemoe import StableMoERouterConfig
-    from moetrain.moe.routers.topk import TopKRouterConfig
+    from moetrain.config.model import ModelConfig, MoEConfig
+    from moetrain.config.routers import BaseLayerRouterConfig, HashRouterConfig, StableMoERouterConfig, TopKRouterConfig
+    from moetrain.model import MoETransformer
 
     model_cfg = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, d_ff=64)
     weights = []
     for router in (
         StableMoERouterConfig(),
-        BaseRouterConfig(),
+        BaseLayerRouterConfig(),
         HashRouterConfig(),
         TopKRouterConfig(init="orthogonal"),
     ):

@@ -4,12 +4,11 @@ resumed across the switch equals the uninterrupted run."""
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY, TINY_CONFIG, free_port, read_metrics, run_cli
+from conftest import REPO, TINY, TINY_CONFIG, clean_env, free_port, read_metrics, run_cli
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(600)]
 
@@ -27,12 +26,12 @@ COMMON = [
 RECORDER = r"""
 import hashlib, json, sys
 import torch
-from moetrain.callbacks import Callback
+from moetrain.training.callbacks import Callback
 from moetrain.cli import _prepare_process_env
 from moetrain.config import load_config
-from moetrain.moe.schedule import stable_routers
+from moetrain.training.routing import stable_routers
 from moetrain.parallel.layout import ParallelLayout
-from moetrain.trainer import Trainer
+from moetrain.training.trainer import Trainer
 
 def digest(*tensors):
     h = hashlib.sha256()
@@ -72,11 +71,7 @@ def record(tmp_path, data_cache, nproc, *overrides):
     script = tmp_path / "recorder.py"
     script.write_text(RECORDER)
     out = tmp_path / "rows.json"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
+    env = clean_env()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     if nproc == 1:
         launcher, env["MASTER_PORT"] = [sys.executable], str(free_port())
@@ -176,11 +171,7 @@ def test_two_ranks_equal_one_process_on_the_global_micro_batch(tmp_path, data_ca
     one, two = tmp_path / "one", tmp_path / "two"
     proc = run_cli("train", str(TINY_CONFIG), *args, f"run_dir={one}", "train.micro_batch_size=8")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
+    env = clean_env()
     cmd = [
         sys.executable,
         "-m",

@@ -1,6 +1,5 @@
 """End to end through the real CLI: training, metrics, checkpoints, bitwise resume, bad input."""
 
-
 import pytest
 from conftest import TINY, TINY_CONFIG, read_metrics, run_cli
 
@@ -25,9 +24,18 @@ def test_tiny_trains_and_writes_run_dir(tmp_path, data_cache):
     assert [r["step"] for r in train_recs] == list(range(1, 13))
     assert train_recs[-1]["loss"] < train_recs[0]["loss"]
     last = train_recs[-1]
-    for key in ("lr", "grad_norm", "tokens_per_s", "aux_loss", "moe/layer0/load_min", "moe/layer0/load_max",
-                "moe/layer0/load_std", "moe/layer0/dropped_frac", "moe/layer0/router_entropy",
-                "moe/layer0/load_balance"):
+    for key in (
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "aux_loss",
+        "moe/layer0/load_min",
+        "moe/layer0/load_max",
+        "moe/layer0/load_std",
+        "moe/layer0/dropped_frac",
+        "moe/layer0/router_entropy",
+        "moe/layer0/load_balance",
+    ):
         assert key in last, key
     assert last["grad_norm"] > 0 and len(last["moe/layer0/load"]) == 4
     evals = [r for r in records if "val_loss" in r]
@@ -39,7 +47,9 @@ def test_tiny_trains_and_writes_run_dir(tmp_path, data_cache):
     assert "step 12/12 | loss" in proc.stdout and "val_loss" in proc.stdout
 
 
-@pytest.mark.parametrize("extra", [[], ["train.grad_accum_steps=2", "model.dropout=0.1"]], ids=["plain", "accum+dropout"])
+@pytest.mark.parametrize(
+    "extra", [[], ["train.grad_accum_steps=2", "model.dropout=0.1"]], ids=["plain", "accum+dropout"]
+)
 def test_resume_after_k_equals_uninterrupted(tmp_path, data_cache, extra):
     full, split = tmp_path / "full", tmp_path / "split"
     train(full, data_cache, "train.steps=8", *extra)
@@ -82,7 +92,17 @@ def test_missing_data_path_fails_cleanly(tmp_path, data_cache):
 def test_dense_baseline_and_replace_ffn_placement(tmp_path, data_cache):
     train(tmp_path / "dense", data_cache, "moe=null", "train.steps=2")
     assert not any("moe/layer0/load_min" in r for r in read_metrics(tmp_path / "dense"))
-    train(tmp_path / "k2", data_cache, "train.steps=2", "moe.placement=replace_ffn", "moe.every=1",
-          "moe.expert_type=swiglu", "moe.router.kind=topk", "moe.router.top_k=2", "moe.capacity_factor=1.0", "moe.router.z_loss_coeff=0.001")
+    train(
+        tmp_path / "k2",
+        data_cache,
+        "train.steps=2",
+        "moe.placement=replace_ffn",
+        "moe.every=1",
+        "moe.expert_type=swiglu",
+        "moe.router.kind=topk",
+        "moe.router.top_k=2",
+        "moe.capacity_factor=1.0",
+        "moe.router.z_loss_coeff=0.001",
+    )
     rec = next(r for r in read_metrics(tmp_path / "k2") if "loss" in r)
     assert "moe/layer1/load_min" in rec and "moe/layer0/z_loss" in rec and 0 <= rec["moe/layer0/dropped_frac"] < 1

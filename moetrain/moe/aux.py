@@ -1,6 +1,6 @@
 """Auxiliary routing losses, each a pure function of this micro-batch's routing.
 
-Legend: T tokens, E experts, K top-k.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
 Counts that a loss needs over the whole batch are all-reduced (no gradient) over ``group`` when one
 is given: the data-parallel group, i.e. every token of the global micro-batch. The differentiable

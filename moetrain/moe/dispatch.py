@@ -1,6 +1,4 @@
-"""Dispatchers move routed tokens to the experts and their outputs back.
-
-Legend: T tokens, D model dim, E experts, L local experts, K top-k, N rows routed to local experts.
+"""Dispatchers move routed tokens to the experts and their outputs back (shapes: moetrain/moe/__init__.py).
 
 The interface is two calls around the expert computation::
 

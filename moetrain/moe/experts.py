@@ -1,36 +1,47 @@
-"""Experts held as stacked weights, computed with one grouped matmul per weight.
-
-Legend: N rows (tokens routed here, grouped by expert), D model dim, F expert hidden dim,
-L local experts.
+"""Experts held as stacked weights, computed with one grouped matmul per weight (shapes: moetrain/moe/__init__.py).
 
 Rows of local expert e are contiguous, in expert order; ``counts_L`` says how many. Rows after
 ``counts_L.sum()`` (capacity mode leaves some) belong to no expert and their output is never read.
+
+``torch._grouped_mm`` runs on CUDA only for bf16 on compute capability 9.0+ (Hopper), and on the CPU
+for fp32 / bf16. Everywhere else the experts fall back to a Python loop over experts, which reads the
+counts on the host (one sync per call): :class:`GroupedExperts` warns once when that happens and
+records it (``uses_loop``, logged as ``moe/grouped_gemm_fallback_layers``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ExpertType = Literal["gelu", "swiglu", "stacked"]
+from moetrain.config.model import ExpertType
 
 
-def _grouped_mm_supported(x_ND: torch.Tensor, w_LDF: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or x_ND.dtype != w_LDF.dtype:
-        return False
+def is_expert_param(name: str) -> bool:
+    """Whether a parameter (by its name in the model) belongs to a :class:`GroupedExperts`."""
+    return ".experts." in f".{name}."
+
+
+def grouped_mm_unsupported(x_ND: torch.Tensor, w_LDF: torch.Tensor) -> str | None:
+    """None when ``torch._grouped_mm`` can run on these operands, else why not."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if x_ND.dtype != w_LDF.dtype:
+        return f"input dtype {x_ND.dtype} differs from weight dtype {w_LDF.dtype}"
     if x_ND.is_cuda:
-        major, _ = torch.cuda.get_device_capability(x_ND.device)
+        major, minor = torch.cuda.get_device_capability(x_ND.device)
         if major < 9 or x_ND.dtype != torch.bfloat16:
-            return False
+            return f"on CUDA it needs bf16 on compute capability >= 9.0 (got {x_ND.dtype} on {major}.{minor})"
     elif x_ND.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    # inner dims must be 16-byte aligned for the strided kernels
-    item = x_ND.element_size()
-    return (x_ND.shape[-1] * item) % 16 == 0 and (w_LDF.shape[-1] * item) % 16 == 0
+        return f"on {x_ND.device.type} it needs fp32 or bf16 (got {x_ND.dtype})"
+    item = x_ND.element_size()  # inner dims must be 16-byte aligned for the strided kernels
+    if (x_ND.shape[-1] * item) % 16 or (w_LDF.shape[-1] * item) % 16:
+        return f"inner dims {x_ND.shape[-1]} and {w_LDF.shape[-1]} are not 16-byte aligned"
+    return None
 
 
 def grouped_matmul(
@@ -41,7 +52,7 @@ def grouped_matmul(
     The fallback loops over experts; it needs the counts on the host (one sync), which is why the
     fused path is preferred.
     """
-    if _grouped_mm_supported(x_ND, w_LDF):
+    if grouped_mm_unsupported(x_ND, w_LDF) is None:
         ends_L = torch.cumsum(counts_L, 0)
         if not padded:  # every row belongs to an expert
             return torch._grouped_mm(x_ND, w_LDF, offs=ends_L.to(torch.int32))
@@ -92,17 +103,17 @@ class GroupedExperts(nn.Module):
         d_model: int,
         d_hidden: int,
         sublayers: int = 1,
-        first_expert: int = 0,
-        num_local: int | None = None,
     ):
-        """Holds experts ``first_expert .. first_expert + num_local - 1`` of ``num_experts``."""
+        """Holds all ``num_experts`` experts; :meth:`shard` keeps one expert-parallel rank's share."""
         super().__init__()
         self.kind = kind
         self.num_experts = num_experts
-        self.first_expert = first_expert
-        self.num_local = num_local = num_experts if num_local is None else num_local
+        self.first_expert = 0  # global id of local expert 0
+        self.num_local = num_experts
+        self.uses_loop = False  # the last forward fell back to the per-expert loop
+        self._warned: set[str] = set()
         self.sublayers = sublayers if kind == "stacked" else 1
-        s, L, D, F_ = self.sublayers, num_local, d_model, d_hidden
+        s, L, D, F_ = self.sublayers, num_experts, d_model, d_hidden
         self.w1_SLDF = nn.Parameter(torch.empty(s, L, D, F_))
         self.w2_SLFD = nn.Parameter(torch.empty(s, L, F_, D))
         if kind == "swiglu":
@@ -134,8 +145,26 @@ class GroupedExperts(nn.Module):
             else:
                 _normal_(self.w2_SLFD[:, j], 1 / math.sqrt(d_hidden), gen)
 
+    @torch.no_grad()
+    def shard(self, ep_rank: int, ep_size: int) -> None:
+        """Keep only experts ``ep_rank * L .. (ep_rank + 1) * L - 1`` (L = E / ep_size), in place.
+
+        Each kept expert's weights are exactly those it had in the whole layer (see
+        :meth:`reset_parameters`), so the sharded model is the same model.
+        """
+        if self.num_local != self.num_experts:
+            raise RuntimeError("GroupedExperts.shard: already sharded")
+        if self.num_experts % ep_size or not 0 <= ep_rank < ep_size:
+            raise ValueError(f"cannot take shard {ep_rank} of {ep_size} from {self.num_experts} experts")
+        L = self.num_experts // ep_size
+        first = ep_rank * L
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(p[:, first : first + L].clone(), requires_grad=p.requires_grad))
+        self.first_expert, self.num_local = first, L
+
     def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor, padded: bool = False) -> torch.Tensor:
         """``padded``: some rows past ``counts_L.sum()`` belong to no expert (capacity mode)."""
+        self._check_grouped_mm(x_ND)
 
         def mm(x, w):
             return grouped_matmul(x, w, counts_L, padded)
@@ -160,3 +189,16 @@ class GroupedExperts(nn.Module):
             z_NF = F.relu(mm(z_ND, self.w1_SLDF[s]) + self.b1_SLF[s][rows_N])
             h_ND = h_ND + mm(z_NF, self.w2_SLFD[s]) + self.b2_SLD[s][rows_N]
         return h_ND - x_ND
+
+    def _check_grouped_mm(self, x_ND: torch.Tensor) -> None:
+        """Record whether this forward falls back to the per-expert loop; warn once per reason."""
+        why = grouped_mm_unsupported(x_ND, self.w1_SLDF)
+        self.uses_loop = why is not None
+        if why is not None and why not in self._warned:
+            self._warned.add(why)
+            warnings.warn(
+                f"moetrain: grouped GEMM unavailable ({why}); the experts run as a per-expert loop with one "
+                "host sync per matmul, which is slow on a GPU. Use bf16 on an sm90+ GPU for the fused path.",
+                RuntimeWarning,
+                stacklevel=2,
+            )

@@ -1,6 +1,6 @@
 """MoE health metrics: expert load, dropped tokens, router entropy, aux-loss terms.
 
-Legend: T tokens, E experts, K top-k.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
 Per-micro-batch stats stay on the device; :class:`MoEMetrics` sums them over a log interval and
 reduces them over the ranks once per log line (the only host sync).
@@ -27,7 +27,9 @@ class LayerStats:
     @staticmethod
     def from_decision(decision: RoutingDecision, num_experts: int, dropped: torch.Tensor) -> "LayerStats":
         ids = decision.expert_ids_TK.reshape(-1)
-        load_E = torch.zeros(num_experts, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+        load_E = torch.zeros(num_experts, device=ids.device).scatter_add_(
+            0, ids, torch.ones_like(ids, dtype=torch.float32)
+        )
         if decision.scores_TE is not None:
             p = decision.scores_TE.float().clamp_min(1e-20)
             entropy = -(p * p.log()).sum()

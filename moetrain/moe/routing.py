@@ -1,13 +1,11 @@
-"""What a router returns, and the base every router implements.
-
-Legend: T tokens, D model dim, E experts, K top-k.
-"""
+"""What a router returns, and the base every router implements (shapes: moetrain/moe/__init__.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -36,6 +34,9 @@ class Router(nn.Module):
 
     num_experts: int
     top_k: int
+    # The group whose tokens routing statistics (balance-loss counts) are reduced over: every
+    # data-parallel rank. None on one process; :func:`moetrain.parallel.parallelize` sets it.
+    stats_group: dist.ProcessGroup | None = None
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:  # pragma: no cover
         raise NotImplementedError

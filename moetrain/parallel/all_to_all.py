@@ -1,7 +1,7 @@
 """Expert-parallel dispatch: tokens travel to the rank holding their expert by all-to-all.
 
-Legend: T local tokens, D model dim, E global experts, L = E/P local experts, P EP-group size,
-K top-k, N = T*K permuted rows, R rows received from the EP group.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``; here T local tokens, L = E/P local experts, P EP-group size,
+N = T*K permuted rows, R rows received from the EP group.
 
 Steps (dispatch):
   1. routing map over the E global experts -> rows grouped by global expert (= by destination rank)
@@ -22,33 +22,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from moetrain.kernels import KernelBackend
 from moetrain.moe.dispatch import expert_capacity
 from moetrain.moe.routing import RoutingDecision
-from moetrain.parallel.layout import ParallelLayout
-
-
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; backward is the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x_ND.new_empty(sum(out_splits), *x_ND.shape[1:])
-        dist.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        grad_in = grad_out.new_empty(sum(in_splits), *grad_out.shape[1:])
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None
 
 
 def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x_ND, out_splits, in_splits, group)
+    """``all_to_all_single`` with uneven splits, differentiable (backward is the reverse exchange)."""
+    return funcol.all_to_all_single_autograd(x_ND.contiguous(), out_splits, in_splits, group)
 
 
 @dataclass(frozen=True)
@@ -65,15 +48,18 @@ class AllToAllMeta:
 class AllToAllDispatcher:
     """Experts sharded over the EP group; interchangeable with :class:`LocalDispatcher`."""
 
-    def __init__(self, num_experts: int, capacity_factor: float | None, backend: KernelBackend, layout: ParallelLayout):
+    def __init__(
+        self, num_experts: int, capacity_factor: float | None, backend: KernelBackend, group: dist.ProcessGroup
+    ) -> None:
+        """``group``: the expert-parallel group; its rank i holds experts i*L .. (i+1)*L - 1."""
         self.num_experts = num_experts
-        self.ep_size = layout.ep_size
-        self.num_local_experts = num_experts // layout.ep_size
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        self.num_local_experts = num_experts // self.ep_size
         self.capacity_factor = capacity_factor
         self.pads_rows = False  # only the rows actually sent arrive
         self.backend = backend
-        self.group = layout.ep_group
-        self.ep_rank = layout.ep_rank
+        self.group = group
         self.bytes_sent = 0  # token bytes this rank sent to *other* ranks in forward (the C5 count)
 
     def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision):
@@ -82,9 +68,7 @@ class AllToAllDispatcher:
         capacity = expert_capacity(ids_TK.numel(), self.num_experts, self.capacity_factor)
         rows_TK, counts_E = self.backend.routing_map(ids_TK, self.num_experts, capacity)  # 1.
         x_ND = self.backend.permute(x_TD, rows_TK)  # 2.
-        recv_counts_PL = torch.empty_like(counts_E)  # 3.
-        dist.all_to_all_single(recv_counts_PL, counts_E.contiguous(), group=self.group)
-        recv_counts_PL = recv_counts_PL.view(P, L)
+        recv_counts_PL = funcol.all_to_all_single(counts_E.contiguous(), None, None, self.group).view(P, L)  # 3.
         # NOTE: the one host sync of this layer: split sizes must be Python ints for the collective.
         send_PL, recv_PL = torch.stack([counts_E.view(P, L), recv_counts_PL]).tolist()
         send_splits = [sum(r) for r in send_PL]
@@ -93,14 +77,17 @@ class AllToAllDispatcher:
         self.bytes_sent += (n_send - send_splits[self.ep_rank]) * x_ND.shape[-1] * x_ND.element_size()
         x_RD = all_to_all(x_ND[:n_send], recv_splits, send_splits, self.group)  # 4.
         # 5. local expert of each received row, then a stable sort groups rows by local expert.
-        local_ids_R = torch.arange(P * L, device=x_TD.device).remainder(L).repeat_interleave(
-            recv_counts_PL.reshape(-1), output_size=sum(recv_splits)
+        local_ids_R = (
+            torch.arange(P * L, device=x_TD.device)
+            .remainder(L)
+            .repeat_interleave(recv_counts_PL.reshape(-1), output_size=sum(recv_splits))
         )
         regroup_R = torch.sort(local_ids_R, stable=True).indices
         x_RD = x_RD.index_select(0, regroup_R)
         counts_L = recv_counts_PL.sum(0)
-        meta = AllToAllMeta(rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, ids_TK.numel(),
-                            (rows_TK < 0).sum())
+        meta = AllToAllMeta(
+            rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, ids_TK.numel(), (rows_TK < 0).sum()
+        )
         return x_RD, counts_L, meta
 
     def combine(self, y_RD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:

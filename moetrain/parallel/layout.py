@@ -4,17 +4,32 @@ World = data-parallel ranks. Experts are sharded over expert-parallel (EP) group
 consecutive ranks (E/ep experts each); the expert-data-parallel group joins the ranks that hold the
 same experts (size world/ep, stride ep). This module and ``cli.py`` are the only places that read the
 launcher's environment.
+
+The job config checks a layout against a world size (``moetrain.config.check_world_size``) before
+any process group exists; :meth:`ParallelLayout.init` only asserts it.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from moetrain.errors import UserError
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a lone process's own process group, and tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when several processes run; a no-op alone."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def env_rank_world() -> tuple[int, int, int]:
@@ -64,25 +79,12 @@ class ParallelLayout:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
-    @staticmethod
-    def check(world_size: int, ep_size: int) -> None:
-        """The one check of a layout against a world size (``moetrain validate --world-size`` too).
-
-        ``num_experts % ep_size`` needs no world size; MoEConfig validates it with the config.
-        """
-        if world_size < 1:
-            raise UserError(f"world size ({world_size}) must be >= 1")
-        if world_size % ep_size:
-            raise UserError(
-                f"world size ({world_size}) must be divisible by moe.expert_parallel_size ({ep_size}); "
-                f"use a world size that is a multiple of {ep_size} or lower expert_parallel_size"
-            )
-
     @classmethod
     def init(cls, ep_size: int = 1) -> "ParallelLayout":
         """Initialise torch.distributed (gloo on CPU, NCCL on CUDA) from the environment and build groups."""
         rank, world, local_rank = env_rank_world()
-        cls.check(world, ep_size)
+        if world % ep_size:
+            raise ValueError(f"world size {world} is not a multiple of ep_size {ep_size} (check_world_size first)")
         import deepspeed
 
         if torch.cuda.is_available():

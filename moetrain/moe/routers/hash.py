@@ -1,6 +1,6 @@
 """Hash layer router (Roller et al. 2021): a fixed token-id -> expert table, gate 1, no aux loss.
 
-Legend: T tokens, E experts, V vocabulary.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
 The table is a persistent buffer (saved in every checkpoint). The StableMoE paper's baseline is a
 "randomly determined hash table" (its JSON tables were not released), so:
@@ -10,32 +10,19 @@ The table is a persistent buffer (saved in every checkpoint). The StableMoE pape
 - ``balanced``: Roller et al.'s frequency-balanced hash: token ids by descending training frequency,
   each to the expert with the least total frequency so far (ties: fewest ids, then lowest expert id).
   It needs the training data's token counts, so the table starts as ``random`` and is rebuilt once at
-  the start of a fresh run (``moetrain/moe/schedule.py``); resumed runs load it from the checkpoint.
+  the start of a fresh run (``moetrain/training/routing.py``); resumed runs load it from the checkpoint.
 """
 
 from __future__ import annotations
 
 import heapq
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 
+from moetrain.config.routers import HashRouterConfig
 from moetrain.moe.routers.init import private_generator
 from moetrain.moe.routing import Router, RoutingDecision, zero_loss
-from moetrain.schema import StrictModel
-
-
-class HashRouterConfig(StrictModel):
-    kind: Literal["hash"] = "hash"
-    table: Literal["random", "balanced"] = Field(
-        "random", description="random (the StableMoE paper) or frequency-balanced"
-    )
-    seed: int = Field(0, description="seed of the random table")
-    balance_tokens: int = Field(
-        50_000_000, ge=1, description="balanced: count frequencies over this many training tokens (a prefix)"
-    )
 
 
 def random_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:

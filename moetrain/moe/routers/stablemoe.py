@@ -1,6 +1,6 @@
 """StableMoE router (Dai et al., ACL 2022): learn a balanced routing, distil it, then freeze it.
 
-Legend: T tokens, D model dim, E experts, R distilled routing dim (50), V vocabulary.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``, and R the distilled routing dim (50).
 
 Spec: ``docs/stablemoe.md``. Per token t with layer input h_t and token id X_t::
 
@@ -15,50 +15,28 @@ Spec: ``docs/stablemoe.md``. Per token t with layer input h_t and token id X_t::
 
 The stage is an explicit enum held in a buffer (so DeepSpeed's module checkpoint stores it) and
 changed only by :meth:`StableMoERouter.set_stage`, which the trainer's schedule callback calls between
-optimizer steps (``moetrain/moe/schedule.py``); ``forward`` only reads it.
+optimizer steps (``moetrain/training/routing.py``); ``forward`` only reads it.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
+from moetrain.config.routers import StableMoERouterConfig
 from moetrain.kernels import KernelBackend
 from moetrain.moe import aux
 from moetrain.moe.routers.init import orthogonal_, private_generator
 from moetrain.moe.routing import Router, RoutingDecision
-from moetrain.schema import StrictModel
 
 
 class RouterStage(enum.IntEnum):
     LEARN = 0  # stage 1: backbone routing, balance + distillation losses
     FROZEN = 1  # stage 2: frozen distilled routing, no routing losses
-
-
-class StableMoERouterConfig(StrictModel):
-    kind: Literal["stablemoe"] = "stablemoe"
-    balance_coeff: float = Field(0.3, ge=0.0, description="alpha of the balance loss (paper and code: 0.3)")
-    distill_coeff: float = Field(
-        0.3, ge=0.0, description="weight of the distillation loss (official code: 0.3; paper Eq. 11: 1.0)"
-    )
-    distill_dim: int = Field(50, ge=1, description="distilled router: token-embedding dimension (paper: 50)")
-    stage1_steps: int | None = Field(
-        None, ge=0, description="optimizer steps in stage 1; null = ceil(10% of train.steps) (paper: 6K of 60K)"
-    )
-    eval_routing: Literal["distilled", "backbone"] = Field(
-        "distilled",
-        description="evaluation routing during stage 1 (the official code: distilled); stage 2 is always distilled",
-    )
-    init_gain: float = Field(0.1, gt=0.0, description="gain of the orthogonal init of both centroid matrices")
-
-    def resolved_stage1_steps(self, train_steps: int) -> int:
-        return self.stage1_steps if self.stage1_steps is not None else -(-train_steps // 10)
 
 
 class StableMoERouter(Router):
@@ -105,7 +83,7 @@ class StableMoERouter(Router):
         """Switch the stage (call between optimizer steps). FROZEN stops D and Ê producing gradients.
 
         NOTE: this alone does not keep an optimizer from moving D and Ê (weight decay, momentum, or
-        ZeRO's flat partitions stepping on zero gradients); ``moe/schedule.py`` also sets their
+        ZeRO's flat partitions stepping on zero gradients); ``moetrain/training/routing.py`` also sets their
         parameter group's learning rate to 0.
         """
         self._stage = RouterStage(stage)
@@ -165,7 +143,7 @@ class StableMoERouter(Router):
 
         Reduction (NOTE: what makes data parallelism exact). The paper's losses are sums over the
         global micro-batch (all T_g tokens of one forward pass on every data-parallel rank); the task
-        loss is a per-token mean, so both are divided by T_g (stablemoe.md section 2.3). Rank r
+        loss is a per-token mean, so both are divided by T_g (docs/stablemoe.md, "The algorithm", balance loss). Rank r
         returns ``world / T_g * (sum over its own tokens)``: gradient averaging divides by ``world``,
         so the sum of the per-rank losses / world equals the single-process loss over the global
         micro-batch, for any split of tokens over ranks. |A_i| and T_g come from one all-reduce of

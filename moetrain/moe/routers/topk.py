@@ -1,36 +1,19 @@
 """Top-k router: Switch (k=1), GShard (k=2), any k; softmax or sigmoid scores in fp32.
 
-Legend: T tokens, D model dim, E experts, K top-k.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.distributed as dist
-from pydantic import Field
 from torch import nn
 
+from moetrain.config.routers import TopKRouterConfig
 from moetrain.kernels import KernelBackend
 from moetrain.moe import aux
 from moetrain.moe.routers.init import orthogonal_, private_generator
 from moetrain.moe.routing import Router, RoutingDecision
-from moetrain.schema import StrictModel
-
-
-class TopKRouterConfig(StrictModel):
-    kind: Literal["topk"] = "topk"
-    top_k: int = Field(1, ge=1, description="experts per token (1 = Switch, 2 = GShard)")
-    score_func: Literal["softmax", "sigmoid"] = "softmax"
-    renormalize: bool = Field(False, description="rescale the k gates of a token to sum to 1")
-    load_balance_coeff: float = Field(0.01, ge=0.0, description="weight of the Switch load-balance loss")
-    z_loss_coeff: float = Field(0.0, ge=0.0, description="weight of the router z-loss")
-    init: Literal["normal", "orthogonal"] = Field(
-        "normal", description="normal(0, init_std); orthogonal with gain init_gain (the StableMoE code's Switch)"
-    )
-    init_std: float = Field(0.02, gt=0.0)
-    init_gain: float = Field(0.1, gt=0.0, description="gain of the orthogonal init")
 
 
 class TopKRouter(Router):

@@ -1,12 +1,12 @@
 """BASE layer router (Lewis et al. 2021), as the StableMoE paper ran it: balanced assignment in
 training, greedy at evaluation, sigmoid gate, no auxiliary loss.
 
-Legend: T tokens, D model dim, E experts.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
 - scores ``s_TE = x E^T`` (fp32, no bias, E orthogonal with gain 0.1, as upstream BASE);
 - training: every expert takes exactly T/E of this rank's tokens (T = micro-batch tokens of the
   rank, as in the code, where each worker balances its own tokens), maximising the total affinity
-  (:mod:`moetrain.moe.routers.balanced`; when E does not divide T the first T mod E experts take
+  (:mod:`moetrain.moe.routers.balanced_assignment`; when E does not divide T the first T mod E experts take
   one token more);
 - evaluation: greedy argmax (no balancing), as the code;
 - gate ``sigmoid(s[a])`` with gradient (the only signal that trains E); no aux loss.
@@ -14,33 +14,18 @@ Legend: T tokens, D model dim, E experts.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
+from moetrain.config.routers import BaseLayerRouterConfig
 from moetrain.kernels import KernelBackend
-from moetrain.moe.routers.balanced import balanced_assignment
+from moetrain.moe.routers.balanced_assignment import balanced_assignment
 from moetrain.moe.routers.init import orthogonal_, private_generator
 from moetrain.moe.routing import Router, RoutingDecision, zero_loss
-from moetrain.schema import StrictModel
 
 
-class BaseRouterConfig(StrictModel):
-    kind: Literal["base"] = "base"
-    assignment: Literal["exact", "auction"] = Field(
-        "exact",
-        description="exact: the optimal balanced assignment; auction: fairseq's epsilon-optimal auction (the papers)",
-    )
-    auction_epsilon: float = Field(
-        0.02, gt=0.0, description="auction: eps as a fraction of the score range (code: 1/50)"
-    )
-    init_gain: float = Field(0.1, gt=0.0, description="gain of the orthogonal init of the centroids")
-
-
-class BaseRouter(Router):
-    def __init__(self, cfg: BaseRouterConfig, d_model: int, num_experts: int, backend: KernelBackend) -> None:
+class BaseLayerRouter(Router):
+    def __init__(self, cfg: BaseLayerRouterConfig, d_model: int, num_experts: int, backend: KernelBackend) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_experts = num_experts

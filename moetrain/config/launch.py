@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from moetrain.schema import StrictModel
+from moetrain.config.schema import StrictModel
 
 Launcher = Literal["torchrun", "deepspeed", "slurm"]
 SlurmMode = Literal["torchrun", "tasks"]
@@ -31,12 +31,9 @@ class RendezvousConfig(StrictModel):
 
     endpoint: str | None = Field(
         None,
-        description="host[:port] every node can reach; default master_addr:master_port "
-        "(SLURM: the head node)",
+        description="host[:port] every node can reach; default master_addr:master_port (SLURM: the head node)",
     )
-    id: str | None = Field(
-        None, description="shared by all nodes of one job; default the job name (SLURM: job id)"
-    )
+    id: str | None = Field(None, description="shared by all nodes of one job; default the job name (SLURM: job id)")
 
 
 class SlurmConfig(StrictModel):
@@ -54,17 +51,12 @@ class SlurmConfig(StrictModel):
     job_name: str | None = Field(None, description="default: the job's name")
     cpus_per_task: int | None = Field(None, ge=1)
     mem: str | None = Field(None, description="memory per node, e.g. 64G")
-    extra_sbatch: list[str] = Field(
-        default_factory=list, description="more #SBATCH options, e.g. --exclusive"
-    )
+    extra_sbatch: list[str] = Field(default_factory=list, description="more #SBATCH options, e.g. --exclusive")
     setup: list[str] = Field(
         default_factory=list,
-        description="shell lines run before the launch: module load, source venv/bin/activate, "
-        "container setup",
+        description="shell lines run before the launch: module load, source venv/bin/activate, container setup",
     )
-    srun_args: list[str] = Field(
-        default_factory=list, description="more srun options, e.g. --container-image=..."
-    )
+    srun_args: list[str] = Field(default_factory=list, description="more srun options, e.g. --container-image=...")
     requeue: bool = Field(
         False, description="requeue on preemption and before the time limit; resumes from a checkpoint"
     )
@@ -76,9 +68,7 @@ class SlurmConfig(StrictModel):
     @classmethod
     def _time_format(cls, value: str | None) -> str | None:
         if value is not None and not _SLURM_TIME.match(value):
-            raise ValueError(
-                f"{value!r} is not a SLURM time limit; use MM, HH:MM:SS or D-HH:MM:SS (e.g. 04:00:00)"
-            )
+            raise ValueError(f"{value!r} is not a SLURM time limit; use MM, HH:MM:SS or D-HH:MM:SS (e.g. 04:00:00)")
         return value
 
     @field_validator("mem")
@@ -96,9 +86,7 @@ class SlurmConfig(StrictModel):
         for line in lines:
             option = line.strip().removeprefix("#SBATCH").strip()
             if not option.startswith("-"):
-                raise ValueError(
-                    f"{line!r} is not an sbatch option; write it as e.g. --exclusive or --qos=high"
-                )
+                raise ValueError(f"{line!r} is not an sbatch option; write it as e.g. --exclusive or --qos=high")
             out.append(option)
         return out
 
@@ -112,16 +100,10 @@ class LaunchConfig(StrictModel):
     gpus_per_node: int | None = Field(
         None, ge=1, description="one process per GPU; SLURM also requests the GPUs (--gpus-per-node)"
     )
-    master_addr: str | None = Field(
-        None, description="address of the first node (multi-node torchrun / deepspeed)"
-    )
-    master_port: int | None = Field(
-        None, ge=1, le=65535, description="default 29500 (SLURM: derived from the job id)"
-    )
+    master_addr: str | None = Field(None, description="address of the first node (multi-node torchrun / deepspeed)")
+    master_port: int | None = Field(None, ge=1, le=65535, description="default 29500 (SLURM: derived from the job id)")
     rendezvous: RendezvousConfig = RendezvousConfig()
-    max_restarts: int = Field(
-        0, ge=0, description="torchrun --max-restarts: restart all workers after a failure"
-    )
+    max_restarts: int = Field(0, ge=0, description="torchrun --max-restarts: restart all workers after a failure")
     hosts: list[str] = Field(default_factory=list, description="deepspeed: hosts of a generated hostfile")
     hostfile: str | None = Field(None, description="deepspeed: an existing hostfile (`host slots=N` lines)")
     include: str | None = Field(None, description="deepspeed --include, e.g. worker-0@worker-1:0,2")

@@ -22,23 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from pydantic import Field
 
 from moetrain.errors import UserError
-from moetrain.schema import StrictModel
+from moetrain.moe.experts import GroupedExperts
+from moetrain.parallel.layout import barrier
 
 MARKER = "COMMITTED"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointConfig(StrictModel):
-    interval: int = Field(0, ge=0, description="save every N steps (0 = only at the end)")
-    keep_last: int = Field(2, ge=1, description="committed checkpoints to keep")
-    resume: str = Field(
-        "auto", description="auto: the latest valid checkpoint in the run dir; none; or a checkpoint path"
-    )
-    save_at_end: bool = True
 
 
 def _sha256(path: Path) -> str:
@@ -98,9 +88,11 @@ def find_resume(run_dir: Path, resume: str, log=print) -> Path | None:
             raise UserError(f"checkpoint.resume: cannot load {resume!r}: {problem}")
         return folder
     root = run_dir / "checkpoints"
-    candidates = sorted(
-        (p for p in root.glob("step_*") if STEP_DIR.match(p.name)), key=lambda p: int(p.name[5:]), reverse=True
-    ) if root.is_dir() else []
+    candidates = (
+        sorted((p for p in root.glob("step_*") if STEP_DIR.match(p.name)), key=lambda p: int(p.name[5:]), reverse=True)
+        if root.is_dir()
+        else []
+    )
     for folder in candidates:
         problem = verify(folder)
         if problem is None:
@@ -111,8 +103,6 @@ def find_resume(run_dir: Path, resume: str, log=print) -> Path | None:
 
 def expert_tensors(model) -> dict[str, dict[int, torch.Tensor]]:
     """{parameter name: {global expert id: that expert's slice}} for this rank's local experts."""
-    from moetrain.moe.experts import GroupedExperts
-
     out: dict[str, dict[int, torch.Tensor]] = {}
     for mname, module in model.named_modules():
         if isinstance(module, GroupedExperts):
@@ -133,13 +123,13 @@ def save(engine, model, folder: Path, layout, state: dict[str, Any], keep_last: 
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(folder), tag="ds")
     if rank < layout.ep_size:
         experts = {k: {g: t.detach().cpu().clone() for g, t in v.items()} for k, v in expert_tensors(model).items()}
         torch.save(experts, folder / f"experts_{layout.ep_rank:05d}.pt")
     torch.save({"rng": rng_state(), "step": state["step"]}, folder / f"rank_{rank:05d}.pt")
-    _barrier()
+    barrier()
     if rank == 0:
         (folder / "state.json").write_text(json.dumps(state, indent=1))
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MARKER, "manifest.json"))
@@ -147,7 +137,7 @@ def save(engine, model, folder: Path, layout, state: dict[str, Any], keep_last: 
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
         (folder / MARKER).write_text("ok\n")
         _prune(folder.parent, keep_last)
-    _barrier()
+    barrier()
 
 
 def saved_experts(folder: Path) -> dict[str, dict[int, torch.Tensor]]:
@@ -206,8 +196,3 @@ def _prune(root: Path, keep_last: int) -> None:
     )
     for old in committed[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -1,19 +1,25 @@
-"""The training loop: ``deepspeed.initialize`` + a lean loop + callbacks."""
+"""The training loop: build the model, parallelize it, ``deepspeed.initialize``, a lean loop + callbacks."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
 
 import torch
-import torch.distributed as dist
-from pydantic import Field
 
-from moetrain import checkpoint, data
-from moetrain.callbacks import (
+from moetrain import data
+from moetrain.config.job import JobConfig
+from moetrain.config.loading import dump_config
+from moetrain.errors import UserError
+from moetrain.logging import NullLogger, RunLogger
+from moetrain.model import MoETransformer
+from moetrain.parallel.deepspeed_moe import register_expert_parallel
+from moetrain.parallel.grad_norm import clip_grad_norm
+from moetrain.parallel.layout import ParallelLayout, barrier
+from moetrain.parallel.parallelize import parallelize
+from moetrain.training import checkpoint, engine
+from moetrain.training.callbacks import (
     Callback,
     CheckpointCallback,
     EvalCallback,
@@ -21,49 +27,8 @@ from moetrain.callbacks import (
     StepResult,
     all_reduce_mean,
 )
-from moetrain.errors import UserError
-from moetrain.logging import NullLogger, RunLogger
-from moetrain.model import MoETransformer
-from moetrain.moe.schedule import isolate_distilled_params, routing_callbacks
-from moetrain.parallel import deepspeed_compat
-from moetrain.parallel.layout import ParallelLayout
-from moetrain.schema import StrictModel
-
-
-class TrainConfig(StrictModel):
-    steps: int = Field(1000, ge=1, description="optimizer steps (sets the LR schedule)")
-    stop_at_step: int | None = Field(None, ge=1, description="end this run early at this step, schedule unchanged")
-    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
-    grad_accum_steps: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    eval_interval: int = Field(0, ge=0, description="steps between evaluations (0: only at the end)")
-    eval_batches: int = Field(8, ge=1, description="validation micro-batches per rank")
-
-
-class OptimConfig(StrictModel):
-    lr: float = Field(1e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr = lr * min_lr_ratio")
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip (0: off)")
-
-
-def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """Linear warmup, then cosine / linear decay to ``min_lr_ratio`` (multiplier of ``lr``)."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
-
-    return f
+from moetrain.training.optim import isolate_distilled_params, lr_lambda, param_groups
+from moetrain.training.routing import routing_callbacks
 
 
 @dataclass
@@ -73,7 +38,7 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg, layout: ParallelLayout, extra_callbacks: list[Callback] | None = None) -> None:
+    def __init__(self, cfg: JobConfig, layout: ParallelLayout, extra_callbacks: list[Callback] | None = None) -> None:
         self.cfg = cfg
         self.layout = layout
         self.run_dir: Path = cfg.resolved_run_dir
@@ -100,23 +65,25 @@ class Trainer:
         resume_from = checkpoint.find_resume(self.run_dir, cfg.checkpoint.resume, log=self._say)
         data.check_data_reachable(cfg.data)
         cache = data.prepare_tokens(cfg.data, build=layout.rank == 0) if layout.rank == 0 else None
-        _barrier()
+        barrier()
         cache = cache or data.prepare_tokens(cfg.data, build=False)
         self._build_data(cache)
         vocab = cfg.model.vocab_size or cache.vocab_size
         if vocab < cache.vocab_size:
-            raise UserError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary ({cache.vocab_size})")
+            raise UserError(
+                f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary ({cache.vocab_size})"
+            )
         self.model_cfg = cfg.model.model_copy(update={"vocab_size": vocab})
         torch.manual_seed(cfg.seed)
-        self.model = MoETransformer(self.model_cfg, cfg.moe, layout)
-        deepspeed_compat.register_expert_parallel(self.model, layout)
-        groups = deepspeed_compat.param_groups(self.model, cfg.optim.weight_decay, layout.ep_size)
+        self.model = parallelize(MoETransformer(self.model_cfg, cfg.moe), layout)
+        register_expert_parallel(self.model, layout)
+        groups = param_groups(self.model, cfg.optim.weight_decay, layout.ep_size)
         groups = isolate_distilled_params(self.model, groups)  # StableMoE: frozen at the switch
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
-        ds_config = deepspeed_compat.build_ds_config(cfg, layout.world_size)
-        self.engine = deepspeed_compat.initialize_engine(self.model, optimizer, schedule, ds_config)
-        self.own_clipping = deepspeed_compat.moetrain_clips(ds_config)
+        ds_config = engine.build_ds_config(cfg, layout.world_size)
+        self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config)
+        self.own_clipping = engine.moetrain_clips(ds_config)
         self._grad_norm = None
         self.data_fingerprint = cache.fingerprint
         if resume_from is not None:
@@ -124,20 +91,24 @@ class Trainer:
             self.state = TrainState(saved["step"], saved["tokens"])
             self._say(f"resumed from {resume_from} at step {self.state.step}")
         if layout.rank == 0:
-            from moetrain.config import dump_config
-
             self.run_dir.mkdir(parents=True, exist_ok=True)
             resolved = cfg.model_copy(update={"model": self.model_cfg})
             (self.run_dir / "config.yaml").write_text(dump_config(resolved))
-            self.logger = RunLogger(cfg.logging, self.run_dir, self.last_step, self.state.step, resolved.model_dump(mode="json"))
+            self.logger = RunLogger(
+                cfg.logging, self.run_dir, self.last_step, self.state.step, resolved.model_dump(mode="json")
+            )
 
     def _build_data(self, cache: data.TokenCache) -> None:
         cfg, layout = self.cfg, self.layout
         self.train_blocks = data.PackedBlocks(cache.tokens("train"), cfg.data.seq_len)
         self.val_blocks = data.PackedBlocks(cache.tokens("val"), cfg.data.seq_len)
         self.stream = data.TrainStream(
-            self.train_blocks, cfg.seed, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
-            layout.rank, layout.world_size,
+            self.train_blocks,
+            cfg.seed,
+            cfg.train.micro_batch_size,
+            cfg.train.grad_accum_steps,
+            layout.rank,
+            layout.world_size,
         )
 
     # --- loop ----------------------------------------------------------------------------------------
@@ -158,7 +129,7 @@ class Trainer:
                 out = engine(x.to(device), y.to(device))
                 engine.backward(out.loss)
                 if self.own_clipping and micro == cfg.train.grad_accum_steps - 1:
-                    self._grad_norm = deepspeed_compat.clip_grad_norm(self.model, cfg.optim.grad_clip, self.layout.ep_group)
+                    self._grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip, self.layout.ep_group)
                 engine.step()
                 lm_sum = lm_sum + out.lm_loss.detach()
                 aux_sum = aux_sum + out.aux_loss.detach()
@@ -182,7 +153,11 @@ class Trainer:
         engine.eval()
         total = torch.zeros((), device=engine.device)
         batches = data.val_batches(
-            self.val_blocks, cfg.train.micro_batch_size, cfg.train.eval_batches, self.layout.rank, self.layout.world_size
+            self.val_blocks,
+            cfg.train.micro_batch_size,
+            cfg.train.eval_batches,
+            self.layout.rank,
+            self.layout.world_size,
         )
         for x, y in batches:
             total += engine(x.to(engine.device), y.to(engine.device)).lm_loss.float()
@@ -197,8 +172,6 @@ class Trainer:
         return float(norm) if norm is not None else float("nan")
 
     def run_state(self) -> dict:
-        from moetrain.config import dump_config
-
         return {
             "step": self.state.step,
             "tokens": self.state.tokens,
@@ -212,8 +185,3 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.layout.rank == 0:
             print(text, flush=True)
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -1,6 +1,6 @@
 """Render the config reference (docs/config.md) from the config models.
 
-    python -m moetrain.config_docs > docs/config.md
+    python -m moetrain.config.reference > docs/config.md
 
 A test checks that docs/config.md equals this output, so the reference never drifts from the code.
 """
@@ -8,15 +8,18 @@ A test checks that docs/config.md equals this output, so the reference never dri
 from __future__ import annotations
 
 import json
+import types
 import typing
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from moetrain.config.job import JobConfig
+
 HEADER = """# Config reference
 
-Generated from the config models by `python -m moetrain.config_docs > docs/config.md` (a test keeps
+Generated from the config models by `python -m moetrain.config.reference > docs/config.md` (a test keeps
 it in sync). A job config is one YAML file; every field can be overridden on the command line as
 `key.path=value`. Unknown keys are errors. `moe.router` is chosen by its `kind`; each kind has its
 own fields, listed in its own table.
@@ -30,7 +33,7 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join(repr(a) if isinstance(a, str) else str(a) for a in args)
     if origin is typing.Annotated:
         return _type_name(args[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " \\| ".join(_type_name(a) for a in args)
     if origin is not None:
         inner = ", ".join(_type_name(a) for a in args)
@@ -63,8 +66,10 @@ def _render(model: type[BaseModel], prefix: str, out: list[str], title: str) -> 
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         subs = _models(field.annotation)
-        rows.append(f"| `{path}` | {_type_name(field.annotation) if not subs else 'section'} | {_default(field)} | "
-                    f"{(field.description or '').replace('|', '/')} |")
+        rows.append(
+            f"| `{path}` | {_type_name(field.annotation) if not subs else 'section'} | {_default(field)} | "
+            f"{(field.description or '').replace('|', '/')} |"
+        )
         for sub in subs:
             kind = sub.model_fields.get("kind")
             label = f"{path} (kind: {kind.default})" if kind is not None else path
@@ -75,8 +80,6 @@ def _render(model: type[BaseModel], prefix: str, out: list[str], title: str) -> 
 
 
 def render_reference() -> str:
-    from moetrain.config import JobConfig
-
     out = [HEADER]
     _render(JobConfig, "", out, "top level")
     return "\n".join(out).rstrip() + "\n"

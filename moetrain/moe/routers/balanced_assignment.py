@@ -1,7 +1,7 @@
 """Balanced linear assignment (BASE layers): every expert takes a fixed share of the tokens, and the
 total affinity is as large as possible.
 
-Legend: T tokens, E experts.
+Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
 Capacities: ``c_i = floor(T/E)``, plus one for the first ``T mod E`` experts (the official BASE code
 requires T divisible by E and pads the batch; we do not pad, and say which experts take the spare

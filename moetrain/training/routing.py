@@ -1,11 +1,11 @@
 """Routing state that changes between optimizer steps, as trainer callbacks (never an ``if step``
-inside ``forward``), and the optimizer parameter groups those changes need.
+inside ``forward``).
 
 - :class:`StableRoutingSchedule`: StableMoE's switch from stage 1 (learn the routing) to stage 2
   (frozen distilled routing) at ``stage1_steps`` optimizer steps, at a gradient-accumulation boundary.
 - :class:`HashTableFromFrequencies`: builds the frequency-balanced Hash table from the training data
   at the start of a fresh run.
-- :class:`~moetrain.moe.fluctuation.FluctuationProbe`: the routing-fluctuation metric.
+- :class:`~moetrain.training.fluctuation.FluctuationProbe`: the routing-fluctuation metric.
 
 :func:`routing_callbacks` builds the ones a job config asks for; the trainer adds them to its list.
 
@@ -17,7 +17,7 @@ How the frozen distilled router is kept bit-identical inside DeepSpeed (``docs/s
 2. That is not enough under ZeRO-1/2 (and bf16), where the optimizer steps on flat fp32 partitions and
    a parameter without a gradient contributes zeros to them: Adam's momentum and the decoupled weight
    decay would still move it. So D and Ê live in their own parameter groups
-   (:func:`isolate_distilled_params`, at setup) whose learning rate and weight decay the switch sets
+   (:func:`moetrain.training.optim.isolate_distilled_params`, at setup) whose learning rate and weight decay the switch sets
    to 0 -- in the optimizer's groups and in the LR scheduler's ``base_lrs`` so that the schedule does
    not restore them. AdamW's update is then ``p * (1 - 0) - 0 * m / denom``: bit-identical.
 3. The stage is a buffer of the router, so it is in DeepSpeed's module checkpoint; the zeroed group
@@ -27,24 +27,24 @@ How the frozen distilled router is kept bit-identical inside DeepSpeed (``docs/s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import nn
 
-from moetrain.callbacks import Callback
-from moetrain.moe.fluctuation import FluctuationProbe
-from moetrain.moe.routers.hash import HashRouter, HashRouterConfig, balanced_table
-from moetrain.moe.routers.stablemoe import RouterStage, StableMoERouter, StableMoERouterConfig
+from moetrain.config.job import JobConfig
+from moetrain.config.routers import HashRouterConfig, StableMoERouterConfig
+from moetrain.moe.routers.hash import HashRouter, balanced_table
+from moetrain.moe.routers.stablemoe import RouterStage, StableMoERouter
+from moetrain.training.callbacks import Callback
+from moetrain.training.fluctuation import FluctuationProbe
+from moetrain.training.optim import DISTILLED_GROUP, freeze_distilled_groups
 
 if TYPE_CHECKING:
-    from moetrain.config import JobConfig
-    from moetrain.trainer import Trainer
-
-DISTILLED_GROUP = "distilled_router"
+    from moetrain.training.trainer import Trainer
 
 
-def routing_callbacks(cfg: "JobConfig") -> list[Callback]:
+def routing_callbacks(cfg: JobConfig) -> list[Callback]:
     """The routing callbacks ``cfg`` needs, in the order they must run."""
     moe = cfg.moe
     if moe is None:
@@ -62,41 +62,6 @@ def routing_callbacks(cfg: "JobConfig") -> list[Callback]:
 
 def stable_routers(model: nn.Module) -> list[StableMoERouter]:
     return [m for m in model.modules() if isinstance(m, StableMoERouter)]
-
-
-def isolate_distilled_params(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Move StableMoE's distilled-router parameters into their own groups (same hyperparameters, name
-    ``distilled_router/<group>``, appended last) so that the stage switch can zero their learning rate."""
-    distilled = {id(p) for r in stable_routers(model) for p in r.distilled_parameters()}
-    if not distilled:
-        return groups
-    kept, moved = [], []
-    for group in groups:
-        rest = [p for p in group["params"] if id(p) not in distilled]
-        mine = [p for p in group["params"] if id(p) in distilled]
-        if rest:
-            kept.append({**group, "params": rest})
-        if mine:
-            moved.append({**group, "params": mine, "name": f"{DISTILLED_GROUP}/{group.get('name', 'params')}"})
-    return kept + moved
-
-
-def freeze_distilled_groups(optimizer, lr_scheduler) -> int:
-    """Set lr and weight decay of the distilled-router groups to 0 (and their scheduler base lr).
-
-    ``optimizer`` is the torch optimizer whose param-group dicts the steps read (DeepSpeed's ZeRO and
-    bf16 wrappers keep the client optimizer's dicts and swap only their ``params`` for flat
-    partitions). Returns the number of groups changed.
-    """
-    changed = 0
-    for i, group in enumerate(optimizer.param_groups):
-        if str(group.get("name", "")).startswith(DISTILLED_GROUP):
-            group["lr"] = 0.0
-            group["weight_decay"] = 0.0
-            if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
-                lr_scheduler.base_lrs[i] = 0.0
-            changed += 1
-    return changed
 
 
 class StableRoutingSchedule(Callback):
@@ -125,7 +90,7 @@ class StableRoutingSchedule(Callback):
         if freeze_distilled_groups(optimizer, scheduler) == 0:
             raise RuntimeError(
                 f"no '{DISTILLED_GROUP}' parameter group: build the optimizer's groups with "
-                "moetrain.moe.schedule.isolate_distilled_params so the frozen router leaves the updates"
+                "moetrain.training.optim.isolate_distilled_params so the frozen router leaves the updates"
             )
         self.frozen = True
         if announce:

@@ -1,6 +1,6 @@
 """Side concerns of training as callbacks: metrics, evaluation, checkpoints.
 
-The loop in ``trainer.py`` calls ``on_train_start``, then per optimizer step ``on_step_start`` (before
+The loop in ``training/trainer.py`` calls ``on_train_start``, then per optimizer step ``on_step_start`` (before
 the first forward: the place for routing-state changes) and ``on_step_end``, then ``on_train_end``.
 """
 
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from moetrain import checkpoint
 from moetrain.moe.metrics import LayerStats, MoEMetrics
+from moetrain.training import checkpoint
 
 if TYPE_CHECKING:
-    from moetrain.trainer import Trainer
+    from moetrain.training.trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,9 @@ class MetricsCallback(Callback):
             "tokens": trainer.state.tokens,
         }
         metrics.update(self.moe.flush())
+        moe_layers = trainer.model.moe_layers()
+        if moe_layers:  # MoE layers whose experts ran as a per-expert loop (no grouped GEMM here)
+            metrics["moe/grouped_gemm_fallback_layers"] = sum(layer.experts.uses_loop for layer in moe_layers)
         trainer.logger.log(step, metrics)
         self._reset()
 
@@ -139,7 +142,8 @@ class CheckpointCallback(Callback):
     def save(self, trainer: "Trainer") -> None:
         step = trainer.state.step
         folder = checkpoint.checkpoint_dir(trainer.run_dir, step)
-        checkpoint.save(trainer.engine, trainer.model, folder, trainer.layout, trainer.run_state(),
-                        trainer.cfg.checkpoint.keep_last)
+        checkpoint.save(
+            trainer.engine, trainer.model, folder, trainer.layout, trainer.run_state(), trainer.cfg.checkpoint.keep_last
+        )
         self.last_saved = step
         trainer.logger.write(f"saved checkpoint {folder}")

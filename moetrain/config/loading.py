@@ -1,0 +1,107 @@
+"""YAML + ``a.b=value`` overrides -> a validated :class:`~moetrain.config.job.JobConfig`.
+
+Every validation problem becomes one :class:`~moetrain.errors.UserError` that names the field path,
+the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from moetrain.config.job import JobConfig
+from moetrain.config.messages import format_validation_error
+from moetrain.errors import UserError
+
+
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` with YAML 1.2 booleans: only true / false are booleans.
+
+    YAML 1.1 also reads on / off / yes / no as booleans, which turns documented enum values such as
+    ``logging.progress: off`` into False. Here they stay strings; a boolean field still accepts them
+    (pydantic reads 'on', 'off', 'yes', 'no' as booleans).
+    """
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "--c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.removeprefix("--").partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not of the form key.path=value (e.g. train.steps=100)")
+        try:
+            value = load_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise UserError(f"override {item!r}: value {raw!r} is not valid YAML ({exc.problem})") from None
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "deepspeed":
+            out[key] = _deep_merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist")
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(path)!r} must hold a mapping at the top, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read YAML (or start from defaults), apply overrides, validate; raise UserError on any problem."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = _deep_merge(raw, parse_overrides(overrides or []))
+    return validate_dict(raw)
+
+
+def validate_dict(raw: dict[str, Any]) -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, raw)) from None
+
+
+def dump_config(cfg: JobConfig) -> str:
+    """The resolved config as YAML (what is written into the run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

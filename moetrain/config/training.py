@@ -1,0 +1,53 @@
+"""Config of training: the loop, the optimizer, checkpoints and logging."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from moetrain.config.schema import StrictModel
+
+
+class TrainConfig(StrictModel):
+    steps: int = Field(1000, ge=1, description="optimizer steps (sets the LR schedule)")
+    stop_at_step: int | None = Field(None, ge=1, description="end this run early at this step, schedule unchanged")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
+    grad_accum_steps: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    eval_interval: int = Field(0, ge=0, description="steps between evaluations (0: only at the end)")
+    eval_batches: int = Field(8, ge=1, description="validation micro-batches per rank")
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr = lr * min_lr_ratio")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip (0: off)")
+
+
+class CheckpointConfig(StrictModel):
+    interval: int = Field(0, ge=0, description="save every N steps (0 = only at the end)")
+    keep_last: int = Field(2, ge=1, description="committed checkpoints to keep")
+    resume: str = Field(
+        "auto", description="auto: the latest valid checkpoint in the run dir; none; or a checkpoint path"
+    )
+    save_at_end: bool = True
+
+
+class WandbConfig(StrictModel):
+    enabled: bool = False
+    project: str = "moetrain"
+    entity: str | None = None
+    mode: Literal["offline", "online"] = Field("offline", description="offline unless told otherwise")
+    tags: list[str] = Field(default_factory=list)
+
+
+class LoggingConfig(StrictModel):
+    interval: int = Field(10, ge=1, description="steps per summary line / metrics.jsonl record")
+    progress: Literal["auto", "on", "off"] = Field("auto", description="auto: a progress bar on a terminal only")
+    wandb: WandbConfig = WandbConfig()

@@ -1,0 +1,38 @@
+"""The global gradient norm under expert parallelism, counting every parameter once, and clipping."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moetrain.moe.experts import is_expert_param
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float, ep_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Global gradient norm counting every parameter once, then clip (max_norm 0: measure only).
+
+    norm^2 = |shared grads|^2 + sum over the EP group of |local expert grads|^2. Shared gradients are
+    identical on every rank after the data-parallel reduction; expert gradients of one EP rank are
+    identical across its expert-data-parallel replicas, so summing over the EP group counts each
+    global expert exactly once.
+    """
+    shared, expert = [], []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (expert if is_expert_param(name) else shared).append(p.grad)
+    device = next(model.parameters()).device
+
+    def sq(grads: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
+
+    expert_sq = sq(expert)
+    if ep_group is not None and dist.get_world_size(ep_group) > 1:
+        dist.all_reduce(expert_sq, group=ep_group)
+    norm = (sq(shared) + expert_sq).sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in shared + expert:
+            g.mul_(scale.to(g.dtype))
+    return norm

@@ -1,0 +1,66 @@
+"""The DeepSpeed engine for a job: its config block (moetrain's fields filled in) and its creation.
+
+The ``deepspeed:`` block of the job config is checked at validation (``moetrain/config/deepspeed.py``)
+and completed here; DeepSpeed's MoE contract for expert parallelism is met in
+``moetrain/parallel/deepspeed_moe.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from moetrain.config.deepspeed import owned_fields
+from moetrain.config.job import JobConfig
+from moetrain.errors import UserError
+
+
+def build_ds_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
+    ds = copy.deepcopy(cfg.deepspeed)
+    for key, (_, value) in owned_fields(cfg).items():
+        ds[key] = value
+    if "train_batch_size" in ds:
+        expected = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+        if ds["train_batch_size"] != expected:
+            raise UserError(
+                f"deepspeed.train_batch_size ({ds['train_batch_size']}) conflicts with train.micro_batch_size "
+                f"x train.grad_accum_steps x world size ({expected}); remove deepspeed.train_batch_size"
+            )
+    precision = cfg.train.precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.precision: 'fp16' needs a CUDA device; use bf16 or fp32 on CPU")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    ds.setdefault("zero_optimization", {"stage": 0})
+    if moetrain_clips(ds):
+        ds["gradient_clipping"] = 0.0  # moetrain clips itself (EP-aware) before engine.step()
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def moetrain_clips(ds_config: dict[str, Any]) -> bool:
+    """ZeRO-0 in fp32: DeepSpeed neither reports the gradient norm nor counts experts once under EP,
+    so moetrain computes the norm and clips itself. ZeRO-1/2 and bf16/fp16 use DeepSpeed's optimizer."""
+    mixed = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
+    return ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and not mixed
+
+
+def quiet_deepspeed() -> None:
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+
+
+def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict[str, Any]):
+    import deepspeed
+
+    quiet_deepspeed()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
+    )
+    return engine

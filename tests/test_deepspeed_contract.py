@@ -1,0 +1,68 @@
+"""DeepSpeed's private MoE API that expert parallelism relies on: fail loudly when a release changes it.
+
+moetrain registers its own process groups in ``deepspeed.utils.groups`` (private module globals) and
+tags expert parameters the way ``deepspeed.moe.utils.is_moe_param`` reads them. These tests pin that
+contract on the installed DeepSpeed: if an upgrade renames or reshapes any of it, they fail here with
+the name of what changed, not as a wrong gradient deep inside a training run.
+"""
+
+from __future__ import annotations
+
+import deepspeed
+import pytest
+import torch
+from distributed import run_distributed
+
+from moetrain.config.model import ModelConfig, MoEConfig
+from moetrain.model import MoETransformer
+from moetrain.moe.experts import is_expert_param
+from moetrain.parallel import deepspeed_moe
+from moetrain.parallel.layout import ParallelLayout
+from moetrain.parallel.parallelize import parallelize
+
+
+def test_installed_deepspeed_has_the_private_moe_group_api():
+    deepspeed_moe.check_deepspeed_moe_api()
+
+
+@pytest.mark.parametrize("name", [*deepspeed_moe.GROUP_TABLES, *deepspeed_moe.GROUP_GETTERS])
+def test_a_changed_api_is_named_in_the_error(monkeypatch, name):
+    from deepspeed.utils import groups
+
+    monkeypatch.delattr(groups, name)
+    with pytest.raises(RuntimeError, match=rf"deepspeed {deepspeed.__version__} changed .*{name}"):
+        deepspeed_moe.check_deepspeed_moe_api()
+
+
+def _registered(rank: int, world: int) -> None:
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)  # joins this group
+    layout = ParallelLayout.init(ep_size=2)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8)
+    model = parallelize(MoETransformer(cfg, MoEConfig(num_experts=4)), layout)
+    deepspeed_moe.register_expert_parallel(model, layout)
+    name = deepspeed_moe.expert_group_name(2)
+    # DeepSpeed's own lookups return our groups and our layout (EP = consecutive ranks)
+    assert groups._get_expert_parallel_group(name) is layout.ep_group
+    assert groups._get_expert_data_parallel_group(name) is layout.expert_dp_group
+    assert groups._get_expert_parallel_group_dict()[name] is layout.ep_group
+    assert groups._get_expert_data_parallel_group_dict()[name] is layout.expert_dp_group
+    assert groups._get_expert_parallel_world_size(name) == 2
+    assert groups._get_expert_parallel_rank(name) == rank
+    assert groups._get_expert_broadcast_src_rank(name) == layout.expert_dp_ranks[0]
+    # the engine finds the MoE marker and classifies exactly the expert parameters as MoE parameters
+    assert sum(isinstance(m, MoE) for m in model.modules()) == 1
+    for pname, p in model.named_parameters():
+        assert is_moe_param(p) == is_expert_param(pname), pname
+        if is_expert_param(pname):
+            assert p.group_name == name and p.shape[1] == 2  # this rank's 2 of 4 experts
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_deepspeed_sees_moetrains_expert_groups_and_parameters():
+    run_distributed(_registered, 2)

@@ -1,0 +1,36 @@
+"""scripts/gpu_check.sh, the one prepared GPU check, runs end to end on the CPU (--smoke), so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from conftest import HAS_CUDA, REPO, clean_env
+
+
+@pytest.mark.timeout(600)
+def test_gpu_check_smoke_runs_every_step(tmp_path):
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=580,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    steps = record["steps"]
+    assert list(steps) == ["gpu_tests", "train_tiny_fp32", "train_swiglu_top2_bf16", "host_syncs", "bench"]
+    assert all(s["status"] == "pass" for s in steps.values()), {k: s["status"] for k, s in steps.items()}
+    for name in ("train_tiny_fp32", "train_swiglu_top2_bf16"):
+        runs = steps[name]["runs"]
+        assert steps[name]["max_rel_loss_diff"] <= steps[name]["tolerance"]
+        assert len(runs["triton"]["loss"]) == 3 and runs["triton"]["grouped_gemm_fallback_layers"] == 0
+    assert steps["host_syncs"]["topk2_swiglu"]["host_syncs"] == 0
+    assert (tmp_path / "gpu_tier.json").is_file()
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "| train_swiglu_top2_bf16 | pass |" in summary and "## bench/gpu_tier.py" in summary
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_without_a_gpu_says_so():
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA GPU here; run with --smoke" in proc.stderr
