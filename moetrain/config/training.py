@@ -17,6 +17,17 @@ class TrainConfig(StrictModel):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     eval_interval: int = Field(0, ge=0, description="steps between evaluations (0: only at the end)")
     eval_batches: int = Field(8, ge=1, description="validation micro-batches per rank")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a non-finite loss or gradient norm: stop before the optimizer step, or skip that step",
+    )
+    nonfinite_max_skips: int = Field(10, ge=1, description="skip: stop after this many consecutive skipped steps")
+    deterministic: bool = Field(
+        False, description="bitwise-reproducible runs at the default thread count (slower; README, Resuming)"
+    )
+    collective_timeout_s: int = Field(
+        600, ge=1, description="seconds a collective waits for a stuck rank before the job fails (docs/reliability.md)"
+    )
 
 
 class OptimConfig(StrictModel):
