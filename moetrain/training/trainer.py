@@ -18,7 +18,7 @@ from moetrain.parallel.deepspeed_moe import register_expert_parallel
 from moetrain.parallel.grad_norm import clip_grad_norm
 from moetrain.parallel.layout import ParallelLayout, barrier
 from moetrain.parallel.parallelize import parallelize
-from moetrain.training import checkpoint, engine
+from moetrain.training import checkpoint, engine, faults
 from moetrain.training.callbacks import (
     Callback,
     CheckpointCallback,
@@ -27,6 +27,7 @@ from moetrain.training.callbacks import (
     StepResult,
     all_reduce_mean,
 )
+from moetrain.training.determinism import apply_determinism
 from moetrain.training.optim import isolate_distilled_params, lr_lambda, param_groups
 from moetrain.training.routing import routing_callbacks
 
@@ -62,6 +63,7 @@ class Trainer:
     def setup(self) -> None:
         """Validate everything that can fail on user input before anything is written to the run dir."""
         cfg, layout = self.cfg, self.layout
+        apply_determinism(cfg.train.deterministic)
         resume_from = checkpoint.find_resume(self.run_dir, cfg.checkpoint.resume, log=self._say)
         data.check_data_reachable(cfg.data)
         cache = data.prepare_tokens(cfg.data, build=layout.rank == 0) if layout.rank == 0 else None
@@ -122,6 +124,7 @@ class Trainer:
         for step in range(self.state.step, self.last_step):
             for cb in self.callbacks:
                 cb.on_step_start(self, step)
+            faults.hang_if("hang", step + 1, self.layout.rank)
             lm_sum = aux_sum = torch.zeros((), device=device)
             stats = []
             for micro in range(cfg.train.grad_accum_steps):
