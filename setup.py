@@ -61,6 +61,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.0",
         "numpy>=1.24",
+        "safetensors>=0.4",  # checkpoints: tensors without pickles
         "matplotlib>=3.7",
     ],
     extras_require={

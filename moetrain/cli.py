@@ -57,14 +57,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from moetrain.config import load_config
+    from moetrain.training.run_dir import check_run_dir_writable
 
     cfg = load_config(args.config, args.overrides)
+    check_run_dir_writable(cfg.resolved_run_dir)  # first: before data, model or DeepSpeed setup
     _prepare_process_env()
     from moetrain.parallel.layout import ParallelLayout, env_rank_world
     from moetrain.training.trainer import Trainer
 
     cfg.check_world_size(env_rank_world()[1])  # the layout against the launcher's world size
-    layout = ParallelLayout.init(cfg.ep_size)
+    layout = ParallelLayout.init(cfg.ep_size, timeout_s=cfg.train.collective_timeout_s)
     trainer = Trainer(cfg, layout)
     trainer.setup()
     trainer.train()

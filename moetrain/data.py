@@ -11,6 +11,7 @@ different data-parallel size sees the same global stream.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -93,7 +94,10 @@ def iter_documents(cfg: DataConfig, files: list[Path]) -> Iterator[str]:
         return
     by_format: dict[str, list[str]] = {}
     for p in files:
-        by_format.setdefault(_format_of(p, cfg) or "text", []).append(str(p))
+        fmt = _format_of(p, cfg) or "text"
+        if fmt in ("text", "jsonl"):
+            check_utf8(p)  # HF datasets would fail with a traceback that names no file (or cache bad text)
+        by_format.setdefault(fmt, []).append(str(p))
     for fmt, paths in by_format.items():
         if fmt == "text":
             ds = datasets.load_dataset("text", data_files=paths, sample_by="document", split="train")
@@ -102,6 +106,27 @@ def iter_documents(cfg: DataConfig, files: list[Path]) -> Iterator[str]:
             ds = datasets.load_dataset("json" if fmt == "jsonl" else "parquet", data_files=paths, split="train")
             field = cfg.text_field
         yield from _texts(ds, field, paths[0])
+
+
+def check_utf8(path: Path) -> None:
+    """Raise UserError naming ``path`` and the offset of its first byte that is not UTF-8 (~200 MB/s)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file handed to the decoder so far
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # the start of a character split across chunks
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                at = offset - pending + exc.start
+                raise UserError(
+                    f"data file {str(path)!r} is not UTF-8 text: byte {at} is 0x{exc.object[exc.start]:02x}; "
+                    "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove it from data.paths"
+                ) from None
+            if not chunk:
+                return
+            offset += len(chunk)
 
 
 def _texts(ds, field: str, source: str) -> Iterator[str]:

@@ -22,12 +22,40 @@ def _fmt(v: float) -> str:
     return f"{v:.2e}"
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Keep only the records of ``path`` that a run starting at ``step`` will not write again.
+
+    A run resuming from step s > 0 logs steps s+1.. again, which the run it resumes may have logged
+    before it stopped; a run starting fresh (s = 0) logs everything again, its step-0 evaluation too.
+    A line cut short by a kill goes as well. The file is rewritten atomically. Returns lines dropped.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    steps = [_step_of(line) for line in lines]
+    kept = [line for line, s in zip(lines, steps) if step > 0 and s is not None and s <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class RunLogger:
     """Rank 0's logger. ``log(step, metrics)`` writes one JSON line and, for train/eval, a console line."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: Path, total_steps: int, start_step: int, config: dict) -> None:
         self.cfg = cfg
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = run_dir / "metrics.jsonl"
+        dropped = drop_records_after(path, start_step)
+        self.file = open(path, "a", encoding="utf-8")
         self.total = total_steps
         show_bar = cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty())
         self.bar = None
@@ -49,6 +77,8 @@ class RunLogger:
                 name=run_dir.name,
                 mode=cfg.wandb.mode,
             )
+        if dropped:
+            self.write(f"{path}: dropped {dropped} records after step {start_step} (this run logs those steps again)")
 
     def write(self, text: str) -> None:
         if self.bar is not None:

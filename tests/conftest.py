@@ -89,6 +89,21 @@ def run_cli(
     )
 
 
+def run_train(
+    run_dir: Path, data_cache: str, *overrides: str, nproc: int = 1, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """``moetrain train configs/tiny.yaml`` with the TINY overrides, as one process or under
+    ``torchrun --standalone --nproc-per-node N``; returns the completed process."""
+    args = ["train", str(TINY_CONFIG), *TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", *overrides]
+    if nproc == 1:
+        return run_cli(*args, env=env, timeout=timeout)
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"]
+    return subprocess.run(
+        [*head, "moetrain.cli", *args], capture_output=True, text=True, env=clean_env(PYTHONUNBUFFERED="1", **(env or {})),
+        timeout=timeout, cwd=REPO,
+    )  # fmt: skip
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     import json
 

@@ -5,6 +5,7 @@ from conftest import TINY_CONFIG, run_cli
 
 from moetrain.cli import main
 from moetrain.config import load_config, parse_overrides
+from moetrain.errors import UserError
 
 BAD = [
     # (overrides, substrings the message must contain)
@@ -84,9 +85,22 @@ def test_cli_accepts_dash_dash_overrides(capsys):
 
 def test_yaml_1_1_booleans_stay_the_strings_they_are(tmp_path):
     """``logging.progress: off`` (a documented value) is 'off', not False; boolean fields still take yes/no."""
-    cfg = load_config(TINY_CONFIG, ["logging.progress=off", "checkpoint.save_at_end=no", "logging.wandb.enabled=on"])
-    assert (cfg.logging.progress, cfg.checkpoint.save_at_end, cfg.logging.wandb.enabled) == ("off", False, True)
+    cfg = load_config(TINY_CONFIG, ["logging.progress=off", "checkpoint.save_at_end=no", "train.deterministic=on"])
+    assert (cfg.logging.progress, cfg.checkpoint.save_at_end, cfg.train.deterministic) == ("off", False, True)
     path = tmp_path / "job.yaml"
     path.write_text("logging:\n  progress: on\ncheckpoint:\n  save_at_end: True\n")
     cfg = load_config(path)
     assert (cfg.logging.progress, cfg.checkpoint.save_at_end) == ("on", True)
+
+
+def test_override_into_a_null_section_needs_the_whole_section(tmp_path):
+    """``moe: null`` + ``moe.num_experts=4`` is refused; a mapping for the whole section replaces the null."""
+    path = tmp_path / "dense.yaml"
+    path.write_text("moe: null\n")
+    with pytest.raises(UserError, match=r"override 'moe.num_experts=4' changes a key of 'moe', but config file"):
+        load_config(path, ["moe.num_experts=4"])
+    assert load_config(path).moe is None
+    assert load_config(path, ["moe={num_experts: 4}"]).moe.num_experts == 4
+    assert load_config(path, ["moe={}", "moe.num_experts=4"]).moe.num_experts == 4
+    assert load_config(TINY_CONFIG, ["moe.num_experts=4"]).moe.num_experts == 4  # a section the file sets
+    assert parse_overrides(["moe.num_experts=4"]) == {"moe": {"num_experts": 4}}

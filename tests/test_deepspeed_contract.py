@@ -25,7 +25,7 @@ def test_installed_deepspeed_has_the_private_moe_group_api():
     deepspeed_moe.check_deepspeed_moe_api()
 
 
-@pytest.mark.parametrize("name", [*deepspeed_moe.GROUP_TABLES, *deepspeed_moe.GROUP_GETTERS])
+@pytest.mark.parametrize("name", [*deepspeed_moe.GROUP_TABLES, *deepspeed_moe.GROUP_GETTERS, "_WORLD_GROUP"])
 def test_a_changed_api_is_named_in_the_error(monkeypatch, name):
     from deepspeed.utils import groups
 

@@ -24,7 +24,7 @@ def assert_two_rank_run(run: Path, steps: int) -> None:
     assert records[-1]["tokens"] == steps * 2 * MICRO_BATCH * SEQ_LEN  # both ranks fed every step
     ckpt = run / "checkpoints" / f"step_{steps:06d}"
     assert (ckpt / "COMMITTED").is_file()
-    assert (ckpt / "rank_00000.pt").is_file() and (ckpt / "rank_00001.pt").is_file()
+    assert (ckpt / "rng" / "rank_00000.json").is_file() and (ckpt / "rng" / "rank_00001.json").is_file()
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
     assert (run / "config.yaml").is_file()
 

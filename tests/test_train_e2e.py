@@ -72,12 +72,17 @@ def test_explicit_corrupt_checkpoint_is_refused_and_nothing_written(tmp_path, da
     src = tmp_path / "src"
     train(src, data_cache, "train.steps=2")
     ckpt = src / "checkpoints" / "step_000002"
-    state = next((ckpt / "ds").rglob("*model_states.pt"))
-    state.write_bytes(state.read_bytes()[:100])  # truncated shard
+    shard = ckpt / "shared.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10:] = bytes(10)  # corrupt, same size
+    shard.write_bytes(bytes(data))
     run = tmp_path / "new"
     proc = train(run, data_cache, "train.steps=4", f"checkpoint.resume={ckpt}", expect=2)
     assert "does not match its sha256" in proc.stderr and "Traceback" not in proc.stderr
     assert not run.exists()
+    shard.write_bytes(bytes(data[:100]))  # truncated
+    proc = train(run, data_cache, "train.steps=4", f"checkpoint.resume={ckpt}", expect=2)
+    assert "the manifest says" in proc.stderr and "truncated" in proc.stderr and not run.exists()
     proc = train(run, data_cache, f"checkpoint.resume={tmp_path / 'nowhere'}", expect=2)
     assert "is not a folder" in proc.stderr and not run.exists()
 

@@ -40,6 +40,15 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+class _Path(dict):
+    """A mapping made by a dotted override key (``moe.top_k=2`` makes ``moe`` one, remembering that
+    override); a mapping given as a value (``moe={top_k: 2}``) stays a plain dict and replaces a null."""
+
+    def __init__(self, origin: str = "") -> None:
+        super().__init__()
+        self.origin = origin
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["a.b=1", "--c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are parsed as YAML scalars."""
     tree: dict[str, Any] = {}
@@ -54,23 +63,41 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            node = node.setdefault(part, _Path(item))
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r} conflicts with an earlier override of {part!r}")
         node[parts[-1]] = value
     return tree
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _deep_merge(
+    base: dict[str, Any], update: dict[str, Any], source: str = "the config", at: str = ""
+) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
+        if isinstance(value, _Path) and key in out and out[key] is None:
+            _refuse_override_into_null(f"{at}{key}", value, source)
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "deepspeed":
-            out[key] = _deep_merge(out[key], value)
+            out[key] = _deep_merge(out[key], value, source, f"{at}{key}.")
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **value}
         else:
             out[key] = value
     return out
+
+
+def _refuse_override_into_null(section: str, value: _Path, source: str) -> None:
+    """``moe.top_k=2`` on a file with ``moe: null`` would otherwise silently build a default section."""
+    whole = yaml.safe_dump(_plain(value), default_flow_style=True, width=1000).strip()
+    raise UserError(
+        f"override {value.origin!r} changes a key of {section!r}, but {source} sets {section} to null; "
+        f"to enable {section}, make it a mapping in the file, or override the whole section "
+        f"(quoted for the shell): '{section}={whole}' ('{section}={{}}' gives its defaults)"
+    )
+
+
+def _plain(value: Any) -> Any:
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -79,6 +106,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {str(path)!r} does not exist")
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+            "give a YAML file, saved as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if data is None:
@@ -91,7 +123,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
     """Read YAML (or start from defaults), apply overrides, validate; raise UserError on any problem."""
     raw = read_yaml(path) if path is not None else {}
-    raw = _deep_merge(raw, parse_overrides(overrides or []))
+    source = f"config file {str(path)!r}" if path is not None else "the config"
+    raw = _deep_merge(raw, parse_overrides(overrides or []), source)
     return validate_dict(raw)
 
 

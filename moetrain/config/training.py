@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from moetrain.config.schema import StrictModel
 
@@ -56,6 +57,16 @@ class WandbConfig(StrictModel):
     entity: str | None = None
     mode: Literal["offline", "online"] = Field("offline", description="offline unless told otherwise")
     tags: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _installed(self) -> WandbConfig:
+        # find_spec looks for the package without importing it (wandb is heavy, and optional).
+        if self.enabled and importlib.util.find_spec("wandb") is None:
+            raise ValueError(
+                "enabled is true but the wandb package is not installed; install it with "
+                'pip install -e ".[wandb]" (or pip install wandb), or set logging.wandb.enabled=false'
+            )
+        return self
 
 
 class LoggingConfig(StrictModel):

@@ -11,6 +11,7 @@ any process group exists; :meth:`ParallelLayout.init` only asserts it.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass, field
@@ -80,9 +81,14 @@ class ParallelLayout:
         return torch.device("cpu")
 
     @classmethod
-    def init(cls, ep_size: int = 1) -> "ParallelLayout":
-        """Initialise torch.distributed (gloo on CPU, NCCL on CUDA) from the environment and build groups."""
+    def init(cls, ep_size: int = 1, timeout_s: int = 600) -> "ParallelLayout":
+        """Initialise torch.distributed (gloo on CPU, NCCL on CUDA) from the environment and build groups.
+
+        ``timeout_s`` (``train.collective_timeout_s``) bounds how long a collective on any of these groups
+        waits for a stuck rank before it raises, which ends the job instead of hanging it.
+        """
         rank, world, local_rank = env_rank_world()
+        timeout = datetime.timedelta(seconds=timeout_s)
         if world % ep_size:
             raise ValueError(f"world size {world} is not a multiple of ep_size {ep_size} (check_world_size first)")
         import deepspeed
@@ -94,15 +100,22 @@ class ParallelLayout:
             os.environ.setdefault("MASTER_PORT", "29500")
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
         layout = cls(rank, world, local_rank, ep_size)
         # NOTE: every rank must create every group, in the same order, even those it is not in.
         for start in range(0, world, ep_size):
-            group = dist.new_group(list(range(start, start + ep_size)))
+            group = dist.new_group(list(range(start, start + ep_size)), timeout=timeout)
             if start <= rank < start + ep_size:
                 layout.ep_group = group
         for offset in range(ep_size):
-            group = dist.new_group(list(range(offset, world, ep_size)))
+            group = dist.new_group(list(range(offset, world, ep_size)), timeout=timeout)
             if rank % ep_size == offset:
                 layout.expert_dp_group = group
+        # NOTE: DeepSpeed all-reduces dense gradients over its own clone of the world group, which it
+        # would create lazily with dist.new_group and no timeout (torch's default: 30 min on gloo), so
+        # a stuck rank would hang the job for that long. Creating the clone here gives it the timeout.
+        from deepspeed.utils import groups as ds_groups
+
+        if ds_groups._WORLD_GROUP is None:
+            ds_groups._WORLD_GROUP = dist.new_group(list(range(world)), timeout=timeout)
         return layout

@@ -28,6 +28,7 @@ class StepResult:
     aux_loss: torch.Tensor
     moe_stats: list[list[LayerStats]]  # per micro-batch, per MoE layer
     tokens: int  # tokens in the global batch
+    skipped: bool = False  # the update was dropped (train.nonfinite: skip); its losses are not finite
 
 
 class Callback:
@@ -58,30 +59,34 @@ class MetricsCallback(Callback):
 
     def _reset(self) -> None:
         self.loss_sum = self.aux_sum = None
-        self.steps = self.tokens = 0
+        self.steps = self.skipped = self.tokens = 0
         self.t0 = time.perf_counter()
 
     def on_train_start(self, trainer: "Trainer") -> None:
         self._reset()
 
     def on_step_end(self, trainer: "Trainer", result: StepResult) -> None:
-        self.loss_sum = result.lm_loss if self.loss_sum is None else self.loss_sum + result.lm_loss
-        self.aux_sum = result.aux_loss if self.aux_sum is None else self.aux_sum + result.aux_loss
-        for stats in result.moe_stats:
-            if stats:
-                self.moe.add(stats)
-        self.steps += 1
         self.tokens += result.tokens
+        if result.skipped:  # its losses are not finite: counted, not averaged
+            self.skipped += 1
+        else:
+            self.loss_sum = result.lm_loss if self.loss_sum is None else self.loss_sum + result.lm_loss
+            self.aux_sum = result.aux_loss if self.aux_sum is None else self.aux_sum + result.aux_loss
+            for stats in result.moe_stats:
+                if stats:
+                    self.moe.add(stats)
+            self.steps += 1
         trainer.logger.advance()
         if result.step % self.interval == 0 or result.step == trainer.last_step:
             self.flush(trainer, result.step)
 
     def flush(self, trainer: "Trainer", step: int) -> None:
-        if not self.steps:
+        if not self.steps and not self.skipped:
             return
-        means = all_reduce_mean(torch.stack([self.loss_sum.float(), self.aux_sum.float()]) / self.steps).tolist()
-        if not math.isfinite(means[0]):
-            raise FloatingPointError(f"non-finite training loss ({means[0]}) at step {step}; stopping")
+        sums = torch.stack([self.loss_sum.float(), self.aux_sum.float()]) if self.steps else torch.zeros(2)
+        means = all_reduce_mean(sums / max(self.steps, 1)).tolist()
+        if not self.steps:  # every step of the interval was skipped
+            means = [float("nan"), float("nan")]
         elapsed = time.perf_counter() - self.t0
         metrics = {
             "loss": means[0],
@@ -91,6 +96,8 @@ class MetricsCallback(Callback):
             "tokens_per_s": self.tokens / max(elapsed, 1e-9),
             "tokens": trainer.state.tokens,
         }
+        if trainer.guard.skipped:
+            metrics["skipped_steps"] = trainer.guard.skipped
         metrics.update(self.moe.flush())
         moe_layers = trainer.model.moe_layers()
         if moe_layers:  # MoE layers whose experts ran as a per-expert loop (no grouped GEMM here)
@@ -141,9 +148,14 @@ class CheckpointCallback(Callback):
 
     def save(self, trainer: "Trainer") -> None:
         step = trainer.state.step
-        folder = checkpoint.checkpoint_dir(trainer.run_dir, step)
-        checkpoint.save(
-            trainer.engine, trainer.model, folder, trainer.layout, trainer.run_state(), trainer.cfg.checkpoint.keep_last
+        folder = checkpoint.save(
+            trainer.engine,
+            trainer.model,
+            trainer.run_dir,
+            step,
+            trainer.layout,
+            trainer.run_state(),
+            trainer.cfg.checkpoint.keep_last,
         )
         self.last_saved = step
         trainer.logger.write(f"saved checkpoint {folder}")

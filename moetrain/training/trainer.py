@@ -18,7 +18,7 @@ from moetrain.parallel.deepspeed_moe import register_expert_parallel
 from moetrain.parallel.grad_norm import clip_grad_norm
 from moetrain.parallel.layout import ParallelLayout, barrier
 from moetrain.parallel.parallelize import parallelize
-from moetrain.training import checkpoint, engine, faults
+from moetrain.training import checkpoint, engine, faults, state_io
 from moetrain.training.callbacks import (
     Callback,
     CheckpointCallback,
@@ -28,7 +28,9 @@ from moetrain.training.callbacks import (
     all_reduce_mean,
 )
 from moetrain.training.determinism import apply_determinism
+from moetrain.training.nonfinite import NonFiniteGuard
 from moetrain.training.optim import isolate_distilled_params, lr_lambda, param_groups
+from moetrain.training.resume_checks import check_resume
 from moetrain.training.routing import routing_callbacks
 
 
@@ -45,6 +47,8 @@ class Trainer:
         self.run_dir: Path = cfg.resolved_run_dir
         self.state = TrainState()
         self.logger = NullLogger()
+        self.finished = False  # a rerun of a run that already reached its last step
+        self.guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max_skips)
         self.callbacks: list[Callback] = [
             MetricsCallback(cfg.logging.interval),
             EvalCallback(cfg.train.eval_interval),
@@ -61,11 +65,27 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Validate everything that can fail on user input before anything is written to the run dir."""
+        """Validate everything that can fail on user input before anything is written to the run dir.
+
+        1. choose the checkpoint to resume (rank 0 verifies, all ranks agree); a finished run stops here;
+        2. data; the saved job must match this one (resume_checks); 3. model, parallelized; 4. engine;
+        5. load the checkpoint; 6. only then write to the run dir.
+        """
         cfg, layout = self.cfg, self.layout
         apply_determinism(cfg.train.deterministic)
-        resume_from = checkpoint.find_resume(self.run_dir, cfg.checkpoint.resume, log=self._say)
-        data.check_data_reachable(cfg.data)
+        choice = checkpoint.choose_resume(self.run_dir, cfg.checkpoint.resume, layout)  # 1.
+        for note in choice.notes:
+            self._say(note)
+        saved = checkpoint.read_state(choice.folder) if choice.folder is not None else None
+        if saved is not None and saved["step"] >= self.last_step:
+            self.finished = True
+            self._say(
+                f"nothing to do: {choice.folder} is at step {saved['step']} and this run ends at step "
+                f"{self.last_step} (raise train.steps to continue); nothing was changed"
+            )
+            faults.kill_if("kill_after_finish_check", saved["step"], layout.rank)
+            return
+        data.check_data_reachable(cfg.data)  # 2.
         cache = data.prepare_tokens(cfg.data, build=layout.rank == 0) if layout.rank == 0 else None
         barrier()
         cache = cache or data.prepare_tokens(cfg.data, build=False)
@@ -76,7 +96,10 @@ class Trainer:
                 f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary ({cache.vocab_size})"
             )
         self.model_cfg = cfg.model.model_copy(update={"vocab_size": vocab})
-        torch.manual_seed(cfg.seed)
+        self.resolved = cfg.model_copy(update={"model": self.model_cfg})
+        if saved is not None:
+            self._check_resume(choice.folder, saved, cache.fingerprint)
+        torch.manual_seed(cfg.seed)  # 3.
         self.model = parallelize(MoETransformer(self.model_cfg, cfg.moe), layout)
         register_expert_parallel(self.model, layout)
         groups = param_groups(self.model, cfg.optim.weight_decay, layout.ep_size)
@@ -84,21 +107,40 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
         ds_config = engine.build_ds_config(cfg, layout.world_size)
-        self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config)
+        self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config)  # 4.
+        state_io.check_supported(self.model, self.engine.optimizer)
         self.own_clipping = engine.moetrain_clips(ds_config)
         self._grad_norm = None
         self.data_fingerprint = cache.fingerprint
-        if resume_from is not None:
-            saved = checkpoint.load(self.engine, self.model, resume_from, layout)
+        if saved is not None:  # 5.
+            for note in checkpoint.load(self.engine, self.model, choice.folder, layout, saved):
+                self._say(note)
             self.state = TrainState(saved["step"], saved["tokens"])
-            self._say(f"resumed from {resume_from} at step {self.state.step}")
-        if layout.rank == 0:
+            self._say(f"resumed from {choice.folder} at step {self.state.step}")
+        if layout.rank == 0:  # 6.
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            resolved = cfg.model_copy(update={"model": self.model_cfg})
-            (self.run_dir / "config.yaml").write_text(dump_config(resolved))
+            if saved is not None:
+                for name in checkpoint.set_aside_newer(self.run_dir, self.state.step):
+                    self._say(f"set aside unverified checkpoint {name} (newer than the one resumed)")
+            elif cfg.checkpoint.resume == "none" and (moved := checkpoint.set_aside_history(self.run_dir)):
+                self._say(f"fresh run (checkpoint.resume=none): the earlier run's files are in {moved}")
+            (self.run_dir / "config.yaml").write_text(dump_config(self.resolved))
             self.logger = RunLogger(
-                cfg.logging, self.run_dir, self.last_step, self.state.step, resolved.model_dump(mode="json")
+                cfg.logging, self.run_dir, self.last_step, self.state.step, self.resolved.model_dump(mode="json")
             )
+
+    def _check_resume(self, folder: Path, saved: dict, fingerprint: str) -> None:
+        """Refuse a checkpoint of another job (exit 2, every difference listed); report allowed changes."""
+        current = self.resolved.model_dump(mode="json")
+        allowed = check_resume(folder, saved, current, self.layout.world_size)
+        if saved.get("data_fingerprint") != fingerprint:
+            raise UserError(
+                f"checkpoint.resume: {folder} was trained on other data (fingerprint {saved.get('data_fingerprint')}, "
+                f"now {fingerprint}): data.paths, its files, the tokenizer or the split changed; restore them or "
+                "start a new run"
+            )
+        for line in allowed:
+            self._say(f"resuming with a changed setting: {line}")
 
     def _build_data(self, cache: data.TokenCache) -> None:
         cfg, layout = self.cfg, self.layout
@@ -116,6 +158,8 @@ class Trainer:
     # --- loop ----------------------------------------------------------------------------------------
 
     def train(self) -> TrainState:
+        if self.finished:
+            return self.state
         cfg, engine = self.cfg, self.engine
         device = engine.device
         tokens_per_step = self.stream.global_batch * cfg.data.seq_len
@@ -125,22 +169,29 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_start(self, step)
             faults.hang_if("hang", step + 1, self.layout.rank)
-            lm_sum = aux_sum = torch.zeros((), device=device)
-            stats = []
+            lm_sum = aux_sum = loss_sum = torch.zeros((), device=device)
+            stats, skip = [], False
             for micro in range(cfg.train.grad_accum_steps):
                 x, y = self.stream.batch(step, micro)
                 out = engine(x.to(device), y.to(device))
-                engine.backward(out.loss)
-                if self.own_clipping and micro == cfg.train.grad_accum_steps - 1:
-                    self._grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip, self.layout.ep_group)
-                engine.step()
+                loss = out.loss * float("nan") if faults.active("nan_loss", step + 1, self.layout.rank) else out.loss
+                engine.backward(loss)
                 lm_sum = lm_sum + out.lm_loss.detach()
                 aux_sum = aux_sum + out.aux_loss.detach()
+                loss_sum = loss_sum + loss.detach()
                 stats.append(out.moe_stats)
+                if micro == cfg.train.grad_accum_steps - 1:  # before the update: the non-finite policy
+                    if self.own_clipping:
+                        self._grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip, self.layout.ep_group)
+                    skip = self.guard.check(step + 1, loss_sum, self._grad_norm if self.own_clipping else None)
+                    if skip and self.own_clipping:
+                        self.guard.skip_update(engine, self.model)
+                engine.step()
+            skip = self.guard.after_step(engine, step + 1, self.own_clipping, skip)
             self.state.step = step + 1
             self.state.tokens += tokens_per_step
             ga = cfg.train.grad_accum_steps
-            result = StepResult(step + 1, lm_sum / ga, aux_sum / ga, stats, tokens_per_step)
+            result = StepResult(step + 1, lm_sum / ga, aux_sum / ga, stats, tokens_per_step, skip)
             for cb in self.callbacks:
                 cb.on_step_end(self, result)
         for cb in self.callbacks:
@@ -182,7 +233,7 @@ class Trainer:
             "expert_parallel_size": self.layout.ep_size,
             "data_fingerprint": self.data_fingerprint,
             "saved_at": time.time(),
-            "config": dump_config(self.cfg),
+            "config": self.resolved.model_dump(mode="json"),
         }
 
     def _say(self, text: str) -> None:

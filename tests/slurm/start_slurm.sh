@@ -2,8 +2,10 @@
 # Bring up a one-node SLURM cluster on this machine for the `slurm`-marked tests.
 #
 # Installs Debian's slurm-wlm and munge when missing, writes a private slurm.conf (it never touches
-# /etc/slurm), starts munged, slurmctld and slurmd as root, and waits until the node is idle.
-# Idempotent: a second run finds everything up and returns in about a second.
+# /etc/slurm), starts munged, slurmctld and slurmd as root, and waits until they are ready: both
+# daemons this script started are alive (not, say, dead of "Address already in use" while another
+# cluster's controller answers), `scontrol ping` says the controller is UP and the node is usable,
+# twice in a row a second apart. Idempotent: a second run finds everything up in a few seconds.
 #
 # Usage:   tests/slurm/start_slurm.sh            (prints `export SLURM_CONF=...` on its last line)
 #          eval "$(tests/slurm/start_slurm.sh | tail -n 1)"; sinfo
@@ -38,8 +40,8 @@ install_packages() {
     cannot "apt-get could not install slurm-wlm and munge (offline?)"
 }
 
-running() {  # running PIDFILE: the process named in PIDFILE is alive
-    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+running() {  # running PIDFILE NAME: the process named in PIDFILE is alive and is NAME
+    [ -s "$1" ] && [ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" = "$2" ]
 }
 
 start_munge() {
@@ -110,48 +112,85 @@ EOF
     fi
 }
 
+stop_daemon() {  # stop_daemon NAME: end the daemon of $SLURM_DIR/NAME.pid, wait until it is gone
+    local pidfile=$SLURM_DIR/$1.pid
+    if running "$pidfile" "$1"; then
+        kill "$(cat "$pidfile")" || true
+        # A controller saves its state before it exits; a new one started earlier cannot bind the port.
+        for _ in $(seq 300); do running "$pidfile" "$1" || break; sleep 0.1; done
+        if running "$pidfile" "$1"; then
+            log "$1 did not stop within 30 s; killing it"
+            kill -9 "$(cat "$pidfile")" || true
+            sleep 1
+        fi
+    fi
+    rm -f "$pidfile"
+}
+
+start_daemon() {  # start_daemon NAME: start it unless the one of NAME.pid is alive (it daemonizes)
+    running "$SLURM_DIR/$1.pid" "$1" && return 0
+    rm -f "$SLURM_DIR/$1.pid"  # a stale pid file would pass for the new daemon if that one dies early
+    "$1" -f "$CONF" || log "$1 exited with status $? (wait_ready prints its log)"
+}
+
 start_daemons() {  # start_daemons CHANGED
     if [ "$1" = changed ]; then
         # A new config needs fresh daemons (a node line change is not picked up by reconfigure).
-        for pidfile in "$SLURM_DIR/slurmd.pid" "$SLURM_DIR/slurmctld.pid"; do
-            if running "$pidfile"; then kill "$(cat "$pidfile")"; fi
-        done
-        for _ in $(seq 50); do
-            running "$SLURM_DIR/slurmd.pid" || running "$SLURM_DIR/slurmctld.pid" || break
-            sleep 0.1
-        done
+        stop_daemon slurmd
+        stop_daemon slurmctld
     fi
-    running "$SLURM_DIR/slurmctld.pid" || slurmctld -f "$CONF"
+    start_daemon slurmctld
     for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.1; done
-    running "$SLURM_DIR/slurmd.pid" || slurmd -f "$CONF"
+    start_daemon slurmd
 }
 
-wait_idle() {
-    local host state
+not_ready() {  # prints why the cluster is not ready; prints nothing when it is
+    local host=$1 state
+    running "$SLURM_DIR/slurmctld.pid" slurmctld || { echo "slurmctld (pid file $SLURM_DIR/slurmctld.pid) is not running"; return; }
+    running "$SLURM_DIR/slurmd.pid" slurmd || { echo "slurmd (pid file $SLURM_DIR/slurmd.pid) is not running"; return; }
+    scontrol ping 2>/dev/null | grep -q " is UP" || { echo "scontrol ping does not report the controller UP"; return; }
+    state=$(sinfo -h -n "$host" -o %T 2>/dev/null || true)
+    case "$state" in
+        idle*|mixed*|allocated*|completing*) ;;
+        down*|drain*|fail*)
+            # e.g. left down by an earlier daemon restart: bring it back.
+            scontrol update NodeName="$host" State=RESUME >/dev/null 2>&1 || true
+            echo "node $host is '$state'" ;;
+        *) echo "node $host is '${state:-not known to the controller}'" ;;
+    esac
+}
+
+wait_ready() {  # ready = nothing wrong on two checks a second apart, within 60 s
+    local host why ok=0
     host=$(hostname -s)
-    for i in $(seq 300); do
-        state=$(sinfo -h -n "$host" -o %T 2>/dev/null || true)
-        case "$state" in
-            idle*|mixed*|allocated*|completing*) return 0 ;;
-            down*|drain*|fail*)
-                # e.g. left down by an earlier daemon restart: bring it back.
-                scontrol update NodeName="$host" State=RESUME >/dev/null 2>&1 || true ;;
-        esac
-        sleep 0.2
-        if [ "$i" -eq 300 ]; then
-            log "node $host did not become idle (state '${state:-?}'); logs follow"
-            tail -n 30 "$SLURM_DIR/log/slurmctld.log" "$SLURM_DIR/log/slurmd.log" >&2 || true
-            exit 1
+    for i in $(seq 120); do
+        why=$(not_ready "$host")
+        if [ -z "$why" ]; then
+            ok=$((ok + 1))
+            [ "$ok" -ge 2 ] && return 0
+            sleep 1
+        else
+            ok=0
+            # A daemon gets 5 s to write its pid file; one that has died stays dead.
+            case "$why" in *"is not running") [ "$i" -ge 10 ] && break ;; esac
+            sleep 0.5
         fi
     done
+    log "the cluster is not up: ${why:-it did not stay up}; logs follow"
+    tail -n 30 "$SLURM_DIR/log/slurmctld.log" "$SLURM_DIR/log/slurmd.log" >&2 || true
+    exit 1
 }
 
 main() {
     install_packages
     [ "$(id -u)" -eq 0 ] || cannot "not root (needed to run slurmctld and slurmd)"
+    # One bring-up at a time: two at once would start two controllers, and one dies unable to bind.
+    mkdir -p "$SLURM_DIR"
+    exec 9>"$SLURM_DIR/start.lock"
+    flock -w 300 9 || { log "another start_slurm.sh held $SLURM_DIR/start.lock for 300 s"; exit 1; }
     start_munge
     start_daemons "$(write_conf)"
-    wait_idle
+    wait_ready
     log "one-node cluster up: $(sinfo -h -o '%P %D %T %c CPUs')"
     echo "export SLURM_CONF=$CONF"
 }

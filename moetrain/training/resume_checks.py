@@ -1,0 +1,85 @@
+"""What may differ between the job that saved a checkpoint and the job that resumes it.
+
+Differences that change the model, the parameter groups, the optimizer's hyperparameters or the data
+are refused (the checkpoint would be loaded into something else, or its restored state would
+silently override the new value). Everything below is allowed: extending or shortening a run,
+evaluation, logging, checkpointing and launch settings, and the parallel layout (checkpoints are
+resharded on load) as long as the global batch stays the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moetrain.errors import UserError
+
+ALLOWED = (
+    "name",
+    "run_dir",
+    "train.steps",
+    "train.stop_at_step",
+    "train.eval_interval",
+    "train.eval_batches",
+    "train.nonfinite",
+    "train.nonfinite_max_skips",
+    "train.deterministic",
+    "train.collective_timeout_s",
+    "train.micro_batch_size",  # with grad_accum_steps and the world size: the global batch is checked
+    "train.grad_accum_steps",
+    "logging",
+    "checkpoint",
+    "launch",
+    "data.cache_dir",
+    "moe.kernels",
+    "moe.expert_parallel_size",
+    "moe.fluctuation",
+    "deepspeed.zero_optimization",
+)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a null section stays one entry)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _allowed(path: str) -> bool:
+    return any(path == a or path.startswith(a + ".") for a in ALLOWED)
+
+
+def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(refused, allowed) differences as ``"path: old -> new"`` lines."""
+    old, new = flatten(saved), flatten(current)
+    refused, allowed = [], []
+    for path in sorted(set(old) | set(new)):
+        a, b = old.get(path, "<unset>"), new.get(path, "<unset>")
+        if a != b:
+            (allowed if _allowed(path) else refused).append(f"{path}: {a!r} -> {b!r}")
+    return refused, allowed
+
+
+def global_batch(cfg: dict, world_size: int) -> int:
+    return cfg["train"]["micro_batch_size"] * cfg["train"]["grad_accum_steps"] * world_size
+
+
+def check_resume(folder, state: dict, current: dict, world_size: int) -> list[str]:
+    """Raise UserError naming every refused difference; return the allowed ones (to be reported)."""
+    saved = state["config"]
+    refused, allowed = config_differences(saved, current)
+    old_batch, new_batch = global_batch(saved, state["world_size"]), global_batch(current, world_size)
+    if old_batch != new_batch:
+        refused.append(
+            f"global batch (micro_batch_size x grad_accum_steps x world size): {old_batch} -> {new_batch}; "
+            f"keep it at {old_batch}, e.g. train.micro_batch_size={old_batch // world_size} on {world_size} ranks"
+        )
+    if refused:
+        lines = "\n".join(f"  - {r}" for r in refused)
+        raise UserError(
+            f"checkpoint.resume: {folder} was saved by a different job; these differences are not allowed:\n"
+            f"{lines}\nrestore them, or start a new run (checkpoint.resume=none or another run_dir)"
+        )
+    return allowed
