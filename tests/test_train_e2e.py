@@ -48,7 +48,14 @@ def test_tiny_trains_and_writes_run_dir(tmp_path, data_cache):
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["train.grad_accum_steps=2", "model.dropout=0.1"]], ids=["plain", "accum+dropout"]
+    "extra",
+    [
+        [],
+        ["train.grad_accum_steps=2", "model.dropout=0.1"],
+        ["train.precision=bf16"],  # fp32 master copies in DeepSpeed's FP16_UnfusedOptimizer
+        ["train.precision=bf16", "deepspeed.zero_optimization.stage=2"],
+    ],
+    ids=["plain", "accum+dropout", "bf16", "bf16-zero2"],
 )
 def test_resume_after_k_equals_uninterrupted(tmp_path, data_cache, extra):
     full, split = tmp_path / "full", tmp_path / "split"
