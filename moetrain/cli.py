@@ -1,4 +1,4 @@
-"""``moetrain train | validate | launch`` — the thin entry point.
+"""``moetrain train | prepare | validate | launch`` — the thin entry point.
 
 Errors in user input (config, data, checkpoint, CLI) print one ``error:`` message and exit with code 2,
 without a traceback.
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model (plain process, torchrun, deepspeed launcher or srun)")
     _add_config_args(p)
+    p = sub.add_parser("prepare", help="tokenize the configured data into its token store (docs/data.md), then exit")
+    _add_config_args(p)
     p = sub.add_parser("validate", help="check a config (and the parallel layout) without training")
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=None, help="also check the layout for this many ranks")
@@ -42,6 +44,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
         cfg.check_world_size(args.world_size)
     where = f" for world size {args.world_size}" if args.world_size else ""
     print(f"config ok{where}: {args.config}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from moetrain import data
+    from moetrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    data.check_data_reachable(cfg.data)
+    data.prepare_tokens(cfg.data, log=lambda line: print(line, flush=True))
     return 0
 
 
@@ -98,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + overrides
-    commands = {"train": cmd_train, "validate": cmd_validate, "report": cmd_report}
+    commands = {"train": cmd_train, "prepare": cmd_prepare, "validate": cmd_validate, "report": cmd_report}
     try:
         if args.command in commands:
             return commands[args.command](args)

@@ -60,9 +60,9 @@ def test_cache_is_built_once_with_a_fingerprint(tmp_path):
     (src / "b.jsonl").write_text('{"text": "some json text"}\n' * 300)
     cfg = data.DataConfig(paths=[str(src)], cache_dir=str(tmp_path / "cache"), seq_len=8, val_fraction=0.3)
     c1 = data.prepare_tokens(cfg)
-    mtime = (c1.folder / "train.bin").stat().st_mtime_ns
+    mtime = (c1.folder / "index.json").stat().st_mtime_ns
     c2 = data.prepare_tokens(cfg)
-    assert c1 == c2 and (c2.folder / "train.bin").stat().st_mtime_ns == mtime
+    assert c1 == c2 and (c2.folder / "index.json").stat().st_mtime_ns == mtime
     total = len(c1.tokens("train")) + len(c1.tokens("val"))
     assert total == len(("hello world\n" * 200).encode()) + 1 + 300 * (len("some json text") + 1)
     (src / "a.txt").write_text("changed\n" * 300)

@@ -16,7 +16,7 @@ from moetrain.logging import NullLogger, RunLogger
 from moetrain.model import MoETransformer
 from moetrain.parallel.deepspeed_moe import register_expert_parallel
 from moetrain.parallel.grad_norm import clip_grad_norm
-from moetrain.parallel.layout import ParallelLayout, barrier
+from moetrain.parallel.layout import ParallelLayout
 from moetrain.parallel.parallelize import parallelize
 from moetrain.training import checkpoint, engine, faults, state_io
 from moetrain.training.callbacks import (
@@ -85,10 +85,8 @@ class Trainer:
             )
             faults.kill_if("kill_after_finish_check", saved["step"], layout.rank)
             return
-        data.check_data_reachable(cfg.data)  # 2.
-        cache = data.prepare_tokens(cfg.data, build=layout.rank == 0) if layout.rank == 0 else None
-        barrier()
-        cache = cache or data.prepare_tokens(cfg.data, build=False)
+        data.check_data_reachable(cfg.data)  # 2. rank 0 opens (or prepares) the store; the others wait for it
+        cache = data.prepare_tokens(cfg.data, log=self._say) if layout.rank == 0 else data.wait_for_tokens(cfg.data)
         self._build_data(cache)
         vocab = cfg.model.vocab_size or cache.vocab_size
         if vocab < cache.vocab_size:

@@ -1,0 +1,239 @@
+"""Preparation: sources -> pieces -> tokens -> token store, streamed in bounded chunks.
+
+The reader cuts documents into pieces (``split.py``) and hands chunks of about ``CHUNK_CHARS``
+characters to the tokenizer, in-process or in ``data.num_workers`` worker processes with at most two
+chunks per worker in flight; the writer appends each piece to its split's shards in corpus order. So
+the result does not depend on the number of workers, and peak memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from moetrain.config.data import DataConfig
+from moetrain.data.sources import DocumentStream, check_contents, resolve_files, resolve_groups
+from moetrain.data.split import cut_pieces, is_val_piece
+from moetrain.data.store import (
+    SHARD_TOKENS,
+    SPLITS,
+    ShardWriter,
+    TokenCache,
+    open_store,
+    publish,
+    temp_folder,
+    touch_progress,
+    wait_for_store,
+)
+from moetrain.data.tokenizers import build_tokenizer, token_dtype
+from moetrain.errors import UserError
+
+CACHE_VERSION = 2  # 2: sharded store with index.json, pieces split rule (data.split_chars)
+CHUNK_CHARS = 1 << 20  # characters per tokenizer task
+WAIT_IDLE_S = 1800.0  # other ranks give up after this long without a sign of progress from rank 0
+Log = Callable[[str], None]
+
+
+def fingerprint(cfg: DataConfig, files: list[Path]) -> str:
+    h = hashlib.sha256()
+    fields = [cfg.tokenizer, cfg.format, cfg.text_field, cfg.hub, cfg.hub_split, cfg.val_fraction, cfg.max_tokens]
+    h.update(json.dumps([CACHE_VERSION, *fields, cfg.split_chars]).encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def store_folder(cfg: DataConfig, files: list[Path] | None = None) -> Path:
+    """``cache_dir/<fingerprint>``: where the store of ``cfg`` is (or will be) published."""
+    files = resolve_files(cfg) if files is None else files
+    return Path(cfg.cache_dir) / fingerprint(cfg, files)
+
+
+def prepare_tokens(cfg: DataConfig, log: Log | None = None, shard_tokens: int = SHARD_TOKENS) -> TokenCache:
+    """Open the store of ``cfg``, preparing it first when there is none; check it fits ``data.seq_len``."""
+    log = log or (lambda _: None)
+    groups = resolve_groups(cfg)
+    files = [p for group in groups for p in group]
+    folder = store_folder(cfg, files)
+    store = open_store(folder)
+    if store is None:
+        check_contents(cfg, groups)  # before anything is written
+        index = _build(cfg, files, folder, log, shard_tokens)
+        log(_summary(f"prepared {folder}", index))
+        store = open_store(folder)
+    else:
+        log(_summary(f"already prepared (nothing to tokenize): {folder}", store.index))
+    check_fits(store, cfg)
+    return store
+
+
+def wait_for_tokens(cfg: DataConfig, idle_timeout_s: float = WAIT_IDLE_S) -> TokenCache:
+    """Ranks other than 0: wait for the store rank 0 prepares (polling its index file), then open it."""
+    store = wait_for_store(store_folder(cfg), idle_timeout_s)
+    check_fits(store, cfg)
+    return store
+
+
+def check_fits(store: TokenCache, cfg: DataConfig) -> None:
+    splits = store.index["splits"]
+    need = cfg.seq_len + 1
+    if all(splits[s]["tokens"] >= need for s in SPLITS):
+        return
+    pieces = splits["train"]["pieces"] + splits["val"]["pieces"]
+    raise UserError(
+        f"data: the corpus gives {splits['train']['tokens']} train and {splits['val']['tokens']} val tokens "
+        f"({pieces} pieces of at most data.split_chars={cfg.split_chars} characters, "
+        f"{splits['val']['pieces']} held out by data.val_fraction={cfg.val_fraction}); each split needs at least "
+        f"data.seq_len + 1 = {need} tokens. Add data, lower data.seq_len, or lower data.split_chars "
+        "so the corpus is cut into more pieces"
+    )
+
+
+def _summary(head: str, index: dict) -> str:
+    tr, va = index["splits"]["train"], index["splits"]["val"]
+    mb, s = index["source_bytes"] / 1e6, index["seconds"]
+    return (
+        f"{head}: {index['documents']} documents, train {tr['tokens']} tokens ({len(tr['shards'])} shards), "
+        f"val {va['tokens']} tokens; {mb:.1f} MB tokenized in {s:.1f} s ({mb / max(s, 1e-9):.1f} MB/s, "
+        f"{index['workers']} workers)"
+    )
+
+
+def _build(cfg: DataConfig, files: list[Path], folder: Path, log: Log, shard_tokens: int) -> dict:
+    """Tokenize every source into a temp folder and publish it; returns the index."""
+    start = time.perf_counter()
+    tok = build_tokenizer(cfg.tokenizer)  # here: a bad tokenizer name fails before any worker starts
+    dtype = token_dtype(tok.vocab_size)
+    workers = num_workers(cfg)
+    docs = DocumentStream(cfg, files)
+    tmp = temp_folder(folder)
+    try:
+        writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+        pieces = {s: 0 for s in SPLITS}
+        total, documents, starts_doc, next_log = 0, 0, True, time.monotonic() + 10
+        for ends, (tokens, lengths) in _encoded(_chunks(docs, cfg.split_chars), cfg.tokenizer, workers):
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            for k, end in enumerate(ends):
+                split = "val" if is_val_piece(pieces["train"] + pieces["val"], cfg.val_fraction) else "train"
+                writers[split].append(tokens[offsets[k] : offsets[k + 1]], end)
+                pieces[split] += 1
+                documents, starts_doc = documents + starts_doc, end
+                total += int(lengths[k])
+                if cfg.max_tokens is not None and total >= cfg.max_tokens:
+                    break
+            touch_progress(tmp)
+            if time.monotonic() > next_log:
+                next_log += 10
+                mb, s = docs.bytes_read / 1e6, time.perf_counter() - start
+                log(f"preparing {folder.name}: {mb:.0f} MB, {total} tokens, {mb / s:.1f} MB/s")
+            if cfg.max_tokens is not None and total >= cfg.max_tokens:
+                break
+        for w in writers.values():
+            w.close()
+        splits = {s: writers[s].summary(pieces[s]) for s in SPLITS}
+        index = {
+            "version": CACHE_VERSION,
+            "fingerprint": folder.name,
+            "tokenizer": tok.name,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "dtype": dtype.name,
+            "shard_tokens": shard_tokens,
+            "split_chars": cfg.split_chars,
+            "val_fraction": cfg.val_fraction,
+            "documents": documents,  # read, whole or in part (max_tokens); per split and shard: the ends
+            "files": len(docs.files),
+            "source_bytes": docs.bytes_read,
+            "seconds": round(time.perf_counter() - start, 3),
+            "workers": workers,
+            "splits": splits,
+        }
+        publish(tmp, index, folder)
+        return index
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def num_workers(cfg: DataConfig) -> int:
+    """``data.num_workers``; when null, the number of cores, except for the byte tokenizer, which runs
+    in-process: it encodes at 130-155 MB/s there, and shipping its chunks to 2 workers made it slower
+    (56-75 MB/s on 2 cores, docs/benchmarks.md)."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if cfg.tokenizer == "byte":
+        return 0
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _chunks(docs: DocumentStream, split_chars: int) -> Iterator[tuple[list[str], list[bool]]]:
+    """Pieces in corpus order, grouped into chunks of about CHUNK_CHARS characters: (texts, is_last)."""
+    texts: list[str] = []
+    ends: list[bool] = []
+    chars = 0
+    for doc in docs:
+        for text, last in cut_pieces(doc, split_chars):
+            texts.append(text)
+            ends.append(last)
+            chars += len(text)
+            if chars >= CHUNK_CHARS:
+                yield texts, ends
+                texts, ends, chars = [], [], 0
+    if texts:
+        yield texts, ends
+
+
+def encode_chunk(tok, texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens of a chunk's pieces, concatenated (EOS after each document's last piece), and the
+    number of tokens of each piece."""
+    dtype = token_dtype(tok.vocab_size)
+    eos = np.asarray([tok.eos_id], dtype=dtype)
+    parts, lengths = [], []
+    for text, end in zip(texts, ends):
+        ids = tok.encode(text).astype(dtype)
+        parts.extend([ids, eos] if end else [ids])
+        lengths.append(len(ids) + int(end))
+    return np.concatenate(parts), np.asarray(lengths, dtype=np.int64)
+
+
+def _encoded(chunks, tokenizer: str, workers: int) -> Iterator[tuple[list[bool], tuple[np.ndarray, np.ndarray]]]:
+    """``(ends, encode_chunk(...))`` per chunk, in order; in worker processes when ``workers > 1``."""
+    if workers <= 1:
+        tok = build_tokenizer(tokenizer)
+        for texts, ends in chunks:
+            yield ends, encode_chunk(tok, texts, ends)
+        return
+    # fork: the workers need no re-import (the parent may hold torch); they only run the tokenizer
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (tokenizer,)) as pool:
+        pending: deque = deque()
+        for texts, ends in chunks:
+            pending.append((ends, pool.apply_async(_worker_encode, (texts, ends))))
+            if len(pending) >= 2 * workers:  # bounded: the reader never runs far ahead of the tokenizers
+                ends0, result = pending.popleft()
+                yield ends0, result.get()
+        while pending:
+            ends0, result = pending.popleft()
+            yield ends0, result.get()
+
+
+_worker_tokenizer = None  # per worker process, set by _init_worker
+
+
+def _init_worker(tokenizer: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = build_tokenizer(tokenizer)
+
+
+def _worker_encode(texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    return encode_chunk(_worker_tokenizer, texts, ends)
