@@ -57,6 +57,7 @@ setup(
         # (tests/test_deepspeed_contract.py fails loudly when a release changes them).
         "deepspeed>=0.19.8,<0.20",
         "datasets>=2.19",
+        "tokenizers>=0.19",  # tokenizer.json files and the byte-level BPE moetrain trains (no transformers)
         "pydantic>=2.5",
         "pyyaml>=6.0",
         "tqdm>=4.0",

@@ -1,4 +1,4 @@
-"""``moetrain train | prepare | validate | launch`` — the thin entry point.
+"""``moetrain train | prepare | tokenizer train | validate | launch`` — the thin entry point.
 
 Errors in user input (config, data, checkpoint, CLI) print one ``error:`` message and exit with code 2,
 without a traceback.
@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p = sub.add_parser("prepare", help="tokenize the configured data into its token store (docs/data.md), then exit")
     _add_config_args(p)
+    p = sub.add_parser("tokenizer", help="tokenizer tools (docs/data.md, 'Tokenizers')")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    p = tsub.add_parser("train", help="train a byte-level BPE on the configured data into data.cache_dir/tokenizers/")
+    _add_config_args(p)
+    p.add_argument("--vocab-size", type=int, default=None, help="tokens (default: data.tokenizer.vocab_size)")
+    p.add_argument("--out", default=None, help="also copy the tokenizer.json here (a .json file, or a folder)")
     p = sub.add_parser("validate", help="check a config (and the parallel layout) without training")
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=None, help="also check the layout for this many ranks")
@@ -54,6 +60,45 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     data.check_data_reachable(cfg.data)
     data.prepare_tokens(cfg.data, log=lambda line: print(line, flush=True))
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    """``moetrain tokenizer train``: the tokenizer ``data.tokenizer: {train: bpe, vocab_size: N}`` names,
+    trained (once) where ``prepare`` / ``train`` will look for it."""
+    import shutil
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from moetrain import data
+    from moetrain.config import load_config
+    from moetrain.config.data import TrainedTokenizerConfig
+    from moetrain.data.bpe import ensure_bpe
+    from moetrain.data.sources import resolve_groups
+
+    cfg = load_config(args.config, args.overrides)
+    spec = cfg.data.tokenizer.model_dump() if isinstance(cfg.data.tokenizer, TrainedTokenizerConfig) else None
+    if spec is None and args.vocab_size is None:
+        raise UserError("tokenizer train: --vocab-size is required (data.tokenizer is not {train: bpe, ...})")
+    spec = {**(spec or {"train": "bpe"}), **({} if args.vocab_size is None else {"vocab_size": args.vocab_size})}
+    try:
+        spec = TrainedTokenizerConfig.model_validate(spec)
+    except ValidationError as exc:  # only --vocab-size can be wrong here: the config was validated
+        raise UserError(f"--vocab-size {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    data.check_data_reachable(cfg.data)
+    groups = resolve_groups(cfg.data)
+    data.check_contents(cfg.data, groups)  # before anything is written
+    files = [p for group in groups for p in group]
+    path = ensure_bpe(cfg.data, spec, files, log=lambda line: print(line, flush=True))
+    if args.out is not None:
+        out = Path(args.out)
+        out = out if out.suffix == ".json" and not out.is_dir() else out / "tokenizer.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out)
+        print(f"copied to {out}")
+    fields = ", ".join(f"{k}: {v}" for k, v in spec.model_dump(exclude_defaults=True).items())
+    print(f"use it with data.tokenizer={{{fields}}} (found in data.cache_dir) or data.tokenizer={path}")
     return 0
 
 
@@ -110,7 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + overrides
-    commands = {"train": cmd_train, "prepare": cmd_prepare, "validate": cmd_validate, "report": cmd_report}
+    commands = {
+        "train": cmd_train,
+        "prepare": cmd_prepare,
+        "tokenizer": cmd_tokenizer,
+        "validate": cmd_validate,
+        "report": cmd_report,
+    }
     try:
         if args.command in commands:
             return commands[args.command](args)

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 
 from moetrain.config.schema import StrictModel
+
+MIN_BPE_VOCAB = 260  # 256 byte tokens + <|endoftext|> + at least 3 merges
+
+
+class TrainedTokenizerConfig(StrictModel):
+    """``data.tokenizer: {train: bpe, vocab_size: N}``: a byte-level BPE that moetrain trains on the
+    configured sources (the train split) and caches under ``data.cache_dir/tokenizers/`` (docs/data.md)."""
+
+    train: Literal["bpe"] = Field(description="the algorithm: byte-level BPE (the tokenizers library)")
+    vocab_size: int = Field(
+        description=f"tokens in all: the end-of-document token (id 0), 256 bytes and merges; at least {MIN_BPE_VOCAB}"
+    )
+    min_frequency: int = Field(2, ge=1, description="a pair must occur this often to be merged")
+    max_chars: int | None = Field(
+        None, ge=1000, description="train on at most this many characters of the train split; null = all"
+    )
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _vocab_size(cls, v: int) -> int:
+        if v < MIN_BPE_VOCAB:
+            raise ValueError(
+                f"{v} is too small: a byte-level BPE needs at least {MIN_BPE_VOCAB} (256 bytes, <|endoftext|> "
+                "and a few merges); use e.g. 8192"
+            )
+        return v
 
 
 class DataConfig(StrictModel):
@@ -15,7 +41,12 @@ class DataConfig(StrictModel):
     hub_split: str = "train"
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = Field("text", description="jsonl / parquet column holding the text")
-    tokenizer: str = Field("byte", description="'byte' or a Hugging Face tokenizer name or path")
+    tokenizer: str | TrainedTokenizerConfig = Field(
+        "byte",
+        description="a string -- 'byte', a tokenizer.json file (or a folder holding one), a Hugging Face hub "
+        "name (needs transformers) -- or the section below, {train: bpe, vocab_size: N}: a byte-level BPE "
+        "trained on the data (docs/data.md, 'Tokenizers')",
+    )
     seq_len: int = Field(128, ge=2)
     val_fraction: float = Field(
         0.02, gt=0.0, lt=0.5, description="fraction of document pieces held out (piece 0, then every 1/f-th)"
@@ -34,3 +65,33 @@ class DataConfig(StrictModel):
         description="tokenizer processes for preparation; null = the number of cores (in-process for the "
         "byte tokenizer, where workers do not pay), 0 or 1 = in-process",
     )
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _tokenizer(cls, v: Any) -> Any:
+        """One message naming the field for every bad value (not one per member of the union)."""
+        if isinstance(v, (str, TrainedTokenizerConfig)):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(
+                f"{v!r} is not a tokenizer; use 'byte', a path to a tokenizer.json, a hub name, or "
+                "{train: bpe, vocab_size: 8192}"
+            )
+        try:
+            return TrainedTokenizerConfig.model_validate(v)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                key = ".".join(str(x) for x in err["loc"])
+                if err["type"] == "missing":
+                    problems.append(f"{key} is missing")
+                elif err["type"] == "extra_forbidden":
+                    allowed = ", ".join(TrainedTokenizerConfig.model_fields)
+                    problems.append(f"unknown key {key!r} (allowed: {allowed})")
+                elif err["type"] == "value_error":
+                    problems.append(f"{key} {err['msg'].removeprefix('Value error, ')}")
+                else:
+                    problems.append(f"{key}: {err['msg']} (got {err['input']!r})")
+            shape = all(err["type"] == "value_error" for err in exc.errors())  # else the keys themselves are off
+            hint = "" if shape else "; a trained tokenizer is {train: bpe, vocab_size: N}"
+            raise ValueError("; ".join(problems) + hint) from None

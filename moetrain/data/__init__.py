@@ -6,7 +6,8 @@ Tokens are written once per fingerprint (sources, tokenizer, split settings) to 
 block of S+1 tokens. The sample order is a pure function of (seed, epoch, global sample index):
 optimizer step s covers global samples [s*G, (s+1)*G) with G = B * grad_accum * dp_size, and
 data-parallel rank r takes slice r of each global micro-batch. Resuming needs only the step, and a
-different data-parallel size sees the same global stream. The layout and the split rule: docs/data.md.
+different data-parallel size sees the same global stream. Tokenizers (``tokenizers.py``, ``bpe.py``): bytes,
+a ``tokenizer.json``, or a byte-level BPE trained on the data. The layout and the split rule: docs/data.md.
 
 The sampling names (torch) load on first use, so ``moetrain prepare`` and its tokenizer workers never
 import torch (~1.6 s and ~200 MB per process).

@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from moetrain.config.data import DataConfig
+from moetrain.config.data import DataConfig, TrainedTokenizerConfig
+from moetrain.data.bpe import bpe_fingerprint, ensure_bpe
 from moetrain.data.sources import DocumentStream, check_contents, resolve_files, resolve_groups
 from moetrain.data.split import cut_pieces, is_val_piece
 from moetrain.data.store import (
@@ -34,7 +35,7 @@ from moetrain.data.store import (
     touch_progress,
     wait_for_store,
 )
-from moetrain.data.tokenizers import build_tokenizer, token_dtype
+from moetrain.data.tokenizers import build_tokenizer, file_sha256, token_dtype, tokenizer_file
 from moetrain.errors import UserError
 
 CACHE_VERSION = 2  # 2: sharded store with index.json, pieces split rule (data.split_chars)
@@ -45,12 +46,29 @@ Log = Callable[[str], None]
 
 def fingerprint(cfg: DataConfig, files: list[Path]) -> str:
     h = hashlib.sha256()
-    fields = [cfg.tokenizer, cfg.format, cfg.text_field, cfg.hub, cfg.hub_split, cfg.val_fraction, cfg.max_tokens]
+    fields = [
+        tokenizer_identity(cfg, files),
+        cfg.format,
+        cfg.text_field,
+        cfg.hub,
+        cfg.hub_split,
+        cfg.val_fraction,
+        cfg.max_tokens,
+    ]
     h.update(json.dumps([CACHE_VERSION, *fields, cfg.split_chars]).encode())
     for p in files:
         st = p.stat()
         h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
+
+
+def tokenizer_identity(cfg: DataConfig, files: list[Path]) -> str:
+    """What the tokens depend on: 'byte' or a hub name as written; a tokenizer.json by its sha256 (not its
+    path, so moving the file keeps the store and editing it re-tokenizes); a trained BPE by its fingerprint."""
+    if isinstance(cfg.tokenizer, TrainedTokenizerConfig):
+        return f"bpe:{bpe_fingerprint(cfg, cfg.tokenizer, files)}"
+    path = tokenizer_file(cfg.tokenizer)
+    return cfg.tokenizer if path is None else f"sha256:{file_sha256(path)}"
 
 
 def store_folder(cfg: DataConfig, files: list[Path] | None = None) -> Path:
@@ -68,7 +86,10 @@ def prepare_tokens(cfg: DataConfig, log: Log | None = None, shard_tokens: int = 
     store = open_store(folder)
     if store is None:
         check_contents(cfg, groups)  # before anything is written
-        index = _build(cfg, files, folder, log, shard_tokens)
+        tokenizer = cfg.tokenizer
+        if isinstance(tokenizer, TrainedTokenizerConfig):  # trained once, then found in data.cache_dir
+            tokenizer = str(ensure_bpe(cfg, tokenizer, files, log))
+        index = _build(cfg, tokenizer, files, folder, log, shard_tokens)
         log(_summary(f"prepared {folder}", index))
         store = open_store(folder)
     else:
@@ -109,10 +130,11 @@ def _summary(head: str, index: dict) -> str:
     )
 
 
-def _build(cfg: DataConfig, files: list[Path], folder: Path, log: Log, shard_tokens: int) -> dict:
-    """Tokenize every source into a temp folder and publish it; returns the index."""
+def _build(cfg: DataConfig, tokenizer: str, files: list[Path], folder: Path, log: Log, shard_tokens: int) -> dict:
+    """Tokenize every source with ``tokenizer`` (a trained BPE: its file) into a temp folder and publish
+    it; returns the index."""
     start = time.perf_counter()
-    tok = build_tokenizer(cfg.tokenizer)  # here: a bad tokenizer name fails before any worker starts
+    tok = build_tokenizer(tokenizer)  # here: a bad tokenizer name fails before any worker starts
     dtype = token_dtype(tok.vocab_size)
     workers = num_workers(cfg)
     docs = DocumentStream(cfg, files)
@@ -121,7 +143,7 @@ def _build(cfg: DataConfig, files: list[Path], folder: Path, log: Log, shard_tok
         writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
         pieces = {s: 0 for s in SPLITS}
         total, documents, starts_doc, next_log = 0, 0, True, time.monotonic() + 10
-        for ends, (tokens, lengths) in _encoded(_chunks(docs, cfg.split_chars), cfg.tokenizer, workers):
+        for ends, (tokens, lengths) in _encoded(_chunks(docs, cfg.split_chars), tokenizer, workers):
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             for k, end in enumerate(ends):
                 split = "val" if is_val_piece(pieces["train"] + pieces["val"], cfg.val_fraction) else "train"
