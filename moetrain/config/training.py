@@ -24,7 +24,7 @@ class TrainConfig(StrictModel):
     )
     nonfinite_max_skips: int = Field(10, ge=1, description="skip: stop after this many consecutive skipped steps")
     deterministic: bool = Field(
-        False, description="bitwise-reproducible runs at the default thread count (slower; README, Resuming)"
+        False, description="guarantee bitwise-reproducible runs at a fixed thread count (README, Resuming)"
     )
     collective_timeout_s: int = Field(
         600, ge=1, description="seconds a collective waits for a stuck rank before the job fails (docs/reliability.md)"

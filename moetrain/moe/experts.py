@@ -82,6 +82,20 @@ def row_experts(counts_L: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.searchsorted(ends_L, rows_N, right=True).clamp_max(counts_L.numel() - 1)
 
 
+def per_row(p_LX: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
+    """Each row's copy of its expert's vector (a LayerNorm weight or a bias): ``p_LX[rows_N]``.
+
+    NOTE: the gather whose backward sums in a fixed order on each device. On the CPU the backward of
+    ``p_LX[rows_N]`` (``index_put_(accumulate=True)``) adds with float atomics on several threads once
+    the gradient has 32768 elements or more, so two runs of one seed drift apart; ``index_select``'s
+    backward (``index_add_``) does not, and is faster. On CUDA it is the other way round:
+    ``index_add_`` uses atomics and the indexing backward sorts.
+    """
+    if p_LX.is_cuda:
+        return p_LX[rows_N]
+    return p_LX.index_select(0, rows_N)
+
+
 def _normal_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
     t.copy_(torch.randn(t.shape, generator=gen) * std)
 
@@ -185,9 +199,9 @@ class GroupedExperts(nn.Module):
         h_ND = x_ND
         for s in range(self.sublayers):
             z_ND = F.layer_norm(h_ND, h_ND.shape[-1:])
-            z_ND = z_ND * self.ln_w_SLD[s][rows_N] + self.ln_b_SLD[s][rows_N]
-            z_NF = F.relu(mm(z_ND, self.w1_SLDF[s]) + self.b1_SLF[s][rows_N])
-            h_ND = h_ND + mm(z_NF, self.w2_SLFD[s]) + self.b2_SLD[s][rows_N]
+            z_ND = z_ND * per_row(self.ln_w_SLD[s], rows_N) + per_row(self.ln_b_SLD[s], rows_N)
+            z_NF = F.relu(mm(z_ND, self.w1_SLDF[s]) + per_row(self.b1_SLF[s], rows_N))
+            h_ND = h_ND + mm(z_NF, self.w2_SLFD[s]) + per_row(self.b2_SLD[s], rows_N)
         return h_ND - x_ND
 
     def _check_grouped_mm(self, x_ND: torch.Tensor) -> None:
