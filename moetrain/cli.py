@@ -127,6 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, layout)
     trainer.setup()
     trainer.train()
+    layout.close()
     return 0
 
 
