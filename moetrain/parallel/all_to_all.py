@@ -22,16 +22,38 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 
 from moetrain.kernels import KernelBackend
 from moetrain.moe.dispatch import expert_capacity
 from moetrain.moe.routing import RoutingDecision
 
 
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; backward is the reverse exchange.
+
+    NOTE: not ``torch.distributed._functional_collectives.all_to_all_single_autograd``: while the
+    dispatcher used it, a gloo process aborted at interpreter exit ("terminate called without an active
+    exception", after every assertion had passed) in two full test-suite runs in a row; the suspected
+    cause, not proven. This plain autograd function ran in every earlier session without it.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x_ND.new_empty(sum(out_splits), *x_ND.shape[1:])
+        dist.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        grad_in = grad_out.new_empty(sum(in_splits), *grad_out.shape[1:])
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
 def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """``all_to_all_single`` with uneven splits, differentiable (backward is the reverse exchange)."""
-    return funcol.all_to_all_single_autograd(x_ND.contiguous(), out_splits, in_splits, group)
+    return _AllToAll.apply(x_ND, out_splits, in_splits, group)
 
 
 @dataclass(frozen=True)
@@ -68,7 +90,9 @@ class AllToAllDispatcher:
         capacity = expert_capacity(ids_TK.numel(), self.num_experts, self.capacity_factor)
         rows_TK, counts_E = self.backend.routing_map(ids_TK, self.num_experts, capacity)  # 1.
         x_ND = self.backend.permute(x_TD, rows_TK)  # 2.
-        recv_counts_PL = funcol.all_to_all_single(counts_E.contiguous(), None, None, self.group).view(P, L)  # 3.
+        recv_counts_PL = torch.empty_like(counts_E)  # 3.
+        dist.all_to_all_single(recv_counts_PL, counts_E.contiguous(), group=self.group)
+        recv_counts_PL = recv_counts_PL.view(P, L)
         # NOTE: the one host sync of this layer: split sizes must be Python ints for the collective.
         send_PL, recv_PL = torch.stack([counts_E.view(P, L), recv_counts_PL]).tolist()
         send_splits = [sum(r) for r in send_PL]
