@@ -104,6 +104,15 @@ def run_train(
     )  # fmt: skip
 
 
+def train_ok(
+    run_dir: Path, data_cache: str, *overrides: str, expect: int = 0, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``run_train`` on one process, asserting its exit code (with the output's tail on failure)."""
+    proc = run_train(run_dir, data_cache, *overrides, env=env)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     import json
 

@@ -12,15 +12,12 @@ import pickle
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, run_train
+from conftest import read_metrics, train_ok
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def train(run_dir, data_cache, *overrides, expect=0, env=None):
-    proc = run_train(run_dir, data_cache, *overrides, env=env)
-    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+train = train_ok
 
 
 def losses(run_dir):
@@ -107,7 +104,7 @@ def test_a_corrupt_newest_checkpoint_never_pushes_out_the_last_good_one(tmp_path
     assert steps_saved(run) == ["step_000006"]  # the good one went only once a newer one was committed
 
 
-def test_no_history_no_checkpoint_is_a_fresh_run_but_history_without_checkpoint_is_refused(tmp_path, data_cache):
+def test_history_without_a_checkpoint_is_refused(tmp_path, data_cache):
     run = tmp_path / "run"
     train(run, data_cache, "train.steps=2", "checkpoint.save_at_end=false")
     proc = train(run, data_cache, "train.steps=2", expect=2)
@@ -235,8 +232,9 @@ def test_non_finite_weights_are_detected_while_gathering_a_checkpoint():
         ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=32), MoEConfig(num_experts=4)
     )
     optimizer = torch.optim.AdamW(model.parameters())
-    tensors, finite = gather(model, optimizer, ParallelLayout())
-    assert finite and "value/layers.0.ffn.experts.w1_SLDF/3" in tensors and "buffer/pos.weight" not in tensors
+    gathered = gather(model, optimizer, ParallelLayout())
+    assert not gathered.nonfinite and "value/layers.0.ffn.experts.w1_SLDF/3" in gathered.experts
+    assert "buffer/pos.weight" not in gathered.shared and "value/pos.weight" in gathered.shared
     with torch.no_grad():
         model.layers[0].ffn.experts.w1_SLDF[0, 3, 0, 0] = float("nan")  # one weight of global expert 3
-    assert gather(model, optimizer, ParallelLayout())[1] is False
+    assert gather(model, optimizer, ParallelLayout()).nonfinite

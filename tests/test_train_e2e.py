@@ -1,15 +1,12 @@
 """End to end through the real CLI: training, metrics, checkpoints, bitwise resume, bad input."""
 
 import pytest
-from conftest import TINY, TINY_CONFIG, read_metrics, run_cli
+from conftest import read_metrics, train_ok
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def train(run_dir, data_cache, *overrides, expect=0):
-    proc = run_cli("train", str(TINY_CONFIG), *TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", *overrides)
-    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+train = train_ok
 
 
 def losses(run_dir):

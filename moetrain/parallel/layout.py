@@ -27,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def any_rank(flag: torch.Tensor) -> bool:
+    """Whether ``flag`` (a 0-dim or 1-element tensor, non-zero = yes) is set on any rank: one all-reduce
+    and one host sync."""
+    flag = flag.detach().to(torch.int32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def barrier() -> None:
     """``dist.barrier()`` when several processes run; a no-op alone."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -46,9 +46,9 @@ from torch import nn
 
 from moetrain.errors import UserError
 from moetrain.moe.experts import GroupedExperts, is_expert_param
-from moetrain.parallel.layout import ParallelLayout, barrier
+from moetrain.parallel.layout import ParallelLayout, any_rank, barrier
 from moetrain.training import faults, state_io
-from moetrain.training.manifest import MARKER, sha256_of, verify, write_manifest
+from moetrain.training.manifest import verify, write_manifest
 
 FORMAT = 2
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -151,30 +151,39 @@ def _expert_module(model: nn.Module, name: str) -> GroupedExperts:
     return model.get_submodule(name.rsplit(".", 1)[0])
 
 
-def gather(model: nn.Module, optimizer, layout: ParallelLayout) -> tuple[dict[str, torch.Tensor], bool]:
-    """This rank's share of the checkpoint tensors (rank 0: shared; first replica of each EP rank:
-    its experts), and whether every parameter is finite. Collective: every rank calls it."""
+@dataclass
+class Gathered:
+    """This rank's share of a checkpoint: the tensors of ``shared.safetensors`` (rank 0) and of its
+    ``experts_<ep rank>.safetensors`` (the first replica of each EP rank), and whether any of its
+    parameters is not finite (a device flag: no host sync per parameter)."""
+
+    shared: dict[str, torch.Tensor]
+    experts: dict[str, torch.Tensor]
+    nonfinite: torch.Tensor
+
+
+def gather(model: nn.Module, optimizer, layout: ParallelLayout) -> Gathered:
+    """Collective: every rank calls it (partitioned parameters are assembled over their groups)."""
     shared_writer, expert_writer = layout.rank == 0, layout.rank < layout.ep_size
-    out: dict[str, torch.Tensor] = {}
-    finite = True
+    out = Gathered({}, {}, torch.zeros((), dtype=torch.bool))
     for name, _, entry in state_io.full_state(model, optimizer):
-        finite = finite and bool(torch.isfinite(entry["value"]).all())
+        out.nonfinite = out.nonfinite | ~torch.isfinite(entry["value"]).all().cpu()
         if is_expert_param(name):
             if expert_writer:
                 first = _expert_module(model, name).first_expert
                 for key, t in entry.items():
                     if key == "step":
-                        out[f"step/{name}"] = t.detach().float().reshape(()).cpu().clone()
+                        out.experts[f"step/{name}"] = t.detach().float().reshape(()).cpu().clone()
                         continue
                     for j in range(t.shape[1]):
-                        out[f"{key}/{name}/{first + j}"] = t[:, j].detach().float().cpu().contiguous()
+                        out.experts[f"{key}/{name}/{first + j}"] = t[:, j].detach().float().cpu().contiguous()
         elif shared_writer:
             for key, t in entry.items():
-                out[f"{key}/{name}"] = t.detach().float().reshape(t.shape).cpu().clone()
+                out.shared[f"{key}/{name}"] = t.detach().float().cpu().clone()
     if shared_writer:
         for name, buf in model.named_buffers():
-            out[f"buffer/{name}"] = buf.detach().cpu().clone()
-    return out, finite
+            out.shared[f"buffer/{name}"] = buf.detach().cpu().clone()
+    return out
 
 
 def save(
@@ -187,17 +196,16 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed before its commit
         (tmp / "rng").mkdir(parents=True)
     barrier()
-    tensors, finite = gather(model, engine.optimizer, layout)
-    if not _all_ranks(finite, layout):
+    gathered = gather(model, engine.optimizer, layout)
+    if any_rank(gathered.nonfinite):
         barrier()
         if layout.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise FloatingPointError(f"non-finite weights at step {step}: no checkpoint written (the last one is kept)")
     if layout.rank == 0:
-        save_file({k: v for k, v in tensors.items() if "/" in k and not _is_expert_key(k)}, tmp / "shared.safetensors")
+        save_file(gathered.shared, tmp / "shared.safetensors")
     if layout.rank < layout.ep_size:
-        experts = {k: v for k, v in tensors.items() if _is_expert_key(k)}
-        save_file(experts, tmp / f"experts_{layout.ep_rank:05d}.safetensors")
+        save_file(gathered.experts, tmp / f"experts_{layout.ep_rank:05d}.safetensors")
     (tmp / "rng" / f"rank_{layout.rank:05d}.json").write_text(json.dumps(rng_state()))
     faults.kill_if("kill_mid_save", step, layout.rank)
     barrier()
@@ -213,18 +221,6 @@ def save(
         prune(run_dir, keep_last)
     barrier()
     return final
-
-
-def _is_expert_key(key: str) -> bool:
-    return key.startswith(("value/", "exp_avg/", "exp_avg_sq/", "step/")) and is_expert_param(key.split("/")[1])
-
-
-def _all_ranks(ok: bool, layout: ParallelLayout) -> bool:
-    if not (dist.is_initialized() and layout.world_size > 1):
-        return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -280,6 +276,7 @@ def load(engine, model: nn.Module, folder: Path, layout: ParallelLayout, state: 
     Returns notes for the user. Local reads only (each rank takes what it holds)."""
     shared = _open(folder / "shared.safetensors")
     experts = _ExpertIndex(sorted(folder.glob("experts_*.safetensors")))
+    shared_keys = set(shared.keys())
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for name, _ in model.named_parameters():
         if is_expert_param(name):
@@ -290,14 +287,14 @@ def load(engine, model: nn.Module, folder: Path, layout: ParallelLayout, state: 
             entry = {
                 key: shared.get_tensor(f"{key}/{name}")
                 for key in ("value", "exp_avg", "exp_avg_sq", "step")
-                if f"{key}/{name}" in shared.keys()
+                if f"{key}/{name}" in shared_keys
             }
             if "value" not in entry:
                 raise UserError(
                     f"checkpoint.resume: {folder} holds no parameter {name}; it was saved from another model"
                 )
             tensors[name] = entry
-    buffers = {k[len("buffer/") :]: shared.get_tensor(k) for k in shared.keys() if k.startswith("buffer/")}
+    buffers = {k[len("buffer/") :]: shared.get_tensor(k) for k in shared_keys if k.startswith("buffer/")}
     model.load_state_dict(buffers, strict=False)  # buffers (router stage, hash table) through their hooks
     state_io.load_full_state(model, engine.optimizer, tensors)
     _restore_optimizer_state(engine, state)
@@ -408,6 +405,3 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     for name, by_id in slices.items():
         out[name] = torch.stack([by_id[g] for g in sorted(by_id)], dim=1)
     return out
-
-
-__all__ = ["MARKER", "choose_resume", "consolidated_state_dict", "load", "prune", "save", "sha256_of", "verify"]

@@ -16,8 +16,9 @@ and applies the same policy.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from moetrain.parallel.layout import any_rank
 
 
 class NonFiniteError(FloatingPointError):
@@ -36,10 +37,7 @@ class NonFiniteGuard:
         ok = torch.isfinite(loss.detach().float())
         if grad_norm is not None:
             ok = ok & torch.isfinite(grad_norm.detach().float())
-        bad = (~ok).to(torch.int32).reshape(1)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if not bad.item():
+        if not any_rank(~ok):
             return False
         what = f"loss {loss.item():.4g}" + (f", gradient norm {grad_norm.item():.4g}" if grad_norm is not None else "")
         self._count(step, f"non-finite loss or gradient norm on some rank (here: {what})")
