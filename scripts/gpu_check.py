@@ -34,6 +34,8 @@ from typing import Callable
 
 import torch
 
+from moetrain.parallel.layout import LAUNCHER_VARS
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_MODEL = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=32",
@@ -71,9 +73,8 @@ class Check:
             print(entry["error"], flush=True)
 
     def run(self, cmd: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> str:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            full_env.pop(var, None)
+        full_env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+        full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(

@@ -25,7 +25,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from moetrain.parallel.layout import free_port  # noqa: E402, F401 - after the variables above; for the tests
+from moetrain.parallel.layout import LAUNCHER_VARS, free_port  # noqa: E402, F401 - after the variables above
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -64,9 +64,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One token cache for the whole session (the built-in corpus, tokenized once)."""
     return str(tmp_path_factory.mktemp("data_cache"))
-
-
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -42,6 +42,10 @@ def barrier() -> None:
         dist.barrier()
 
 
+# What a launcher sets for each process; a child that starts a job of its own must not inherit them.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env_rank_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun / deepspeed launcher / srun variables."""
     env = os.environ
