@@ -70,5 +70,5 @@ setup(
         "wandb": ["wandb>=0.16"],
         "hf": ["transformers>=4.40"],
     },
-    entry_points={"console_scripts": ["moetrain=moetrain.cli:main"]},
+    entry_points={"console_scripts": ["moetrain=moetrain.cli:entry"]},
 )

@@ -93,11 +93,6 @@ class ParallelLayout:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
-    def close(self) -> None:
-        """Destroy the process groups at the end of a run, so no communication thread outlives them."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
     @classmethod
     def init(cls, ep_size: int = 1, timeout_s: int = 600) -> "ParallelLayout":
         """Initialise torch.distributed (gloo on CPU, NCCL on CUDA) from the environment and build groups.
