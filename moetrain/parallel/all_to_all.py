@@ -31,10 +31,10 @@ from moetrain.moe.routing import RoutingDecision
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven splits; backward is the reverse exchange.
 
-    NOTE: not ``torch.distributed._functional_collectives.all_to_all_single_autograd``: while the
-    dispatcher used it, a gloo process aborted at interpreter exit ("terminate called without an active
-    exception", after every assertion had passed) in two full test-suite runs in a row; the suspected
-    cause, not proven. This plain autograd function ran in every earlier session without it.
+    NOTE: ``torch.distributed._functional_collectives.all_to_all_single_autograd`` was tried and taken
+    out while chasing a gloo abort at interpreter exit; the abort came back without it (see
+    ``moetrain.cli.entry``), so it was not the cause. This plain function is the one with the longest
+    record here.
     """
 
     @staticmethod
