@@ -65,6 +65,12 @@ FLAGS = [
         metavar="MODE",
     ),
     Flag("--requeue", "launch.slurm.requeue", "SLURM: requeue before the time limit / on preemption", "bool"),
+    Flag(
+        "--prepare",
+        "launch.slurm.prepare",
+        "SLURM: prepare the data first, in an array job (one task per source)",
+        "bool",
+    ),
 ]
 # A flag wins over the YAML's value of a field that cannot be set beside it.
 CLEARS = {
@@ -155,8 +161,12 @@ def run_launch(args: argparse.Namespace) -> int:
 
 
 def _submit(job: Job, plan: LaunchPlan) -> int:
-    job_id = slurm.submit(plan)
-    print(f"submitted batch job {job_id}")
+    first, job_id = slurm.submit(plan)
+    if first is not None:
+        print(f"submitted data preparation array job {first}")
+        print(f"  script: {slurm.prepare_script_path(job)}")
+        print(f"  logs:   {job.run_dir}/prepare-{first}_<task>.out")
+    print(f"submitted batch job {job_id}" + ("" if first is None else f" (starts after job {first} succeeds)"))
     print(f"  script: {slurm.script_path(job)}")
     print(f"  log:    {job.run_dir}/slurm-{job_id}.out")
     print(f"  watch:  squeue -j {job_id}    cancel: scancel {job_id}")

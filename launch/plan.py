@@ -38,6 +38,8 @@ class LaunchPlan:
     env: dict[str, str] = field(default_factory=dict)
     files: dict[Path, str] = field(default_factory=dict)
     script: str | None = None  # the sbatch script, printed by --dry-run instead of the command
+    first: list[str] | None = None  # SLURM: submitted before ``command``, which then waits for it (afterok)
+    first_script: str | None = None
 
     def shell_line(self) -> str:
         """The command as one copy-pasteable shell line, environment first."""
@@ -45,7 +47,11 @@ class LaunchPlan:
         return " ".join(assignments + [shlex.join(self.command)])
 
     def dry_run_text(self) -> str:
-        return self.script if self.script is not None else self.shell_line() + "\n"
+        if self.script is None:
+            return self.shell_line() + "\n"
+        if self.first_script is None:
+            return self.script
+        return self.first_script + "\n" + self.script
 
 
 def tool(python: str, name: str) -> str:
@@ -56,6 +62,11 @@ def tool(python: str, name: str) -> str:
     """
     folder = os.path.dirname(python)
     return os.path.join(folder, name) if folder else name
+
+
+def prepare_args(config: str) -> list[str]:
+    """What each data-preparation task runs after ``python -m`` (its source: the array task id)."""
+    return [TRAIN_MODULE, "prepare", config, "--source"]
 
 
 def train_args(config: str, overrides: list[str]) -> list[str]:

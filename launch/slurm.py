@@ -9,6 +9,11 @@ Two layouts (``launch.slurm.mode``):
   the world size from SLURM_NTASKS and the local rank from SLURM_LOCALID, and meets the others at
   MASTER_ADDR:MASTER_PORT, which the script exports.
 
+With ``launch.slurm.prepare`` the data is prepared first by a separate array job (``prepare.sbatch``,
+one task per data source, each ``moetrain prepare JOB_YAML --source $SLURM_ARRAY_TASK_ID``), and the
+training job is submitted with ``--dependency=afterok:<its id>``: it starts only when every source's
+store is published, and is cancelled by SLURM if a task fails.
+
 With ``launch.slurm.requeue`` the job asks SLURM for USR1 ``signal_seconds`` before its time limit
 (``--signal=B:USR1@N``), requeues itself when it arrives, and is requeued on preemption
 (``--requeue``); each run resumes from the latest checkpoint (``checkpoint.resume: auto``).
@@ -25,7 +30,7 @@ from pathlib import Path
 
 from moetrain.config.loading import dump_config
 from moetrain.errors import UserError
-from moetrain.launch.plan import Job, LaunchPlan, tool, train_args
+from moetrain.launch.plan import Job, LaunchPlan, prepare_args, tool, train_args
 
 # Below the Linux ephemeral range (32768+), different for concurrent jobs on one node.
 DERIVED_PORT = "$((10000 + SLURM_JOB_ID % 20000))"
@@ -40,12 +45,54 @@ def job_config_path(job: Job) -> Path:
     return job.run_dir / "job.yaml"
 
 
+def prepare_script_path(job: Job) -> Path:
+    return job.run_dir / "prepare.sbatch"
+
+
 def slurm_plan(job: Job) -> LaunchPlan:
-    """Write the resolved config and the script into the run dir, then ``sbatch --parsable`` it."""
+    """Write the resolved config and the script into the run dir, then ``sbatch --parsable`` it (after
+    the preparation array job, with ``launch.slurm.prepare``)."""
     frozen = job.cfg.model_copy(update={"run_dir": str(job.run_dir)})
     script = render_sbatch(job)
     files = {job_config_path(job): dump_config(frozen), script_path(job): script}
-    return LaunchPlan(command=["sbatch", "--parsable", str(script_path(job))], files=files, script=script)
+    command = ["sbatch", "--parsable", str(script_path(job))]
+    if not job.cfg.launch.slurm.prepare:
+        return LaunchPlan(command=command, files=files, script=script)
+    first_script = render_prepare(job)
+    files[prepare_script_path(job)] = first_script
+    first = ["sbatch", "--parsable", str(prepare_script_path(job))]
+    return LaunchPlan(command=command, files=files, script=script, first=first, first_script=first_script)
+
+
+def render_prepare(job: Job) -> str:
+    """The preparation array job: one task per data source, one node, no GPUs."""
+    from moetrain.data.sources import data_sources
+
+    sources = data_sources(job.cfg.data)
+    slurm = job.cfg.launch.slurm
+    opts = [
+        f"--job-name={slurm.job_name or job.name}-prepare",
+        f"--array=0-{len(sources) - 1}",
+        "--nodes=1",
+        "--ntasks=1",
+    ]
+    for key in ("cpus_per_task", "mem", "partition", "account", "qos", "time"):
+        value = getattr(slurm, key)
+        if value is not None:
+            opts.append(f"--{key.replace('_', '-')}={value}")
+    opts += [f"--chdir={job.workdir}", f"--output={job.run_dir}/prepare-%A_%a.out"]
+    names = ", ".join(f"{i}: {src.name}" for i, src in enumerate(sources))
+    values = {
+        "name": job.name,
+        "sources": names,
+        "job_yaml": str(job_config_path(job)),
+        "script": str(prepare_script_path(job)),
+        "sbatch_options": "\n".join(f"#SBATCH {opt}" for opt in opts),
+        "environment": _environment(job),
+        "prepare": f"{shlex.quote(job.python)} -u -m {shlex.join(prepare_args(str(job_config_path(job))))} "
+        '"$SLURM_ARRAY_TASK_ID"',
+    }
+    return render_template("prepare.sh", values)
 
 
 def render_sbatch(job: Job) -> str:
@@ -177,10 +224,18 @@ def cluster_partitions() -> tuple[list[str], str | None] | None:
     return sorted({p.rstrip("*") for p in names}), default
 
 
-def submit(plan: LaunchPlan) -> str:
-    """Run ``sbatch --parsable``; return the job id."""
+def submit(plan: LaunchPlan) -> tuple[str | None, str]:
+    """Submit the preparation job (if any), then the training job after it; return both job ids."""
+    if plan.first is None:
+        return None, _sbatch(plan.command)
+    first = _sbatch(plan.first)
+    return first, _sbatch([*plan.command[:-1], f"--dependency=afterok:{first}", plan.command[-1]])
+
+
+def _sbatch(command: list[str]) -> str:
+    """Run ``sbatch --parsable ...``; return the job id."""
     try:
-        out = subprocess.run(plan.command, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except OSError as exc:
         raise UserError(f"cannot run sbatch: {exc}") from None
     if out.returncode != 0:

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p = sub.add_parser("prepare", help="tokenize the configured data into its token store (docs/data.md), then exit")
     _add_config_args(p)
+    p.add_argument("--source", default=None, help="only this source of data.sources (its index or name)")
     p = sub.add_parser("tokenizer", help="tokenizer tools (docs/data.md, 'Tokenizers')")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     p = tsub.add_parser("train", help="train a byte-level BPE on the configured data into data.cache_dir/tokenizers/")
@@ -59,7 +60,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     data.check_data_reachable(cfg.data)
-    data.prepare_tokens(cfg.data, log=lambda line: print(line, flush=True))
+    data.prepare_data(cfg.data, log=lambda line: print(line, flush=True), only=args.source)
     return 0
 
 
@@ -75,7 +76,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from moetrain.config import load_config
     from moetrain.config.data import TrainedTokenizerConfig
     from moetrain.data.bpe import ensure_bpe
-    from moetrain.data.sources import resolve_groups
+    from moetrain.data.sources import check_all_contents
 
     cfg = load_config(args.config, args.overrides)
     spec = cfg.data.tokenizer.model_dump() if isinstance(cfg.data.tokenizer, TrainedTokenizerConfig) else None
@@ -87,10 +88,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     except ValidationError as exc:  # only --vocab-size can be wrong here: the config was validated
         raise UserError(f"--vocab-size {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     data.check_data_reachable(cfg.data)
-    groups = resolve_groups(cfg.data)
-    data.check_contents(cfg.data, groups)  # before anything is written
-    files = [p for group in groups for p in group]
-    path = ensure_bpe(cfg.data, spec, files, log=lambda line: print(line, flush=True))
+    check_all_contents(cfg.data)  # before anything is written
+    path = ensure_bpe(cfg.data, spec, log=lambda line: print(line, flush=True))
     if args.out is not None:
         out = Path(args.out)
         out = out if out.suffix == ".json" and not out.is_dir() else out / "tokenizer.json"

@@ -35,6 +35,9 @@ CASES = {
     "slurm_cluster": [str(GOLDEN / "cluster.yaml")],
     "slurm_tasks_cpu": [TINY_, PY, *"--launcher slurm --slurm-mode tasks --procs-per-node 2".split(),
                         *"--partition debug --time 30".split()],
+    "slurm_prepare_mixture": [TINY_, PY, f"data.sources=[{{name: docs, paths: [{REPO}/docs], weight: 0.2}}, "
+                              f"{{name: code, paths: [{REPO}/moetrain], weight: 0.8}}]",
+                              *"--launcher slurm --procs-per-node 2 --partition debug --time 30 --prepare".split()],
 }  # fmt: skip
 
 
@@ -103,6 +106,30 @@ def test_slurm_plan_writes_script_and_resolved_config(workdir, capsys):
     frozen = load_config(_write(workdir / "job.yaml", plan.files[run_dir / "job.yaml"]))
     assert frozen.run_dir == str(run_dir)
     assert frozen.model_copy(update={"run_dir": None}) == cfg
+
+
+def test_prepare_array_job_runs_before_training(workdir, monkeypatch, capsys):
+    """--prepare: the array job is submitted first; training waits for it (afterok)."""
+    from moetrain.launch import slurm
+
+    calls = []
+
+    def fake_sbatch(command):
+        calls.append(command)
+        return str(100 + len(calls))
+
+    monkeypatch.setattr(slurm, "_sbatch", fake_sbatch)
+    assert launch(*CASES["slurm_prepare_mixture"]) == 0
+    run_dir = workdir / "runs" / "tiny"
+    assert calls == [
+        ["sbatch", "--parsable", str(run_dir / "prepare.sbatch")],
+        ["sbatch", "--parsable", "--dependency=afterok:101", str(run_dir / "job.sbatch")],
+    ]
+    out = capsys.readouterr().out
+    assert "submitted data preparation array job 101" in out and "submitted batch job 102 (starts after job 101" in out
+    script = (run_dir / "prepare.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in script and "(0: docs, 1: code)" in script
+    assert "moetrain.cli prepare " + str(run_dir / "job.yaml") + ' --source "$SLURM_ARRAY_TASK_ID"' in script
 
 
 def _write(path: Path, text: str) -> Path:

@@ -159,3 +159,40 @@ def test_bad_partition_is_rejected_before_submission(slurm_env, tmp_path, capsys
     assert proc.returncode == 2
     assert "launch.slurm.partition 'nosuch' does not exist on this cluster; partitions: debug (default)" in proc.stderr
     assert "Traceback" not in proc.stderr and not run.exists()
+
+
+def test_prepare_array_job_then_training(slurm_env, tmp_path):
+    """--prepare: a two-source mixture is prepared by a 2-task array job; training starts after it
+    (afterok) and finds both stores already prepared."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            (tmp_path / name / f"{i}.txt").write_text(f"{name} file {i}\n" + f"some {name} text here\n" * 2000)
+    sources = (
+        f"data.sources=[{{name: first, paths: [{tmp_path / 'a'}], weight: 0.5}}, "
+        f"{{name: second, paths: [{tmp_path / 'b'}], weight: 0.5}}]"
+    )
+    proc = run_cli(
+        "launch", str(TINY_CONFIG), *TINY, f"data.cache_dir={cache}", f"run_dir={run}", sources,
+        "launch.env.OMP_NUM_THREADS=1", "train.steps=4", "--launcher", "slurm", "--procs-per-node", "2", "--prepare",
+        env=slurm_env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first = re.search(r"^submitted data preparation array job (\d+)$", proc.stdout, re.M).group(1)
+    job_id = re.search(rf"^submitted batch job (\d+) \(starts after job {first} succeeds\)$", proc.stdout, re.M).group(
+        1
+    )
+    log = run / f"slurm-{job_id}.out"
+    state = wait_until(
+        f"job {job_id} to finish",
+        lambda: job_info(job_id, slurm_env).get("JobState") in FINISHED and job_info(job_id, slurm_env)["JobState"],
+        timeout=300,
+        log=log,
+    )
+    assert state == "COMPLETED", log.read_text()[-4000:]
+    for task, name in enumerate(("first", "second")):
+        text = (run / f"prepare-{first}_{task}.out").read_text()
+        assert f"source {name!r}: prepared {cache}/" in text, text
+    assert log.read_text().count("already prepared (nothing to tokenize)") == 2
+    assert_two_rank_run(run, steps=4)

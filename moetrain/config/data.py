@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from moetrain.config.schema import StrictModel
 
@@ -35,12 +35,40 @@ class TrainedTokenizerConfig(StrictModel):
         return v
 
 
+Format = Literal["auto", "text", "jsonl", "parquet"]
+
+
+class DataSourceConfig(StrictModel):
+    """One source of a mixture (``data.sources``): its own files or hub dataset, and its weight."""
+
+    name: str | None = Field(None, description="names its metrics (val_loss/<name>); default source<i>")
+    weight: float = Field(gt=0.0, description="share of the training blocks, relative to the other sources' weights")
+    paths: list[str] = Field(default_factory=list, description="files, folders or globs")
+    hub: str | None = Field(None, description="a Hugging Face hub dataset name (needs a network)")
+    hub_split: str = "train"
+    format: Format = "auto"
+    text_field: str = Field("text", description="jsonl / parquet column holding the text")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSourceConfig:
+        if bool(self.paths) == (self.hub is not None):
+            raise ValueError("a source needs exactly one of paths (a list of files, folders or globs) or hub")
+        if self.name is not None and not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"name {self.name!r} must be letters, digits, '-' or '_' (it names metrics)")
+        return self
+
+
 class DataConfig(StrictModel):
     paths: list[str] = Field(default_factory=list, description="files, folders or globs; empty = built-in corpus")
     hub: str | None = Field(None, description="a Hugging Face hub dataset name (needs a network)")
     hub_split: str = "train"
-    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    format: Format = "auto"
     text_field: str = Field("text", description="jsonl / parquet column holding the text")
+    sources: list[DataSourceConfig] | None = Field(
+        None,
+        description="a weighted mixture instead of data.paths / data.hub: [{paths: [...], weight: 0.7}, "
+        "{hub: ..., weight: 0.3}] (docs/data.md, 'Mixtures'); one token store per source, one tokenizer",
+    )
     tokenizer: str | TrainedTokenizerConfig = Field(
         "byte",
         description="a string -- 'byte', a tokenizer.json file (or a folder holding one), a Hugging Face hub "
@@ -57,7 +85,7 @@ class DataConfig(StrictModel):
         description="documents longer than this are cut into pieces (at blank lines where possible); "
         "each piece goes whole to train or val",
     )
-    max_tokens: int | None = Field(None, ge=1000, description="cap on the corpus size, in tokens")
+    max_tokens: int | None = Field(None, ge=1000, description="cap on the corpus size (of each source), in tokens")
     cache_dir: str = Field(".cache/moetrain/data", description="token stores live in cache_dir/<fingerprint>/")
     num_workers: int | None = Field(
         None,
@@ -65,6 +93,25 @@ class DataConfig(StrictModel):
         description="tokenizer processes for preparation; null = the number of cores (in-process for the "
         "byte tokenizer, where workers do not pay), 0 or 1 = in-process",
     )
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> DataConfig:
+        if self.sources is None:
+            return self
+        if self.paths or self.hub is not None:
+            raise ValueError(
+                "data.sources replaces data.paths and data.hub; move them into a source "
+                "({paths: [...], weight: 1.0}) or remove data.sources"
+            )
+        if not self.sources:
+            raise ValueError("data.sources is empty; give at least one {paths: [...], weight: W} or remove it")
+        names = [s.name or f"source{i}" for i, s in enumerate(self.sources)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources: the names {names} repeat; give each source its own name")
+        return self
+
+    def source_names(self) -> list[str]:
+        return [s.name or f"source{i}" for i, s in enumerate(self.sources or [])]
 
     @field_validator("tokenizer", mode="before")
     @classmethod

@@ -63,6 +63,11 @@ class SlurmConfig(StrictModel):
     signal_seconds: int = Field(
         120, ge=10, description="with requeue: SLURM signals the job this many seconds before the time limit"
     )
+    prepare: bool = Field(
+        False,
+        description="first submit `moetrain prepare` as an array job (one task per data source, no GPUs); "
+        "training starts when every task succeeded (--dependency=afterok)",
+    )
 
     @field_validator("time")
     @classmethod

@@ -6,7 +6,8 @@ Tokens are written once per fingerprint (sources, tokenizer, split settings) to 
 block of S+1 tokens. The sample order is a pure function of (seed, epoch, global sample index):
 optimizer step s covers global samples [s*G, (s+1)*G) with G = B * grad_accum * dp_size, and
 data-parallel rank r takes slice r of each global micro-batch. Resuming needs only the step, and a
-different data-parallel size sees the same global stream. Tokenizers (``tokenizers.py``, ``bpe.py``): bytes,
+different data-parallel size sees the same global stream. A mixture (``data.sources``) has one store per
+source and a ``MixturePlan`` that gives each global sample its source (exact shares per window). Tokenizers (``tokenizers.py``, ``bpe.py``): bytes,
 a ``tokenizer.json``, or a byte-level BPE trained on the data. The layout and the split rule: docs/data.md.
 
 The sampling names (torch) load on first use, so ``moetrain prepare`` and its tokenizer workers never
@@ -16,12 +17,24 @@ import torch (~1.6 s and ~200 MB per process).
 from typing import TYPE_CHECKING
 
 from moetrain.config.data import DataConfig
-from moetrain.data.prepare import CACHE_VERSION, fingerprint, prepare_tokens, store_folder, wait_for_tokens
+from moetrain.data.prepare import (
+    CACHE_VERSION,
+    PreparedData,
+    fingerprint,
+    prepare_data,
+    prepare_tokens,
+    store_folder,
+    wait_for_data,
+    wait_for_tokens,
+)
 from moetrain.data.sources import (
     EXTENSIONS,
+    Source,
+    check_all_contents,
     check_contents,
     check_data_reachable,
     check_utf8,
+    data_sources,
     default_corpus_files,
     resolve_files,
 )
@@ -30,9 +43,9 @@ from moetrain.data.store import ShardedTokens, TokenCache, open_store
 from moetrain.data.tokenizers import ByteTokenizer, HFTokenizer, build_tokenizer
 
 if TYPE_CHECKING:
-    from moetrain.data.sampling import PackedBlocks, TrainStream, val_batches
+    from moetrain.data.sampling import MixturePlan, PackedBlocks, TrainStream, val_batches
 
-SAMPLING = ("PackedBlocks", "TrainStream", "val_batches")
+SAMPLING = ("MixturePlan", "PackedBlocks", "TrainStream", "val_batches")
 
 
 def __getattr__(name: str):
@@ -49,22 +62,29 @@ __all__ = [
     "ByteTokenizer",
     "DataConfig",
     "HFTokenizer",
+    "MixturePlan",
     "PackedBlocks",
+    "PreparedData",
     "ShardedTokens",
+    "Source",
     "TokenCache",
     "TrainStream",
     "build_tokenizer",
+    "check_all_contents",
     "check_contents",
     "check_data_reachable",
     "check_utf8",
     "cut_pieces",
+    "data_sources",
     "default_corpus_files",
     "fingerprint",
     "is_val_piece",
     "open_store",
+    "prepare_data",
     "prepare_tokens",
     "resolve_files",
     "store_folder",
     "val_batches",
+    "wait_for_data",
     "wait_for_tokens",
 ]

@@ -2,7 +2,9 @@
 
 Trained with the Hugging Face ``tokenizers`` library, streaming: the trainer is fed the train split's
 pieces (the same pieces and held-out rule as preparation, so validation text does not shape the
-vocabulary), at most ``max_chars`` characters of them. The result is published atomically as
+vocabulary), at most ``max_chars`` characters of them. A mixture (``data.sources``) trains one tokenizer on all sources, each
+source in turn (with ``max_chars``, each gets its weight's share of it). The result is published
+atomically as
 
     data.cache_dir/tokenizers/<fingerprint>/tokenizer.json
 
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from moetrain.config.data import DataConfig, TrainedTokenizerConfig
-from moetrain.data.sources import DocumentStream, resolve_files
+from moetrain.data.sources import DocumentStream, Source, data_sources, resolve_groups
 from moetrain.data.split import cut_pieces, is_val_piece
 from moetrain.data.tokenizers import TOKENIZER_FILE
 
@@ -32,25 +34,43 @@ EOS_TOKEN = "<|endoftext|>"
 Log = Callable[[str], None]
 
 
-def bpe_fingerprint(cfg: DataConfig, spec: TrainedTokenizerConfig, files: list[Path]) -> str:
+def bpe_fingerprint(cfg: DataConfig, spec: TrainedTokenizerConfig) -> str:
     """Hash of the training settings and the sources: what the trained vocabulary depends on."""
     h = hashlib.sha256()
-    fields = [cfg.format, cfg.text_field, cfg.hub, cfg.hub_split, cfg.split_chars, cfg.val_fraction]
-    h.update(json.dumps([BPE_VERSION, spec.model_dump(mode="json"), *fields]).encode())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for k, src in enumerate(data_sources(cfg)):
+        c = src.cfg
+        fields = [c.format, c.text_field, c.hub, c.hub_split, c.split_chars, c.val_fraction]
+        head = [BPE_VERSION, spec.model_dump(mode="json"), *fields]
+        if cfg.sources is not None:
+            head += [src.name, src.weight]
+        if k == 0:  # one source: the hash of the releases before mixtures
+            h.update(json.dumps(head).encode())
+        else:
+            h.update(("\0" + json.dumps(head)).encode())
+        for p in _files(src):
+            st = p.stat()
+            h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
 
 
-def bpe_path(cfg: DataConfig, spec: TrainedTokenizerConfig, files: list[Path] | None = None) -> Path:
+def _files(src: Source) -> list[Path]:
+    return [p for group in resolve_groups(src.cfg, src.field) for p in group]
+
+
+def bpe_path(cfg: DataConfig, spec: TrainedTokenizerConfig) -> Path:
     """``cache_dir/tokenizers/<fingerprint>/tokenizer.json``: where this tokenizer is (or will be)."""
-    files = resolve_files(cfg) if files is None else files
-    return Path(cfg.cache_dir) / "tokenizers" / bpe_fingerprint(cfg, spec, files) / TOKENIZER_FILE
+    return Path(cfg.cache_dir) / "tokenizers" / bpe_fingerprint(cfg, spec) / TOKENIZER_FILE
 
 
-def training_texts(cfg: DataConfig, files: list[Path], max_chars: int | None) -> Iterator[str]:
-    """The train split's pieces in corpus order (val pieces skipped), stopping after ``max_chars``."""
+def training_texts(cfg: DataConfig, max_chars: int | None) -> Iterator[str]:
+    """The train split's pieces of every source in corpus order (val pieces skipped), stopping after
+    ``max_chars`` (a mixture: each source after its weight's share of it)."""
+    for src in data_sources(cfg):
+        budget = None if max_chars is None else max(1, round(max_chars * src.weight))
+        yield from _source_texts(src.cfg, _files(src), budget)
+
+
+def _source_texts(cfg: DataConfig, files: list[Path], max_chars: int | None) -> Iterator[str]:
     chars, index = 0, 0
     for doc in DocumentStream(cfg, files):
         for text, _ in cut_pieces(doc, cfg.split_chars):
@@ -64,18 +84,15 @@ def training_texts(cfg: DataConfig, files: list[Path], max_chars: int | None) ->
                 return
 
 
-def ensure_bpe(
-    cfg: DataConfig, spec: TrainedTokenizerConfig, files: list[Path] | None = None, log: Log | None = None
-) -> Path:
+def ensure_bpe(cfg: DataConfig, spec: TrainedTokenizerConfig, log: Log | None = None) -> Path:
     """The trained tokenizer's file, training it first when it is missing."""
     log = log or (lambda _: None)
-    files = resolve_files(cfg) if files is None else files
-    path = bpe_path(cfg, spec, files)
+    path = bpe_path(cfg, spec)
     if path.is_file():
         log(f"tokenizer: byte-level BPE already trained: {path}")
         return path
     start = time.perf_counter()
-    tok, chars = train_bpe(training_texts(cfg, files, spec.max_chars), spec)
+    tok, chars = train_bpe(training_texts(cfg, spec.max_chars), spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TOKENIZER_FILE}.tmp-{os.getpid()}")
     try:

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from moetrain.config.data import DataConfig, TrainedTokenizerConfig
 from moetrain.data.bpe import bpe_fingerprint, ensure_bpe
-from moetrain.data.sources import DocumentStream, check_contents, resolve_files, resolve_groups
+from moetrain.data.sources import DocumentStream, Source, check_contents, data_sources, resolve_files, resolve_groups
 from moetrain.data.split import cut_pieces, is_val_piece
 from moetrain.data.store import (
     SHARD_TOKENS,
@@ -44,80 +45,154 @@ WAIT_IDLE_S = 1800.0  # other ranks give up after this long without a sign of pr
 Log = Callable[[str], None]
 
 
-def fingerprint(cfg: DataConfig, files: list[Path]) -> str:
+def fingerprint(cfg: DataConfig, src: Source, files: list[Path]) -> str:
+    """The store of source ``src`` of ``cfg``: its files and settings, and the tokenizer of ``cfg``."""
     h = hashlib.sha256()
-    fields = [
-        tokenizer_identity(cfg, files),
-        cfg.format,
-        cfg.text_field,
-        cfg.hub,
-        cfg.hub_split,
-        cfg.val_fraction,
-        cfg.max_tokens,
-    ]
-    h.update(json.dumps([CACHE_VERSION, *fields, cfg.split_chars]).encode())
+    c = src.cfg
+    fields = [tokenizer_identity(cfg), c.format, c.text_field, c.hub, c.hub_split, c.val_fraction, c.max_tokens]
+    h.update(json.dumps([CACHE_VERSION, *fields, c.split_chars]).encode())
     for p in files:
         st = p.stat()
         h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
 
 
-def tokenizer_identity(cfg: DataConfig, files: list[Path]) -> str:
+def tokenizer_identity(cfg: DataConfig) -> str:
     """What the tokens depend on: 'byte' or a hub name as written; a tokenizer.json by its sha256 (not its
-    path, so moving the file keeps the store and editing it re-tokenizes); a trained BPE by its fingerprint."""
+    path, so moving the file keeps the store and editing it re-tokenizes); a trained BPE by its fingerprint
+    (which covers every source of a mixture: they share one tokenizer)."""
     if isinstance(cfg.tokenizer, TrainedTokenizerConfig):
-        return f"bpe:{bpe_fingerprint(cfg, cfg.tokenizer, files)}"
+        return f"bpe:{bpe_fingerprint(cfg, cfg.tokenizer)}"
     path = tokenizer_file(cfg.tokenizer)
     return cfg.tokenizer if path is None else f"sha256:{file_sha256(path)}"
 
 
-def store_folder(cfg: DataConfig, files: list[Path] | None = None) -> Path:
-    """``cache_dir/<fingerprint>``: where the store of ``cfg`` is (or will be) published."""
-    files = resolve_files(cfg) if files is None else files
-    return Path(cfg.cache_dir) / fingerprint(cfg, files)
+@dataclass(frozen=True)
+class PreparedData:
+    """The published stores of every source of a data config, in ``data.sources`` order."""
+
+    sources: list[Source]
+    stores: list[TokenCache]
+
+    @property
+    def fingerprint(self) -> str:
+        """The store's fingerprint (one source), or a hash of the sources' names, weights and stores."""
+        if len(self.stores) == 1 and self.sources[0].field == "data":
+            return self.stores[0].fingerprint
+        parts = [(s.name, s.weight, t.fingerprint) for s, t in zip(self.sources, self.stores)]
+        return "mix-" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    @property
+    def vocab_size(self) -> int:
+        return max(t.vocab_size for t in self.stores)
+
+
+def prepare_data(
+    cfg: DataConfig, log: Log | None = None, shard_tokens: int = SHARD_TOKENS, only: str | None = None
+) -> PreparedData:
+    """Open the store of every source of ``cfg`` (``only``: of the one source of that index or name),
+    preparing the missing ones first (after checking all of their contents, and training the tokenizer
+    once when it is a trained BPE); check each fits."""
+    log = log or (lambda _: None)
+    sources = data_sources(cfg)
+    if only is not None:
+        sources = [pick_source(sources, only)]
+    plans = []  # (source, its files, its folder, its store or None)
+    for src in sources:
+        groups = resolve_groups(src.cfg, src.field)
+        files = [p for group in groups for p in group]
+        folder = Path(cfg.cache_dir) / fingerprint(cfg, src, files)
+        store = open_store(folder)
+        if store is None:
+            check_contents(src.cfg, groups, src.field)  # every source, before anything is written
+        plans.append((src, files, folder, store))
+    tokenizer = cfg.tokenizer
+    if isinstance(tokenizer, TrainedTokenizerConfig) and any(store is None for *_, store in plans):
+        tokenizer = str(ensure_bpe(cfg, tokenizer, log))  # trained once, then found in data.cache_dir
+    stores = []
+    for src, files, folder, store in plans:
+        head = "" if src.field == "data" else f"source {src.name!r}: "
+        if store is None:
+            index = _build(src.cfg, tokenizer, files, folder, log, shard_tokens)
+            log(_summary(f"{head}prepared {folder}", index))
+            store = open_store(folder)
+        else:
+            log(_summary(f"{head}already prepared (nothing to tokenize): {folder}", store.index))
+        check_fits(store, src)
+        stores.append(store)
+    prepared = PreparedData(sources, stores)
+    if cfg.sources is not None and only is None:
+        log(_mixture_summary(prepared))
+    return prepared
+
+
+def pick_source(sources: list[Source], key: str) -> Source:
+    """The source named ``key``, or at index ``key`` (a SLURM array task id)."""
+    for i, src in enumerate(sources):
+        if key in (src.name, str(i)):
+            return src
+    names = ", ".join(f"{i} ({src.name})" for i, src in enumerate(sources))
+    raise UserError(f"--source {key!r}: no such data source; the sources are {names}")
+
+
+def wait_for_data(cfg: DataConfig, idle_timeout_s: float = WAIT_IDLE_S) -> PreparedData:
+    """Ranks other than 0: wait for the stores rank 0 prepares (polling their index files), then open them."""
+    sources, stores = data_sources(cfg), []
+    for src in sources:
+        folder = Path(cfg.cache_dir) / fingerprint(cfg, src, [p for g in resolve_groups(src.cfg, src.field) for p in g])
+        store = wait_for_store(folder, idle_timeout_s)
+        check_fits(store, src)
+        stores.append(store)
+    return PreparedData(sources, stores)
 
 
 def prepare_tokens(cfg: DataConfig, log: Log | None = None, shard_tokens: int = SHARD_TOKENS) -> TokenCache:
-    """Open the store of ``cfg``, preparing it first when there is none; check it fits ``data.seq_len``."""
-    log = log or (lambda _: None)
-    groups = resolve_groups(cfg)
-    files = [p for group in groups for p in group]
-    folder = store_folder(cfg, files)
-    store = open_store(folder)
-    if store is None:
-        check_contents(cfg, groups)  # before anything is written
-        tokenizer = cfg.tokenizer
-        if isinstance(tokenizer, TrainedTokenizerConfig):  # trained once, then found in data.cache_dir
-            tokenizer = str(ensure_bpe(cfg, tokenizer, files, log))
-        index = _build(cfg, tokenizer, files, folder, log, shard_tokens)
-        log(_summary(f"prepared {folder}", index))
-        store = open_store(folder)
-    else:
-        log(_summary(f"already prepared (nothing to tokenize): {folder}", store.index))
-    check_fits(store, cfg)
-    return store
+    """``prepare_data`` of a one-source config: its store."""
+    return _only_store(prepare_data(cfg, log, shard_tokens))
 
 
 def wait_for_tokens(cfg: DataConfig, idle_timeout_s: float = WAIT_IDLE_S) -> TokenCache:
-    """Ranks other than 0: wait for the store rank 0 prepares (polling its index file), then open it."""
-    store = wait_for_store(store_folder(cfg), idle_timeout_s)
-    check_fits(store, cfg)
-    return store
+    """``wait_for_data`` of a one-source config: its store."""
+    return _only_store(wait_for_data(cfg, idle_timeout_s))
 
 
-def check_fits(store: TokenCache, cfg: DataConfig) -> None:
+def _only_store(prepared: PreparedData) -> TokenCache:
+    if len(prepared.stores) != 1:
+        raise ValueError("a mixture (data.sources) has one store per source: use prepare_data / wait_for_data")
+    return prepared.stores[0]
+
+
+def store_folder(cfg: DataConfig) -> Path:
+    """``cache_dir/<fingerprint>``: where the store of a one-source config is (or will be) published."""
+    (src,) = data_sources(cfg)
+    return Path(cfg.cache_dir) / fingerprint(cfg, src, resolve_files(cfg))
+
+
+def check_fits(store: TokenCache, src: Source) -> None:
+    cfg = src.cfg
     splits = store.index["splits"]
     need = cfg.seq_len + 1
     if all(splits[s]["tokens"] >= need for s in SPLITS):
         return
     pieces = splits["train"]["pieces"] + splits["val"]["pieces"]
     raise UserError(
-        f"data: the corpus gives {splits['train']['tokens']} train and {splits['val']['tokens']} val tokens "
+        f"{src.field}: the corpus gives {splits['train']['tokens']} train and {splits['val']['tokens']} val tokens "
         f"({pieces} pieces of at most data.split_chars={cfg.split_chars} characters, "
         f"{splits['val']['pieces']} held out by data.val_fraction={cfg.val_fraction}); each split needs at least "
         f"data.seq_len + 1 = {need} tokens. Add data, lower data.seq_len, or lower data.split_chars "
         "so the corpus is cut into more pieces"
     )
+
+
+def _mixture_summary(prepared: PreparedData) -> str:
+    parts = []
+    for src, store in zip(prepared.sources, prepared.stores):
+        splits = store.index["splits"]
+        parts.append(
+            f"{src.name} {src.weight:.1%} of the blocks ({splits['train']['tokens']} train, "
+            f"{splits['val']['tokens']} val tokens)"
+        )
+    return "mixture: " + "; ".join(parts)
 
 
 def _summary(head: str, index: dict) -> str:

@@ -36,13 +36,40 @@ def default_corpus_files() -> list[Path]:
     return sorted(found)
 
 
+@dataclass(frozen=True)
+class Source:
+    """One source of the data: ``cfg`` is the data config of this source alone (its paths / hub, format
+    and text field; ``sources`` None), ``field`` names it in messages, ``weight`` is its normalised share."""
+
+    name: str
+    weight: float
+    cfg: DataConfig
+    field: str
+
+
+def data_sources(cfg: DataConfig) -> list[Source]:
+    """The sources of ``cfg``: one (``data.paths`` / ``data.hub``, named "data") or the mixture's."""
+    if cfg.sources is None:
+        return [Source("data", 1.0, cfg, "data")]
+    total = sum(s.weight for s in cfg.sources)
+    out = []
+    for i, (src, name) in enumerate(zip(cfg.sources, cfg.source_names())):
+        own = src.model_dump(include={"paths", "hub", "hub_split", "format", "text_field"})
+        out.append(
+            Source(name, src.weight / total, cfg.model_copy(update={**own, "sources": None}), f"data.sources[{i}]")
+        )
+    return out
+
+
 def resolve_files(cfg: DataConfig) -> list[Path]:
-    """Every data file, in a stable order; raises UserError naming the path that matches nothing."""
-    return [p for group in resolve_groups(cfg) for p in group]
+    """Every data file (of every source), in a stable order; raises UserError naming the path that
+    matches nothing."""
+    return [p for src in data_sources(cfg) for group in resolve_groups(src.cfg, src.field) for p in group]
 
 
-def resolve_groups(cfg: DataConfig) -> list[list[Path]]:
-    """The files of each ``data.paths`` entry (one group: the built-in corpus when none is given)."""
+def resolve_groups(cfg: DataConfig, field: str = "data") -> list[list[Path]]:
+    """The files of each ``paths`` entry of a one-source config (one group: the built-in corpus when
+    none is given); ``field`` names the source in messages."""
     if not cfg.paths:
         return [default_corpus_files()] if cfg.hub is None else []
     groups: list[list[Path]] = []
@@ -54,35 +81,45 @@ def resolve_groups(cfg: DataConfig) -> list[list[Path]]:
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not found:
             raise UserError(
-                f"data.paths[{i}]: {pattern!r} matches no readable data file; fix the path, "
-                "or remove data.paths to train on the built-in corpus"
+                f"{field}.paths[{i}]: {pattern!r} matches no readable data file; fix the path"
+                + (", or remove data.paths to train on the built-in corpus" if field == "data" else "")
             )
         for p in found:
             if not os.access(p, os.R_OK):
-                raise UserError(f"data.paths[{i}]: {str(p)!r} is not readable (check its permissions)")
+                raise UserError(f"{field}.paths[{i}]: {str(p)!r} is not readable (check its permissions)")
         groups.append(found)
     return groups
 
 
 def check_data_reachable(cfg: DataConfig) -> None:
     """Pre-flight check (also used by ``moetrain launch``): every configured source resolves."""
-    for p in resolve_files(cfg):
-        if format_of(p, cfg) is None:
-            raise UserError(
-                f"data.format: cannot tell the format of {str(p)!r}; set data.format to text, jsonl or parquet"
-            )
+    for src in data_sources(cfg):
+        for group in resolve_groups(src.cfg, src.field):
+            for p in group:
+                if format_of(p, src.cfg) is None:
+                    raise UserError(
+                        f"{src.field}.format: cannot tell the format of {str(p)!r}; set {src.field}.format to "
+                        "text, jsonl or parquet"
+                    )
 
 
-def check_contents(cfg: DataConfig, groups: list[list[Path]]) -> None:
-    """Before preparation writes anything: no ``data.paths`` entry (a group of ``resolve_groups``) is only
-    empty files, and every text / jsonl file is UTF-8 text (not binary). One pass over the bytes."""
+def check_contents(cfg: DataConfig, groups: list[list[Path]], field: str = "data") -> None:
+    """Before preparation writes anything: no ``paths`` entry (a group of ``resolve_groups``) of a
+    one-source config is only empty files, and every text / jsonl file is UTF-8 text (not binary). One
+    pass over the bytes."""
     for i, group in enumerate(groups):
         if cfg.paths and all(p.stat().st_size == 0 for p in group):
             what = "it is empty" if len(group) == 1 else f"all {len(group)} files it matches are empty"
-            raise UserError(f"data.paths[{i}]: {cfg.paths[i]!r} holds no text ({what}); add text or remove it")
+            raise UserError(f"{field}.paths[{i}]: {cfg.paths[i]!r} holds no text ({what}); add text or remove it")
         for p in group:
             if format_of(p, cfg) in ("text", "jsonl"):
                 check_utf8(p)
+
+
+def check_all_contents(cfg: DataConfig) -> None:
+    """``check_contents`` of every source of ``cfg``."""
+    for src in data_sources(cfg):
+        check_contents(src.cfg, resolve_groups(src.cfg, src.field), src.field)
 
 
 def format_of(path: Path, cfg: DataConfig) -> str | None:

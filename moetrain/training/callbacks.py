@@ -128,8 +128,8 @@ class EvalCallback(Callback):
 
     def run(self, trainer: "Trainer", step: int) -> None:
         self.last_eval = step
-        val_loss = trainer.evaluate()
-        trainer.logger.log(step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+        losses = trainer.evaluate()
+        trainer.logger.log(step, {**losses, "val_ppl": math.exp(min(losses["val_loss"], 50.0))})
 
 
 class CheckpointCallback(Callback):

@@ -86,7 +86,7 @@ class Trainer:
             faults.kill_if("kill_after_finish_check", saved["step"], layout.rank)
             return
         data.check_data_reachable(cfg.data)  # 2. rank 0 opens (or prepares) the store; the others wait for it
-        cache = data.prepare_tokens(cfg.data, log=self._say) if layout.rank == 0 else data.wait_for_tokens(cfg.data)
+        cache = data.prepare_data(cfg.data, log=self._say) if layout.rank == 0 else data.wait_for_data(cfg.data)
         self._build_data(cache)
         vocab = cfg.model.vocab_size or cache.vocab_size
         if vocab < cache.vocab_size:
@@ -140,17 +140,21 @@ class Trainer:
         for line in allowed:
             self._say(f"resuming with a changed setting: {line}")
 
-    def _build_data(self, cache: data.TokenCache) -> None:
+    def _build_data(self, prepared: data.PreparedData) -> None:
         cfg, layout = self.cfg, self.layout
-        self.train_blocks = data.PackedBlocks(cache.tokens("train"), cfg.data.seq_len)
-        self.val_blocks = data.PackedBlocks(cache.tokens("val"), cfg.data.seq_len)
+        S = cfg.data.seq_len
+        train = [data.PackedBlocks(store.tokens("train"), S) for store in prepared.stores]
+        self.val_sources = [(src.name, src.weight) for src in prepared.sources]
+        self.val_sets = [data.PackedBlocks(store.tokens("val"), S) for store in prepared.stores]
+        self.val_blocks = self.val_sets[0]  # the first source's: the routing probes' tokens
         self.stream = data.TrainStream(
-            self.train_blocks,
+            train if len(train) > 1 else train[0],
             cfg.seed,
             cfg.train.micro_batch_size,
             cfg.train.grad_accum_steps,
             layout.rank,
             layout.world_size,
+            weights=[src.weight for src in prepared.sources],
         )
 
     # --- loop ----------------------------------------------------------------------------------------
@@ -200,21 +204,27 @@ class Trainer:
     # --- helpers used by callbacks -------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """``{"val_loss": ...}``; a mixture also ``val_loss/<source>`` for each source (``train.eval_batches``
+        batches of each), and ``val_loss`` is their mean weighted by the mixture's weights."""
         engine, cfg = self.engine, self.cfg
         engine.eval()
-        total = torch.zeros((), device=engine.device)
-        batches = data.val_batches(
-            self.val_blocks,
-            cfg.train.micro_batch_size,
-            cfg.train.eval_batches,
-            self.layout.rank,
-            self.layout.world_size,
-        )
-        for x, y in batches:
-            total += engine(x.to(engine.device), y.to(engine.device)).lm_loss.float()
+        losses = []
+        for blocks in self.val_sets:
+            total = torch.zeros((), device=engine.device)
+            batches = data.val_batches(
+                blocks, cfg.train.micro_batch_size, cfg.train.eval_batches, self.layout.rank, self.layout.world_size
+            )
+            for x, y in batches:
+                total += engine(x.to(engine.device), y.to(engine.device)).lm_loss.float()
+            losses.append(total / cfg.train.eval_batches)
         engine.train()
-        return all_reduce_mean(total / cfg.train.eval_batches).item()
+        per_source = all_reduce_mean(torch.stack(losses)).tolist()
+        if len(per_source) == 1:
+            return {"val_loss": per_source[0]}
+        out = {"val_loss": sum(w * loss for (_, w), loss in zip(self.val_sources, per_source))}
+        out.update({f"val_loss/{name}": loss for (name, _), loss in zip(self.val_sources, per_source)})
+        return out
 
     def current_lr(self) -> float:
         return self.engine.get_lr()[0]

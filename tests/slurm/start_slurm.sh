@@ -57,7 +57,7 @@ start_munge() {
     chmod 0700 /etc/munge
     chmod 0400 /etc/munge/munge.key
     rm -f /run/munge/munged.pid
-    runuser -u munge -- /usr/sbin/munged
+    runuser -u munge -- /usr/sbin/munged 9>&-  # 9: the bring-up lock; a daemon must not hold it
     for _ in $(seq 50); do
         munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0
         sleep 0.1
@@ -130,7 +130,7 @@ stop_daemon() {  # stop_daemon NAME: end the daemon of $SLURM_DIR/NAME.pid, wait
 start_daemon() {  # start_daemon NAME: start it unless the one of NAME.pid is alive (it daemonizes)
     running "$SLURM_DIR/$1.pid" "$1" && return 0
     rm -f "$SLURM_DIR/$1.pid"  # a stale pid file would pass for the new daemon if that one dies early
-    "$1" -f "$CONF" || log "$1 exited with status $? (wait_ready prints its log)"
+    "$1" -f "$CONF" 9>&- || log "$1 exited with status $? (wait_ready prints its log)"
 }
 
 start_daemons() {  # start_daemons CHANGED
