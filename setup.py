@@ -43,6 +43,10 @@ setup(
     packages=[
         "moetrain",
         "moetrain.config",
+        "moetrain.data",
+        "moetrain.backbone",
+        "moetrain.inference",
+        "moetrain.export",
         "moetrain.moe",
         "moetrain.moe.routers",
         "moetrain.parallel",
@@ -66,9 +70,10 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "triton>=3.0", "ruff==0.17.6"],
+        # transformers: tests/test_export.py loads exported models with it (skipped without it)
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "triton>=3.0", "ruff==0.17.6", "transformers==5.24.0"],
         "wandb": ["wandb>=0.16"],
-        "hf": ["transformers>=4.40"],
+        "hf": ["transformers>=4.40"],  # hub tokenizers; loading `moetrain export` folders (tested: 5.24.0)
     },
     entry_points={"console_scripts": ["moetrain=moetrain.cli:entry"]},
 )

@@ -1,4 +1,4 @@
-"""``moetrain train | prepare | tokenizer train | validate | launch`` — the thin entry point.
+"""``moetrain train | prepare | tokenizer train | validate | eval | generate | export | launch`` — the thin entry point.
 
 Errors in user input (config, data, checkpoint, CLI) print one ``error:`` message and exit with code 2,
 without a traceback.
@@ -37,10 +37,63 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config (and the parallel layout) without training")
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=None, help="also check the layout for this many ranks")
-    p = sub.add_parser("report", help="draw PNG plots (loss, expert load, fluctuation) of a run directory")
-    p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    p = sub.add_parser(
+        "report",
+        help="draw PNG plots (loss, expert load, routing, fluctuation) of run directories; with two or more, "
+        "also overlay their validation-loss curves",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="run_dir", help="run directories holding metrics.jsonl")
+    p.add_argument(
+        "--out", default="val_loss_overlay.png", help="the overlay PNG (two or more runs; default: %(default)s)"
+    )
+    _add_inference_parsers(sub)
     add_launch_parser(sub)
     return parser
+
+
+def _quiet_cpu_accelerator() -> None:
+    """eval / generate / export import DeepSpeed (through the checkpoint code) but never start it: name
+    its accelerator on a machine without CUDA so it does not probe and warn."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _add_inference_parsers(sub) -> None:
+    where = "a run directory (its newest committed checkpoint) or a checkpoints/step_NNNNNN folder"
+    over = "key.path=value overrides that keep the model (e.g. data.cache_dir=..., moe.router.eval_routing=backbone)"
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint (one process, any layout)")
+    p.add_argument("checkpoint", help=where)
+    p.add_argument("overrides", nargs="*", help=over)
+    p.add_argument(
+        "--data", nargs="+", default=None, help="files, folders or globs to evaluate (default: the val split)"
+    )
+    p.add_argument("--max-batches", type=int, default=None, help="--data: evaluate at most this many micro-batches")
+    p.add_argument("--out", default=None, help="the JSON result (default: RUN_DIR/eval/step_NNNNNN[_files].json)")
+    p = sub.add_parser("generate", help="sample text from a checkpoint with a KV cache, streamed to the terminal")
+    p.add_argument("checkpoint", help=where)
+    p.add_argument("overrides", nargs="*", help=over)
+    p.add_argument("--prompt", default="", help="the text to continue (default: a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (argmax)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens of this total mass")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder (safetensors)")
+    p.add_argument("checkpoint", help=where)
+    p.add_argument("out_dir", help="the folder to write (created; must not hold files)")
+    p.add_argument("overrides", nargs="*", help=over)
+    p.add_argument(
+        "--format", choices=["hf"], default="hf", help="hf: config.json, safetensors shards, tokenizer files"
+    )
+    p.add_argument(
+        "--target",
+        choices=["auto", "mixtral", "remote-code"],
+        default="auto",
+        help="auto: native MixtralForCausalLM where the model's math is Mixtral's, else remote code",
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 200MB")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -104,10 +157,103 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moetrain.report import make_report
+    from moetrain.report import make_overlay, make_report
 
-    for path in make_report(Path(args.run_dir)):
-        print(f"wrote {path}")
+    run_dirs = [Path(d) for d in args.run_dirs]
+    for run_dir in run_dirs:
+        for path in make_report(run_dir):
+            print(f"wrote {path}")
+    if len(run_dirs) > 1:
+        print(f"wrote {make_overlay(run_dirs, Path(args.out))}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _quiet_cpu_accelerator()
+    import json
+    import re
+    from pathlib import Path
+
+    from moetrain.inference import evaluate, loading, text
+
+    paths = args.data
+    if paths:  # nargs="+" swallows key=value overrides written after --data
+        is_override = [bool(re.match(r"^-*[A-Za-z_][\w.]*=", a)) and not Path(a).exists() for a in paths]
+        args.overrides += [a for a, o in zip(paths, is_override) if o]
+        paths = [a for a, o in zip(paths, is_override) if not o]
+    loaded = loading.load_checkpoint(args.checkpoint, args.overrides)
+    tok = text.run_tokenizer(loaded.cfg.data, loaded.state.get("data_fingerprint"))
+    name = f"step_{loaded.step:06d}{'_files' if paths else ''}.json"
+    out = Path(args.out) if args.out else loaded.run_dir / "eval" / name
+    _check_writable_file(out, "--out")
+    if paths:
+        result = evaluate.evaluate_files(loaded, tok, paths, args.max_batches)
+    else:
+        result = evaluate.evaluate_val(loaded, tok, log=lambda line: print(line, flush=True))
+    bpb = f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "n/a"
+    print(
+        f"step {result.step} | {result.data} | {result.tokens} tokens | loss {result.loss:.4f} | "
+        f"ppl {result.perplexity:.2f} | bits/byte {bpb}"
+    )
+    if result.logged_val_loss is not None:
+        print(f"training logged val_loss {result.logged_val_loss:.4f} at step {result.step}")
+    out.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _check_writable_file(path, flag: str) -> None:
+    """Create the file's folder and make sure a file can be written there, before any work."""
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as exc:
+        raise UserError(f"{flag}: cannot write {str(path)!r} ({exc.strerror}); give a writable path") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _quiet_cpu_accelerator()
+    from moetrain.inference import generate, loading, text
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 1")
+    if args.temperature < 0:
+        raise UserError(f"--temperature ({args.temperature}) must be >= 0 (0 = greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k ({args.top_k}) must be >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p ({args.top_p}) must be in (0, 1]")
+    loaded = loading.load_checkpoint(args.checkpoint, args.overrides)
+    if loaded.cfg.moe is not None and loaded.cfg.moe.router.kind == "expert_choice":
+        raise UserError(
+            "generate: expert-choice routing picks tokens from whole sequences (not causal), so it cannot "
+            "route one new token at a time; evaluate the model with `moetrain eval` instead"
+        )
+    tok = text.run_tokenizer(loaded.cfg.data, loaded.state.get("data_fingerprint"))
+    sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    stream = tok.stream()
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+
+    def show(token: int) -> None:
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+
+    generate.generate(loaded.model, tok.encode(args.prompt), sampling, tok.eos_id, on_token=show)
+    sys.stdout.write(stream.flush() + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _quiet_cpu_accelerator()
+    from pathlib import Path
+
+    from moetrain.export import export_hf
+
+    for line in export_hf(args.checkpoint, Path(args.out_dir), args.target, args.max_shard_size, args.overrides):
+        print(line, flush=True)
     return 0
 
 
@@ -160,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tokenizer": cmd_tokenizer,
         "validate": cmd_validate,
         "report": cmd_report,
+        "eval": cmd_eval,
+        "generate": cmd_generate,
+        "export": cmd_export,
     }
     try:
         if args.command in commands:

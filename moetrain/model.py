@@ -1,4 +1,7 @@
-"""Decoder-only, pre-LayerNorm transformer LM with two MoE placements.
+"""Decoder-only, pre-norm transformer LM with two MoE placements and two backbones.
+
+``model.arch``: ``gpt2`` (LayerNorm, learned positions, biases) or ``llama`` (RMSNorm, rotary positions,
+no biases, SwiGLU, optional grouped-query attention; ``moetrain/backbone/``).
 
 - ``replace_ffn``: the FFN of every k-th block is an MoE layer (modern style).
 - ``insert``: an extra MoE layer after chosen blocks whose experts are stacks of residual FFN
@@ -18,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.backbone.attention import Attention, Rotary
+from moetrain.backbone.kv_cache import KVCache
+from moetrain.backbone.norm import make_norm
 from moetrain.config.model import ModelConfig, MoEConfig
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.metrics import LayerStats
@@ -32,33 +38,12 @@ class ModelOutput:
     moe_stats: list[LayerStats]
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.dropout = cfg.dropout
-
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
-
-
 class DenseFFN(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, kind: str):
+    def __init__(self, d_model: int, d_ff: int, kind: str, bias: bool = True):
         super().__init__()
         self.kind = kind
-        self.up = nn.Linear(d_model, d_ff * (2 if kind == "swiglu" else 1))
-        self.down = nn.Linear(d_ff, d_model)
+        self.up = nn.Linear(d_model, d_ff * (2 if kind == "swiglu" else 1), bias=bias)  # swiglu: [gate; up]
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
@@ -71,21 +56,24 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN block; its FFN is dense or an MoE layer (``replace_ffn``)."""
+    """Pre-norm block; its FFN is dense or an MoE layer (``replace_ffn``)."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoELayer | None):
+    def __init__(self, cfg: ModelConfig, moe: MoELayer | None, layer_idx: int = 0):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ffn = moe if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff, cfg.ffn_type)
+        bias = cfg.arch == "gpt2"
+        self.ln1 = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, bias, cfg.dropout, layer_idx)
+        self.ln2 = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps)
+        self.ffn = moe if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff, cfg.ffn_type, bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h_BSD: torch.Tensor, token_ids_T: torch.Tensor) -> tuple[torch.Tensor, object]:
-        h_BSD = h_BSD + self.drop(self.attn(self.ln1(h_BSD)))
+    def forward(
+        self, h_BSD: torch.Tensor, token_ids_T: torch.Tensor, rotary=None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, object]:
+        h_BSD = h_BSD + self.drop(self.attn(self.ln1(h_BSD), rotary, cache))
         x_BSD = self.ln2(h_BSD)
         if isinstance(self.ffn, MoELayer):
-            out = self.ffn(x_BSD.reshape(-1, x_BSD.shape[-1]), token_ids_T)
+            out = self.ffn(x_BSD.reshape(-1, x_BSD.shape[-1]), token_ids_T, x_BSD.shape[1])
             return h_BSD + self.drop(out.y_TD.view_as(h_BSD)), out
         return h_BSD + self.drop(self.ffn(x_BSD)), None
 
@@ -94,17 +82,19 @@ class InsertedMoE(nn.Module):
     """An extra MoE layer between blocks: h + sum_k gate * Expert_k-branch(h).
 
     Stacked experts carry their own pre-LayerNorms, so they (and the router, as in the paper) see the
-    raw residual stream; other expert types get a LayerNorm first.
+    raw residual stream; other expert types get a LayerNorm (RMSNorm for llama) first.
     """
 
     def __init__(self, cfg: ModelConfig, moe: MoELayer, pre_norm: bool):
         super().__init__()
-        self.ln = nn.LayerNorm(cfg.d_model) if pre_norm else nn.Identity()
+        self.ln = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps) if pre_norm else nn.Identity()
         self.moe = moe
 
-    def forward(self, h_BSD: torch.Tensor, token_ids_T: torch.Tensor) -> tuple[torch.Tensor, object]:
+    def forward(
+        self, h_BSD: torch.Tensor, token_ids_T: torch.Tensor, rotary=None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, object]:
         x_TD = self.ln(h_BSD).reshape(-1, h_BSD.shape[-1])
-        out = self.moe(x_TD, token_ids_T)
+        out = self.moe(x_TD, token_ids_T, h_BSD.shape[1])
         return h_BSD + out.y_TD.view_as(h_BSD), out
 
 
@@ -114,21 +104,26 @@ class MoETransformer(nn.Module):
         assert cfg.vocab_size is not None, "resolve model.vocab_size from the tokenizer first"
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        if cfg.arch == "gpt2":
+            self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        else:
+            self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_theta)
         self.drop = nn.Dropout(cfg.dropout)
         moe_at = set(moe_cfg.moe_blocks(cfg.n_layers)) if moe_cfg else set()
 
-        def new_moe() -> MoELayer:
-            return MoELayer(moe_cfg, cfg.d_model, moe_cfg.expert_hidden or cfg.d_ff, cfg.vocab_size)
+        def new_moe(j: int) -> MoELayer:  # the j-th MoE layer (PR-MoE: its own number of experts)
+            layer_cfg = moe_cfg.model_copy(update={"num_experts": moe_cfg.experts_of_layer(j)})
+            return MoELayer(layer_cfg, cfg.d_model, moe_cfg.expert_hidden or cfg.d_ff, cfg.vocab_size)
 
         layers: list[nn.Module] = []
+        order = {block: j for j, block in enumerate(sorted(moe_at))}
         for i in range(cfg.n_layers):
             replace = moe_cfg is not None and moe_cfg.placement == "replace_ffn" and i in moe_at
-            layers.append(Block(cfg, new_moe() if replace else None))
+            layers.append(Block(cfg, new_moe(order[i]) if replace else None, layer_idx=i))
             if moe_cfg is not None and moe_cfg.placement == "insert" and i in moe_at:
-                layers.append(InsertedMoE(cfg, new_moe(), pre_norm=moe_cfg.expert_type != "stacked"))
+                layers.append(InsertedMoE(cfg, new_moe(order[i]), pre_norm=moe_cfg.expert_type != "stacked"))
         self.layers = nn.ModuleList(layers)
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()
         if cfg.tie_embeddings:
@@ -144,22 +139,36 @@ class MoETransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "ffn.down.weight")):
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
+        if self.cfg.embed_scale == "sqrt_d":  # the same draw, rescaled: every other weight stays as it was
+            with torch.no_grad():
+                self.embed.weight.mul_(self.cfg.d_model**-0.5 / std)
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
-        """1. embed; 2. blocks (MoE layers return their aux loss and stats); 3. LM loss + aux losses."""
+    def forward(
+        self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> ModelOutput:
+        """1. embed (positions continue after ``cache.length`` when decoding with a KV cache); 2. blocks
+        (MoE layers return their aux loss and stats); 3. LM loss + aux losses."""
         B, S = tokens_BS.shape
         token_ids_T = tokens_BS.reshape(-1)
-        h = self.drop(self.embed(tokens_BS) + self.pos(torch.arange(S, device=tokens_BS.device)))
+        start = cache.length if cache is not None else 0
+        positions_S = torch.arange(start, start + S, device=tokens_BS.device)
+        rotary = self.rotary(positions_S) if self.cfg.arch == "llama" else None
+        h = self.embed(tokens_BS)
+        if self.cfg.embed_scale == "sqrt_d":
+            h = h * math.sqrt(self.cfg.d_model)
+        h = self.drop(h + self.pos(positions_S) if self.cfg.arch == "gpt2" else h)
         aux = torch.zeros((), device=tokens_BS.device)
         stats: list[LayerStats] = []
         for layer in self.layers:
-            h, moe_out = layer(h, token_ids_T)
+            h, moe_out = layer(h, token_ids_T, rotary, cache)
             if moe_out is not None:
                 aux = aux + moe_out.aux_loss
                 stats.append(moe_out.stats)
+        if cache is not None:
+            cache.advance(S)
         logits = self.lm_head(self.ln_f(h))
         if targets_BS is None:
             return ModelOutput(None, None, aux, logits, stats)

@@ -238,3 +238,24 @@ def test_non_finite_weights_are_detected_while_gathering_a_checkpoint():
     with torch.no_grad():
         model.layers[0].ffn.experts.w1_SLDF[0, 3, 0, 0] = float("nan")  # one weight of global expert 3
     assert gather(model, optimizer, ParallelLayout()).nonfinite
+
+
+def test_a_checkpoint_older_than_a_new_field_resumes_while_the_field_keeps_its_default(tmp_path, data_cache):
+    """A config saved before a field existed lacks it: no difference at the default, refused otherwise."""
+    import json
+
+    from moetrain.training.manifest import write_manifest
+
+    run = tmp_path / "run"
+    train(run, data_cache, "train.steps=4", "train.stop_at_step=2")
+    state_file = next(run.glob("checkpoints/step_*/state.json"))
+    state = json.loads(state_file.read_text())
+    for section, key in [("model", "norm_eps"), ("moe", "shared_experts"), ("data", "sources")]:
+        del state["config"][section][key]  # as written by a release without these fields
+    state_file.write_text(json.dumps(state, indent=1))
+    fmt = json.loads((state_file.parent / "manifest.json").read_text())["format"]
+    write_manifest(state_file.parent, fmt)  # the checksums of the edited state.json
+    proc = train(run, data_cache, "train.steps=4", "moe.shared_experts=1", "moe.expert_type=gelu", expect=2)
+    assert "moe.shared_experts: '<unset>' -> 1" in proc.stderr, proc.stderr
+    proc = train(run, data_cache, "train.steps=4")
+    assert "resumed from" in proc.stdout

@@ -144,3 +144,8 @@ def test_prepare_then_train_a_mixture(tmp_path):
     assert evals[-1]["val_loss/rec"] < evals[0]["val_loss/rec"]
     state = json.loads(next(run.glob("checkpoints/*/state.json")).read_text())
     assert state["data_fingerprint"].startswith("mix-")
+    ev = run_cli("eval", str(run))  # the same weighted validation loss, on one process
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(next(run.glob("eval/*.json")).read_text())
+    assert result["loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
+    assert result["per_source"]["rec"] == pytest.approx(evals[-1]["val_loss/rec"], rel=1e-5)

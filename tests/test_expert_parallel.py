@@ -91,6 +91,10 @@ def assert_same_run(a, b):
     assert any(".experts." in n and wa[n].shape[1] == 4 for n in wa)  # all 4 global experts compared
 
 
+AUX_FREE = ["moe.router.bias_update_rate=0.05", "moe.router.load_balance_coeff=0"]
+SHARED = ["moe.shared_experts=2", "moe.shared_expert_hidden=16", "moe.expert_type=swiglu", "moe.placement=replace_ffn"]
+RESIDUAL = ["moe.residual=true", "moe.expert_type=gelu", "moe.placement=replace_ffn"]
+PYRAMID = ["moe.num_experts_per_layer=[2, 4]"]  # PR-MoE: 2 experts in block 0, 4 in block 1
 STABLE = ["moe.router={kind: stablemoe, stage1_steps: 2}", "moe.placement=insert", "moe.expert_type=stacked"]
 
 CASES = {
@@ -104,6 +108,27 @@ CASES = {
     # distilled router frozen by lr 0 inside the ZeRO partitions.
     "stablemoe-switch-ep2-zero0": (2, 2, STABLE),
     "stablemoe-switch-ep2-zero2": (2, 2, [*STABLE, "deepspeed.zero_optimization.stage=2"]),
+    # Aux-loss-free balancing: the selection bias moves after every step from the global counts.
+    "auxfree-seqaux-top2-ep2-zero1": (
+        2,
+        2,
+        [*AUX_FREE, "moe.router.seq_aux_coeff=0.01", "moe.router.top_k=2", "deepspeed.zero_optimization.stage=1"],
+    ),
+    "auxfree-top1-ep4-zero0": (4, 4, [*AUX_FREE, "moe.router.top_k=1", "moe.router.score_func=sigmoid"]),
+    # Shared experts: replicated, data-parallel, beside the sharded routed experts.
+    "shared-top2-ep2-zero2": (2, 2, [*SHARED, "moe.router.top_k=2", "deepspeed.zero_optimization.stage=2"]),
+    # Null experts: slots routed to them are never sent; top-1 and top-2.
+    "null-top2-ep2-zero1": (2, 2, ["moe.null_experts=2", "moe.router.top_k=2", "deepspeed.zero_optimization.stage=1"]),
+    "null-top1-ep4-zero0": (4, 4, ["moe.null_experts=4", "moe.router.top_k=1"]),
+    # Expert choice: each expert picks per sequence, so the rank a sequence lands on does not matter.
+    "expertchoice-k2-ep2-zero2": (
+        2,
+        2,
+        ["moe.router={kind: expert_choice, top_k: 2}", "deepspeed.zero_optimization.stage=2"],
+    ),
+    "expertchoice-k1-ep4-zero0": (4, 4, ["moe.router={kind: expert_choice, top_k: 1}"]),
+    # Residual MoE: a replicated dense FFN and mixing coefficient beside the sharded experts.
+    "pr-moe-top1-ep2-zero1": (2, 2, [*RESIDUAL, *PYRAMID, "moe.router.top_k=1", "deepspeed.zero_optimization.stage=1"]),
 }
 
 

@@ -133,10 +133,11 @@ def test_a_planted_cycle_is_found(tmp_path, inside_function):
 LAYERS = [
     ["moetrain.errors", "moetrain.config"],  # config: pure models, imports nothing that runs
     ["moetrain.kernels"],
-    ["moetrain.moe", "moetrain.model"],  # the model side, built for one process
+    ["moetrain.moe", "moetrain.backbone", "moetrain.model"],  # the model side, built for one process
     ["moetrain.data", "moetrain.logging", "moetrain.report"],
     ["moetrain.parallel"],  # applied to a built model
     ["moetrain.training"],
+    ["moetrain.inference", "moetrain.export"],  # use what training saved
     ["moetrain.launch", "moetrain.cli"],  # entry points
 ]
 # parallelism takes plain values (a layout, groups), never the job config

@@ -13,22 +13,54 @@ ExpertType = Literal["gelu", "swiglu", "stacked"]
 
 
 class ModelConfig(StrictModel):
+    arch: Literal["gpt2", "llama"] = Field(
+        "gpt2",
+        description="gpt2: LayerNorm, learned positions, biases; llama: RMSNorm, rotary positions, no biases, "
+        "SwiGLU FFN (ffn_type: swiglu), optional grouped-query attention (n_kv_heads)",
+    )
     vocab_size: int | None = Field(None, ge=2, description="default: the tokenizer's vocabulary")
     d_model: int = Field(128, ge=1)
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = Field(
+        None, ge=1, description="llama: key/value heads (grouped-query attention); null = n_heads"
+    )
+    rope_theta: float = Field(10000.0, gt=0.0, description="llama: base of the rotary position frequencies")
+    norm_eps: float = Field(1e-5, gt=0.0, description="epsilon of every LayerNorm (gpt2) or RMSNorm (llama)")
     d_ff: int = Field(512, ge=1)
     ffn_type: Literal["gelu", "swiglu"] = "gelu"
     max_seq_len: int = Field(256, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0.0)
+    embed_scale: Literal["none", "sqrt_d"] = Field(
+        "none",
+        description="sqrt_d: token embeddings initialised N(0, d_model^-0.5) and multiplied by sqrt(d_model) in "
+        "the forward (fairseq, the StableMoE code); none: N(0, init_std), unscaled",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.arch == "gpt2" and self.n_kv_heads is not None:
+            raise ValueError("model.n_kv_heads (grouped-query attention) needs model.arch: llama")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.arch == "llama" and self.ffn_type != "swiglu":
+            raise ValueError(f"model.arch llama has a SwiGLU FFN: set model.ffn_type: swiglu (got {self.ffn_type})")
+        if self.arch == "llama" and (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"model.arch llama: the head dim d_model / n_heads ({self.d_model // self.n_heads}) must be even "
+                "for rotary positions"
+            )
         return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
 
 class FluctuationConfig(StrictModel):
@@ -48,6 +80,33 @@ class MoEConfig(StrictModel):
     expert_type: ExpertType = "gelu"
     expert_hidden: int | None = Field(None, ge=1, description="expert FFN width; default model.d_ff")
     sublayers: int = Field(3, ge=1, description="stacked experts: residual FFN sublayers per expert")
+    shared_experts: int = Field(
+        0, ge=0, description="DeepSeekMoE: always-on experts beside the routed ones (gelu / swiglu); 0 = none"
+    )
+    num_experts_per_layer: list[int] | None = Field(
+        None,
+        description="PR-MoE's pyramid: the number of experts of each MoE layer, in order (replaces "
+        "moe.num_experts there; e.g. [8, 16] for more experts in the later layer); topk / expert_choice routers",
+    )
+    residual: bool = Field(
+        False,
+        description="Residual MoE (DeepSpeed-MoE): a dense FFN of the expert type and width beside the routed "
+        "experts, output = c0 * moe + c1 * ffn with [c0, c1] = softmax(x W_c), W_c learned per layer",
+    )
+    null_experts: int = Field(
+        0,
+        ge=0,
+        description="AdaMoE: zero-compute experts the top-k router may choose besides the real ones (a token's "
+        "slots routed to them cost nothing; logged as active_experts); topk router only",
+    )
+    shared_expert_hidden: int | None = Field(
+        None, ge=1, description="width of each shared expert; default moe.expert_hidden (docs/routers.md)"
+    )
+    expert_init: Literal["default", "fairseq"] = Field(
+        "default",
+        description="stacked experts: default = W1 N(0, 1/d), biases 0, W2 0 (each expert the identity); fairseq "
+        "= the StableMoE code (torch Linear init: W1, b1 U(+-1/sqrt(d)), b2 U(+-1/sqrt(d_ff)); only W2 zeroed)",
+    )
     capacity_factor: float | None = Field(
         None, gt=0, description="null = dropless; else slots per expert = ceil(cf*T*K/E)"
     )
@@ -65,9 +124,52 @@ class MoEConfig(StrictModel):
             raise ValueError(
                 f"moe.num_experts ({self.num_experts}) must be divisible by moe.expert_parallel_size ({ep})"
             )
+        for n in self.num_experts_per_layer or []:
+            if n < 1 or n % ep:
+                raise ValueError(
+                    f"moe.num_experts_per_layer ({self.num_experts_per_layer}) holds {n}; each must be a positive "
+                    f"multiple of moe.expert_parallel_size ({ep})"
+                )
+        if self.num_experts_per_layer is not None and self.router.kind not in ("topk", "expert_choice"):
+            raise ValueError(
+                f"moe.num_experts_per_layer needs moe.router.kind topk or expert_choice (got {self.router.kind}, "
+                "whose routing tables are built for one number of experts); remove it or change the router"
+            )
+        if self.expert_init == "fairseq" and self.expert_type != "stacked":
+            raise ValueError(
+                f"moe.expert_init fairseq is the StableMoE code's init of stacked experts, but moe.expert_type is "
+                f"{self.expert_type}; set moe.expert_type: stacked or moe.expert_init: default"
+            )
+        if self.residual and self.expert_type == "stacked":
+            raise ValueError(
+                "moe.residual's dense branch is a gelu or swiglu FFN, but moe.expert_type is stacked; set "
+                "moe.expert_type: gelu or swiglu, or moe.residual: false"
+            )
+        if self.shared_experts and self.expert_type == "stacked":
+            raise ValueError(
+                f"moe.shared_experts ({self.shared_experts}) are gelu or swiglu FFNs, but moe.expert_type is "
+                "stacked; set moe.expert_type: gelu or swiglu, or moe.shared_experts: 0"
+            )
+        if self.router.kind == "expert_choice" and self.capacity_factor is not None:
+            raise ValueError(
+                f"moe.capacity_factor ({self.capacity_factor}) does not apply to expert-choice routing: each expert "
+                "takes exactly its capacity of tokens; set moe.capacity_factor: null and use "
+                "moe.router.capacity_factor"
+            )
+        if self.null_experts and self.router.kind != "topk":
+            raise ValueError(
+                f"moe.null_experts ({self.null_experts}) needs moe.router.kind: topk (got {self.router.kind}: it "
+                "sends every token to exactly one real expert); set moe.null_experts: 0"
+            )
         top_k = getattr(self.router, "top_k", 1)
-        if top_k > self.num_experts:
-            raise ValueError(f"moe.router.top_k ({top_k}) must be <= moe.num_experts ({self.num_experts})")
+        fewest = min([self.num_experts, *(self.num_experts_per_layer or [])])
+        if self.num_experts_per_layer is not None and top_k > fewest + self.null_experts:
+            raise ValueError(f"moe.router.top_k ({top_k}) must be <= the fewest experts of a layer ({fewest})")
+        if top_k > self.num_experts + self.null_experts:
+            raise ValueError(
+                f"moe.router.top_k ({top_k}) must be <= moe.num_experts ({self.num_experts})"
+                + (f" + moe.null_experts ({self.null_experts})" if self.null_experts else "")
+            )
         return self
 
     def check_against_model(self, n_layers: int) -> None:
@@ -78,6 +180,16 @@ class MoEConfig(StrictModel):
                 )
         if self.placement == "replace_ffn" and self.every > n_layers:
             raise ValueError(f"moe.every ({self.every}) must be <= model.n_layers ({n_layers})")
+        per_layer = self.num_experts_per_layer
+        if per_layer is not None and len(per_layer) != len(self.moe_blocks(n_layers)):
+            raise ValueError(
+                f"moe.num_experts_per_layer has {len(per_layer)} entries but the model has "
+                f"{len(self.moe_blocks(n_layers))} MoE layers (blocks {self.moe_blocks(n_layers)}); give one per layer"
+            )
+
+    def experts_of_layer(self, j: int) -> int:
+        """Experts of the j-th MoE layer (0-based, in block order)."""
+        return self.num_experts_per_layer[j] if self.num_experts_per_layer is not None else self.num_experts
 
     def moe_blocks(self, n_layers: int) -> list[int]:
         """0-based block indices that hold (replace_ffn) or are followed by (insert) an MoE layer."""

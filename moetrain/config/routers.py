@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from moetrain.config.schema import StrictModel
 
@@ -25,6 +25,37 @@ class TopKRouterConfig(StrictModel):
     )
     init_std: float = Field(0.02, gt=0.0)
     init_gain: float = Field(0.1, gt=0.0, description="gain of the orthogonal init")
+    seq_aux_coeff: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of DeepSeek-V3's sequence-wise balance loss (per sequence: E/(kS) * sum_i f_i P_i; "
+        "DeepSeek-V3: 0.0001 beside bias balancing)",
+    )
+    bias_update_rate: float = Field(
+        0.0,
+        ge=0.0,
+        description="auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores to choose "
+        "experts (never to the gates), moved by +-rate * sign(mean load - load) after each optimizer step from "
+        "the global counts; 0 = off (DeepSeek-V3: 0.001; set load_balance_coeff: 0 to drop the aux loss)",
+    )
+
+
+class AdaptiveSwitchConfig(StrictModel):
+    """``switch: adaptive``: end stage 1 once the distilled router has learned the routing.
+
+    Checked after every optimizer step over the last ``window`` steps (all of them in stage 1):
+    the distilled router's agreement with the backbone argmax on the training tokens, averaged over
+    the window, is at least ``min_agreement`` in every MoE layer, and the distilled router's
+    busiest expert takes at most ``max_load`` times the mean load (its loads summed over the window).
+    """
+
+    window: int = Field(50, ge=1, description="steps the agreement and load are averaged over")
+    min_agreement: float = Field(
+        0.9, gt=0.0, le=1.0, description="distilled-vs-backbone agreement needed (fraction of tokens)"
+    )
+    max_load: float = Field(
+        2.0, ge=1.0, description="largest allowed max/mean expert load of the distilled router (1 = balanced)"
+    )
 
 
 class StableMoERouterConfig(StrictModel):
@@ -34,14 +65,40 @@ class StableMoERouterConfig(StrictModel):
         0.3, ge=0.0, description="weight of the distillation loss (official code: 0.3; paper Eq. 11: 1.0)"
     )
     distill_dim: int = Field(50, ge=1, description="distilled router: token-embedding dimension (paper: 50)")
+    switch: Literal["steps", "adaptive"] = Field(
+        "steps",
+        description="when stage 1 ends: steps = after stage1_steps; adaptive = when `adaptive`'s criteria hold "
+        "(at stage1_steps at the latest)",
+    )
     stage1_steps: int | None = Field(
-        None, ge=0, description="optimizer steps in stage 1; null = ceil(10% of train.steps) (paper: 6K of 60K)"
+        None,
+        ge=0,
+        description="optimizer steps in stage 1 (switch: adaptive -- the most); null = ceil(10% of train.steps) "
+        "(paper: 6K of 60K)",
+    )
+    adaptive: AdaptiveSwitchConfig = Field(
+        AdaptiveSwitchConfig(),
+        description="switch: adaptive -- the criteria; the window also sets the statistics recorded at the switch",
     )
     eval_routing: Literal["distilled", "backbone"] = Field(
         "distilled",
         description="evaluation routing during stage 1 (the official code: distilled); stage 2 is always distilled",
     )
     init_gain: float = Field(0.1, gt=0.0, description="gain of the orthogonal init of both centroid matrices")
+
+    @model_validator(mode="after")
+    def _check(self) -> StableMoERouterConfig:
+        # Non-default criteria only: a dumped config (config.yaml) holds every field and must load again.
+        # The window is allowed: it also sizes the statistics recorded at a `steps` switch.
+        fields = AdaptiveSwitchConfig.model_fields
+        criteria = [k for k in ("min_agreement", "max_load") if getattr(self.adaptive, k) != fields[k].default]
+        if self.switch == "steps" and criteria:
+            given = ", ".join(f"{k}={getattr(self.adaptive, k)}" for k in criteria)
+            raise ValueError(
+                f"moe.router.adaptive.{criteria[0]} ({given}) only applies with moe.router.switch=adaptive, but "
+                "switch is 'steps'; set moe.router.switch=adaptive or remove it"
+            )
+        return self
 
     def resolved_stage1_steps(self, train_steps: int) -> int:
         return self.stage1_steps if self.stage1_steps is not None else -(-train_steps // 10)
@@ -70,7 +127,19 @@ class HashRouterConfig(StrictModel):
     )
 
 
+class ExpertChoiceRouterConfig(StrictModel):
+    kind: Literal["expert_choice"] = "expert_choice"
+    top_k: int = Field(
+        1,
+        ge=1,
+        description="average experts per token: each expert takes C = capacity_factor * S * top_k / E "
+        "tokens of each sequence of S",
+    )
+    capacity_factor: float = Field(1.0, gt=0.0, description="scales C (the paper: 1 and 2)")
+    init_std: float = Field(0.02, gt=0.0)
+
+
 RouterConfig = Annotated[
-    Union[TopKRouterConfig, StableMoERouterConfig, BaseLayerRouterConfig, HashRouterConfig],
+    Union[TopKRouterConfig, StableMoERouterConfig, BaseLayerRouterConfig, HashRouterConfig, ExpertChoiceRouterConfig],
     Field(discriminator="kind"),
 ]

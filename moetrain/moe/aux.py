@@ -37,6 +37,17 @@ def switch_load_balance_loss(
     return num_experts * torch.sum(f_E * p_E)
 
 
+def sequence_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, top_k: int, group: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, the mean over sequences (groups of ``group`` tokens) of
+    ``sum_i f_i * P_i`` with f_i = E / (k * S) * (tokens of the sequence that chose i) and P_i = the mean
+    normalised score of expert i over the sequence (carries the gradient). 1.0 when balanced."""
+    T, E = probs_TE.shape
+    chosen_TE = torch.zeros(T, E, device=probs_TE.device).scatter_(1, expert_ids_TK, 1.0)
+    f_NE = chosen_TE.view(T // group, group, E).sum(dim=1) * (E / (top_k * group))
+    p_NE = probs_TE.float().view(T // group, group, E).mean(dim=1)
+    return (f_NE * p_NE).sum(dim=-1).mean()
+
+
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2; keeps logits small."""
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()

@@ -29,6 +29,20 @@ def expert_capacity(num_slots: int, num_experts: int, capacity_factor: float | N
     return max(1, math.ceil(capacity_factor * num_slots / num_experts))
 
 
+def route_rows(
+    backend: KernelBackend, ids_TK: torch.Tensor, num_experts: int, capacity: int | None, null_experts: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``backend.routing_map`` plus null experts (AdaMoE): slots routed to an id >= ``num_experts`` go
+    nowhere (row -1, no count, no compute). They sort after every real expert (one virtual expert E),
+    so the real rows stay packed at the front. Returns (rows_TK, counts_E, null slots as an int64 scalar)."""
+    if not null_experts:
+        rows_TK, counts_E = backend.routing_map(ids_TK, num_experts, capacity)
+        return rows_TK, counts_E, torch.zeros((), dtype=torch.int64, device=ids_TK.device)
+    null_TK = ids_TK >= num_experts
+    rows_TK, counts_E = backend.routing_map(ids_TK.clamp(max=num_experts), num_experts + 1, capacity)
+    return torch.where(null_TK, -1, rows_TK), counts_E[:num_experts], null_TK.sum()
+
+
 class Dispatcher(Protocol):
     num_local_experts: int
     pads_rows: bool  # dispatch may return rows past counts.sum() that belong to no expert
@@ -43,25 +57,29 @@ class LocalMeta:
     rows_TK: torch.Tensor  # row of the permuted buffer for each (token, slot); -1 = dropped
     gates_TK: torch.Tensor
     counts_E: torch.Tensor  # kept slots per expert (global = local here)
-    dropped: torch.Tensor  # number of dropped (token, slot) pairs, int64 scalar
+    dropped: torch.Tensor  # number of (token, slot) pairs dropped by the capacity, int64 scalar
 
 
 class LocalDispatcher:
     """All experts on this process: sort by expert, gather, grouped GEMM, weighted gather back."""
 
-    def __init__(self, num_experts: int, capacity_factor: float | None, backend: KernelBackend):
+    def __init__(
+        self, num_experts: int, capacity_factor: float | None, backend: KernelBackend, null_experts: bool = False
+    ):
         self.num_experts = self.num_local_experts = num_experts
         self.capacity_factor = capacity_factor
-        self.pads_rows = capacity_factor is not None  # dropped slots leave unused rows at the end
+        self.null_experts = null_experts
+        # dropped and null slots leave unused rows at the end
+        self.pads_rows = capacity_factor is not None or null_experts
         self.backend = backend
 
     def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor, LocalMeta]:
         """1. routing map (rows, kept counts); 2. permute tokens into expert-contiguous rows."""
         ids_TK = decision.expert_ids_TK
         capacity = expert_capacity(ids_TK.numel(), self.num_experts, self.capacity_factor)
-        rows_TK, counts_E = self.backend.routing_map(ids_TK, self.num_experts, capacity)
+        rows_TK, counts_E, null = route_rows(self.backend, ids_TK, self.num_experts, capacity, self.null_experts)
         x_ND = self.backend.permute(x_TD, rows_TK)
-        dropped = (rows_TK < 0).sum()
+        dropped = (rows_TK < 0).sum() - null
         return x_ND, counts_E, LocalMeta(rows_TK, decision.gates_TK, counts_E, dropped)
 
     def combine(self, y_ND: torch.Tensor, meta: LocalMeta) -> torch.Tensor:

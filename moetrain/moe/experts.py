@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config.model import ExpertType
+
+ExpertInit = Literal["default", "fairseq"]
 
 
 def is_expert_param(name: str) -> bool:
@@ -100,6 +103,10 @@ def _normal_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
     t.copy_(torch.randn(t.shape, generator=gen) * std)
 
 
+def _uniform_(t: torch.Tensor, bound: float, gen: torch.Generator) -> None:
+    t.copy_((torch.rand(t.shape, generator=gen) * 2 - 1) * bound)
+
+
 class GroupedExperts(nn.Module):
     """L experts of one kind. ``forward`` returns each row's expert *residual branch*.
 
@@ -117,10 +124,20 @@ class GroupedExperts(nn.Module):
         d_model: int,
         d_hidden: int,
         sublayers: int = 1,
+        init: ExpertInit = "default",
     ):
-        """Holds all ``num_experts`` experts; :meth:`shard` keeps one expert-parallel rank's share."""
+        """Holds all ``num_experts`` experts; :meth:`shard` keeps one expert-parallel rank's share.
+
+        ``init`` (stacked experts): ``default`` W1 ~ N(0, 1/d), biases 0, W2 = 0, so every expert starts as
+        the identity; ``fairseq`` the StableMoE code's ``BaseSublayer``: torch's ``nn.Linear`` init
+        (W1, b1 ~ U(+-1/sqrt(d)), b2 ~ U(+-1/sqrt(d_hidden))) with only W2 zeroed, so each sublayer starts
+        as ``x + b2``.
+        """
         super().__init__()
+        if init != "default" and kind != "stacked":
+            raise ValueError(f"expert init {init!r} is for stacked experts (got {kind!r})")
         self.kind = kind
+        self.init = init
         self.num_experts = num_experts
         self.first_expert = 0  # global id of local expert 0
         self.num_local = num_experts
@@ -151,6 +168,12 @@ class GroupedExperts(nn.Module):
         for j in range(self.num_local):
             gen = torch.Generator().manual_seed(base_seed + self.first_expert + j)
 
+            if self.init == "fairseq":  # torch.nn.Linear's init (kaiming_uniform a=sqrt(5)); only W2 is zeroed
+                _uniform_(self.w1_SLDF[:, j], 1 / math.sqrt(d_model), gen)
+                _uniform_(self.b1_SLF[:, j], 1 / math.sqrt(d_model), gen)
+                _uniform_(self.b2_SLD[:, j], 1 / math.sqrt(d_hidden), gen)
+                self.w2_SLFD[:, j].zero_()
+                continue
             _normal_(self.w1_SLDF[:, j], 1 / math.sqrt(d_model), gen)
             if self.kind == "swiglu":
                 _normal_(self.w3_SLDF[:, j], 1 / math.sqrt(d_model), gen)

@@ -1,4 +1,6 @@
-"""The MoE layer: router -> dispatcher -> grouped experts -> combine (shapes: moetrain/moe/__init__.py).
+"""The MoE layer: router -> dispatcher -> grouped experts -> combine (shapes: moetrain/moe/__init__.py),
+plus the shared experts (``moe.shared_experts``) and the Residual-MoE dense branch (``moe.residual``) on
+every token.
 
 It is built for one process: all experts, the local dispatcher. :func:`moetrain.parallel.parallelize`
 shards the experts and swaps in the all-to-all dispatcher afterwards.
@@ -6,7 +8,7 @@ shards the experts and swaps in the all-to-all dispatcher afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -15,8 +17,11 @@ from moetrain.config.model import MoEConfig
 from moetrain.kernels import select_backend
 from moetrain.moe.dispatch import Dispatcher, LocalDispatcher
 from moetrain.moe.experts import GroupedExperts
-from moetrain.moe.metrics import LayerStats
+from moetrain.moe.metrics import GATE_LOW, LayerStats
 from moetrain.moe.routers import build_router
+from moetrain.moe.routers.expert_choice import ExpertChoiceRouter
+from moetrain.moe.routers.topk import TopKRouter
+from moetrain.moe.shared import SharedExperts
 
 
 @dataclass(frozen=True)
@@ -30,19 +35,63 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int, d_hidden: int, vocab_size: int) -> None:
         super().__init__()
         self.num_experts = cfg.num_experts
+        self.null_experts = cfg.null_experts  # AdaMoE: router choices with no compute (ids E .. E+M-1)
         self.capacity_factor = cfg.capacity_factor
         self.backend = select_backend(cfg.kernels)
         self.router = build_router(
-            cfg.router, d_model=d_model, num_experts=cfg.num_experts, vocab_size=vocab_size, backend=self.backend
+            cfg.router,
+            d_model=d_model,
+            num_experts=cfg.num_experts + cfg.null_experts,
+            vocab_size=vocab_size,
+            backend=self.backend,
         )
-        self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts, cfg.capacity_factor, self.backend)
-        self.experts = GroupedExperts(cfg.expert_type, cfg.num_experts, d_model, d_hidden, cfg.sublayers)
+        self.expert_choice = isinstance(self.router, ExpertChoiceRouter)  # unchosen slots carry the null id E
+        self.skips_slots = cfg.null_experts > 0 or self.expert_choice
+        self.dispatcher: Dispatcher = LocalDispatcher(
+            cfg.num_experts, cfg.capacity_factor, self.backend, self.skips_slots
+        )
+        self.experts = GroupedExperts(
+            cfg.expert_type, cfg.num_experts, d_model, d_hidden, cfg.sublayers, init=cfg.expert_init
+        )
+        self.residual_ffn = self.residual_coef = None
+        if cfg.residual:  # Residual MoE: a dense FFN beside the experts, mixed by a learned softmax
+            self.residual_ffn = SharedExperts(cfg.expert_type, d_model, d_hidden)
+            self.residual_coef = nn.Linear(d_model, 2)
+        self.shared = None
+        if cfg.shared_experts:
+            width = cfg.shared_experts * (cfg.shared_expert_hidden or d_hidden)
+            self.shared = SharedExperts(cfg.expert_type, d_model, width)
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> MoEOutput:
-        """1. route; 2. dispatch to (local) experts; 3. grouped experts; 4. weighted combine."""
-        decision = self.router(x_TD, token_ids_T)
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor, group_size: int | None = None) -> MoEOutput:
+        """1. route; 2. dispatch to (local) experts; 3. grouped experts; 4. weighted combine; 5. + shared.
+
+        ``group_size``: tokens per sequence (the model passes it): expert-choice routing picks per
+        sequence, the top-k router's sequence-wise balance loss is per sequence."""
+        if isinstance(self.router, (ExpertChoiceRouter, TopKRouter)):  # routers that work per sequence
+            decision = self.router(x_TD, token_ids_T, group_size)
+        else:
+            decision = self.router(x_TD, token_ids_T)
         x_ND, counts_L, meta = self.dispatcher.dispatch(x_TD, decision)
         y_ND = self.experts(x_ND, counts_L, padded=self.dispatcher.pads_rows)
         y_TD = self.dispatcher.combine(y_ND, meta)
-        stats = LayerStats.from_decision(decision, self.num_experts, meta.dropped)
+        if self.residual_ffn is not None:
+            coef_T2 = torch.softmax(self.residual_coef(x_TD), dim=-1)
+            y_TD = y_TD * coef_T2[:, :1] + self.residual_ffn(x_TD) * coef_T2[:, 1:]
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        stats = LayerStats.from_decision(
+            decision, self.num_experts + self.null_experts + self.expert_choice, meta.dropped
+        )
+        if self.expert_choice:  # the real experts' load and gates only
+            real_TK = decision.expert_ids_TK < self.num_experts
+            gates_TK = decision.gates_TK.detach().float()
+            stats = replace(
+                stats,
+                load_E=stats.load_E[: self.num_experts],
+                gate_sum=(gates_TK * real_TK).sum(),
+                gate_low=((gates_TK < GATE_LOW) & real_TK).sum().float(),
+            )
+        if self.null_experts:  # mean real experts per token: k minus its null slots
+            real = (decision.expert_ids_TK < self.num_experts).sum(dim=-1).float().mean()
+            stats.aux_terms["active_experts"] = real.detach()
         return MoEOutput(y_TD, decision.aux_loss, stats)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.kernels import KernelBackend
-from moetrain.moe.dispatch import expert_capacity
+from moetrain.moe.dispatch import expert_capacity, route_rows
 from moetrain.moe.routing import RoutingDecision
 
 
@@ -71,9 +71,16 @@ class AllToAllDispatcher:
     """Experts sharded over the EP group; interchangeable with :class:`LocalDispatcher`."""
 
     def __init__(
-        self, num_experts: int, capacity_factor: float | None, backend: KernelBackend, group: dist.ProcessGroup
+        self,
+        num_experts: int,
+        capacity_factor: float | None,
+        backend: KernelBackend,
+        group: dist.ProcessGroup,
+        null_experts: bool = False,
     ) -> None:
-        """``group``: the expert-parallel group; its rank i holds experts i*L .. (i+1)*L - 1."""
+        """``group``: the expert-parallel group; its rank i holds experts i*L .. (i+1)*L - 1.
+        ``null_experts``: ids >= num_experts are null experts (``route_rows``): never sent."""
+        self.null_experts = null_experts
         self.num_experts = num_experts
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
@@ -88,7 +95,7 @@ class AllToAllDispatcher:
         P, L = self.ep_size, self.num_local_experts
         ids_TK = decision.expert_ids_TK
         capacity = expert_capacity(ids_TK.numel(), self.num_experts, self.capacity_factor)
-        rows_TK, counts_E = self.backend.routing_map(ids_TK, self.num_experts, capacity)  # 1.
+        rows_TK, counts_E, null = route_rows(self.backend, ids_TK, self.num_experts, capacity, self.null_experts)  # 1.
         x_ND = self.backend.permute(x_TD, rows_TK)  # 2.
         recv_counts_PL = torch.empty_like(counts_E)  # 3.
         dist.all_to_all_single(recv_counts_PL, counts_E.contiguous(), group=self.group)
@@ -110,7 +117,7 @@ class AllToAllDispatcher:
         x_RD = x_RD.index_select(0, regroup_R)
         counts_L = recv_counts_PL.sum(0)
         meta = AllToAllMeta(
-            rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, ids_TK.numel(), (rows_TK < 0).sum()
+            rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, ids_TK.numel(), (rows_TK < 0).sum() - null
         )
         return x_RD, counts_L, meta
 

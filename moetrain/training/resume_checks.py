@@ -5,11 +5,17 @@ are refused (the checkpoint would be loaded into something else, or its restored
 silently override the new value). Everything below is allowed: extending or shortening a run,
 evaluation, logging, checkpointing and launch settings, and the parallel layout (checkpoints are
 resharded on load) as long as the global batch stays the same.
+
+A field the saved config does not have (it was added after the checkpoint was written) is no
+difference when the resuming job leaves it at its default: a checkpoint of an older release resumes.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
 from moetrain.errors import UserError
 
@@ -51,25 +57,46 @@ def _allowed(path: str) -> bool:
     return any(path == a or path.startswith(a + ".") for a in ALLOWED)
 
 
-def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(refused, allowed) differences as ``"path: old -> new"`` lines."""
+def config_differences(
+    saved: dict, current: dict, current_model: BaseModel | None = None
+) -> tuple[list[str], list[str]]:
+    """(refused, allowed) differences as ``"path: old -> new"`` lines. ``current_model``: the validated
+    config ``current`` dumps, to look up the defaults of fields that ``saved`` lacks."""
     old, new = flatten(saved), flatten(current)
     refused, allowed = [], []
     for path in sorted(set(old) | set(new)):
         a, b = old.get(path, "<unset>"), new.get(path, "<unset>")
+        if a == "<unset>" and current_model is not None and _is_default(current_model, path, b):
+            continue  # a field newer than the checkpoint, left at its default
         if a != b:
             (allowed if _allowed(path) else refused).append(f"{path}: {a!r} -> {b!r}")
     return refused, allowed
+
+
+def _is_default(model: BaseModel, path: str, value: Any) -> bool:
+    """Whether ``value`` (JSON form) is the default of the field at ``path`` of ``model``."""
+    *parents, name = path.split(".")
+    for part in parents:
+        model = getattr(model, part, None)
+        if not isinstance(model, BaseModel):
+            return False
+    field = type(model).model_fields.get(name)
+    if field is None:
+        return False
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        default = default.model_dump(mode="json")
+    return default is not PydanticUndefined and flatten(default) == flatten(value)
 
 
 def global_batch(cfg: dict, world_size: int) -> int:
     return cfg["train"]["micro_batch_size"] * cfg["train"]["grad_accum_steps"] * world_size
 
 
-def check_resume(folder, state: dict, current: dict, world_size: int) -> list[str]:
+def check_resume(folder, state: dict, current_model: BaseModel, world_size: int) -> list[str]:
     """Raise UserError naming every refused difference; return the allowed ones (to be reported)."""
-    saved = state["config"]
-    refused, allowed = config_differences(saved, current)
+    saved, current = state["config"], current_model.model_dump(mode="json")
+    refused, allowed = config_differences(saved, current, current_model)
     old_batch, new_batch = global_batch(saved, state["world_size"]), global_batch(current, world_size)
     if old_batch != new_batch:
         refused.append(

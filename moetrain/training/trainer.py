@@ -19,6 +19,7 @@ from moetrain.parallel.grad_norm import clip_grad_norm
 from moetrain.parallel.layout import ParallelLayout
 from moetrain.parallel.parallelize import parallelize
 from moetrain.training import checkpoint, engine, faults, state_io
+from moetrain.training.balancing import balancing_callbacks
 from moetrain.training.callbacks import (
     Callback,
     CheckpointCallback,
@@ -52,6 +53,7 @@ class Trainer:
         self.callbacks: list[Callback] = [
             MetricsCallback(cfg.logging.interval),
             EvalCallback(cfg.train.eval_interval),
+            *balancing_callbacks(cfg),  # aux-loss-free bias updates: first, after the optimizer step
             *routing_callbacks(cfg),  # StableMoE stage switch, routing-fluctuation probe, ...
             *(extra_callbacks or []),
             CheckpointCallback(cfg.checkpoint.interval, cfg.checkpoint.save_at_end),
@@ -129,8 +131,7 @@ class Trainer:
 
     def _check_resume(self, folder: Path, saved: dict, fingerprint: str) -> None:
         """Refuse a checkpoint of another job (exit 2, every difference listed); report allowed changes."""
-        current = self.resolved.model_dump(mode="json")
-        allowed = check_resume(folder, saved, current, self.layout.world_size)
+        allowed = check_resume(folder, saved, self.resolved, self.layout.world_size)
         if saved.get("data_fingerprint") != fingerprint:
             raise UserError(
                 f"checkpoint.resume: {folder} was trained on other data (fingerprint {saved.get('data_fingerprint')}, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from moetrain.config.routers import (
     BaseLayerRouterConfig,
+    ExpertChoiceRouterConfig,
     HashRouterConfig,
     RouterConfig,
     StableMoERouterConfig,
@@ -15,6 +16,7 @@ from moetrain.config.routers import (
 )
 from moetrain.kernels import KernelBackend
 from moetrain.moe.routers.base_layer import BaseLayerRouter
+from moetrain.moe.routers.expert_choice import ExpertChoiceRouter
 from moetrain.moe.routers.hash import HashRouter
 from moetrain.moe.routers.stablemoe import StableMoERouter
 from moetrain.moe.routers.topk import TopKRouter
@@ -33,4 +35,6 @@ def build_router(
         return BaseLayerRouter(cfg, d_model, num_experts, backend)
     if isinstance(cfg, HashRouterConfig):
         return HashRouter(cfg, num_experts, vocab_size)
+    if isinstance(cfg, ExpertChoiceRouterConfig):
+        return ExpertChoiceRouter(cfg, d_model, num_experts)
     raise TypeError(f"no router for config {type(cfg).__name__}")

@@ -15,7 +15,9 @@ Spec: ``docs/stablemoe.md``. Per token t with layer input h_t and token id X_t::
 
 The stage is an explicit enum held in a buffer (so DeepSpeed's module checkpoint stores it) and
 changed only by :meth:`StableMoERouter.set_stage`, which the trainer's schedule callback calls between
-optimizer steps (``moetrain/training/routing.py``); ``forward`` only reads it.
+optimizer steps (``moetrain/training/routing.py``); ``forward`` only reads it. The same callback
+keeps the switch record in buffers of the router (so it is checkpointed too): the switch step and
+reason, and a ring of per-step routing statistics over the last ``adaptive.window`` steps of stage 1.
 """
 
 from __future__ import annotations
@@ -37,6 +39,22 @@ from moetrain.moe.routing import Router, RoutingDecision
 class RouterStage(enum.IntEnum):
     LEARN = 0  # stage 1: backbone routing, balance + distillation losses
     FROZEN = 1  # stage 2: frozen distilled routing, no routing losses
+
+
+class SwitchReason(enum.IntEnum):
+    """Why stage 1 ended (logged as ``moe/switch_reason``)."""
+
+    NONE = 0  # not switched yet
+    STEPS = 1  # switch: steps -- stage1_steps reached
+    CRITERIA = 2  # switch: adaptive -- agreement and load met the thresholds over the window
+    MAX_STEPS = 3  # switch: adaptive -- the criteria were not met by stage1_steps
+
+
+# A row of the switch-statistics ring: [valid, agreement, distillation loss, load_E, distilled_load_E].
+# NOTE: int64 (agreement and loss in millionths, loads as counts) so that a bf16/fp16 engine, which
+# casts floating buffers, cannot round them.
+WINDOW_STATS = 3
+WINDOW_SCALE = 1_000_000
 
 
 class StableMoERouter(Router):
@@ -67,6 +85,11 @@ class StableMoERouter(Router):
             self.distill_embed_VR.copy_(torch.randn(self.distill_embed_VR.shape, generator=gen))
         self.register_buffer("stage_buf", torch.tensor(int(RouterStage.LEARN), dtype=torch.int64))
         self._stage = RouterStage.LEARN  # host mirror of stage_buf: forward never reads the device
+        # The switch record, written only by moetrain/training/routing.py between optimizer steps:
+        # [switch step (-1: not yet), SwitchReason] and the ring of per-step stage-1 statistics.
+        self.register_buffer("switch_buf", torch.tensor([-1, int(SwitchReason.NONE)], dtype=torch.int64))
+        row = WINDOW_STATS + 2 * num_experts
+        self.register_buffer("switch_window_buf", torch.zeros(cfg.adaptive.window, row, dtype=torch.int64))
 
     # --- stage ---------------------------------------------------------------------------------------
 
@@ -164,6 +187,11 @@ class StableMoERouter(Router):
         distilled_TE = self.distilled_logits(token_ids_T)  # its only gradient goes to D and Ê
         target_T = expert_ids_T.detach()  # the backbone argmax (computed without gradient)
         distill = world / total * F.cross_entropy(distilled_TE, target_T, reduction="sum")
-        agree = (distilled_TE.detach().argmax(dim=-1) == target_T).float().mean()
+        distilled_ids_T = distilled_TE.detach().argmax(dim=-1)
+        agree = (distilled_ids_T == target_T).float().mean()
+        # the load the distilled router would give these tokens: what stage 2 will see
+        distilled_load_E = torch.zeros(self.num_experts, device=scores_TE.device)
+        distilled_load_E.scatter_add_(0, distilled_ids_T, torch.ones_like(distilled_ids_T, dtype=torch.float32))
         loss = self.cfg.balance_coeff * balance + self.cfg.distill_coeff * distill
-        return loss, {"load_balance": balance.detach(), "distill": distill.detach(), "distill_acc": agree}
+        terms = {"load_balance": balance.detach(), "distill": distill.detach(), "distill_acc": agree}
+        return loss, {**terms, "distilled_load": distilled_load_E}

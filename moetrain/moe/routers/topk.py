@@ -1,5 +1,14 @@
 """Top-k router: Switch (k=1), GShard (k=2), any k; softmax or sigmoid scores in fp32.
 
+Auxiliary-loss-free balancing (``bias_update_rate > 0``, DeepSeek-V3): a per-expert bias is added to
+the scores to *choose* the k experts and never enters the gates. Each forward in training adds its
+counts to ``pending_load_E`` (on the device: no host sync); after the optimizer step
+:meth:`TopKRouter.update_bias` all-reduces them over the data-parallel group (one all-reduce) and moves
+the bias by ``+rate`` for experts below the mean load and ``-rate`` for those above it, the same on
+every rank. The bias is kept as an integer count of net steps (``bias_steps_E``, int64, checkpointed)
+times the rate: exact, and untouched when the model is cast to bf16 (a bf16 bias near 1 would round
+an update of 0.001 away).
+
 Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 """
 
@@ -40,11 +49,19 @@ class TopKRouter(Router):
             orthogonal_(self.weight_ED, cfg.init_gain, private_generator())  # one global draw, see routers/init.py
         else:
             nn.init.normal_(self.weight_ED, std=cfg.init_std)
+        self.balances_by_bias = cfg.bias_update_rate > 0
+        if self.balances_by_bias:
+            self.register_buffer("bias_steps_E", torch.zeros(num_experts, dtype=torch.int64))
+            self.register_buffer("pending_load_E", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
-        """1. fp32 logits; 2. fused gating (top-k, gates, counts); 3. aux losses on global counts."""
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor, group_size: int | None = None) -> RoutingDecision:
+        """1. fp32 logits; 2. fused gating (top-k, gates, counts); 3. aux losses on global counts (the
+        sequence-wise one per group of ``group_size`` tokens: a sequence, when the model passes it)."""
         logits_TE = x_TD.float() @ self.weight_ED.float().t()
-        g = self.backend.topk_gating(logits_TE, self.top_k, self.cfg.score_func, self.cfg.renormalize)
+        bias_E = self.bias_E if self.balances_by_bias else None
+        g = self.backend.topk_gating(logits_TE, self.top_k, self.cfg.score_func, self.cfg.renormalize, bias_E)
+        if self.balances_by_bias and self.training:
+            self.pending_load_E += g.counts_E.detach()
         probs_TE = g.scores_TE
         if self.cfg.score_func == "sigmoid":  # the balance loss wants a distribution per token
             probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -54,8 +71,28 @@ class TopKRouter(Router):
             lb = aux.switch_load_balance_loss(probs_TE, g.counts_E, self.top_k, self.stats_group)
             loss = loss + self.cfg.load_balance_coeff * lb
             terms["load_balance"] = lb.detach()
+        if self.training and self.cfg.seq_aux_coeff > 0:
+            sl = aux.sequence_balance_loss(probs_TE, g.expert_ids_TK, self.top_k, group_size or x_TD.shape[0])
+            loss = loss + self.cfg.seq_aux_coeff * sl
+            terms["seq_balance"] = sl.detach()
         if self.training and self.cfg.z_loss_coeff > 0:
             zl = aux.z_loss(logits_TE)
             loss = loss + self.cfg.z_loss_coeff * zl
             terms["z_loss"] = zl.detach()
         return RoutingDecision(g.expert_ids_TK, g.gates_TK, loss, terms, probs_TE.detach())
+
+    @property
+    def bias_E(self) -> torch.Tensor:  # noqa: N802 (the shape suffix convention)
+        """The selection bias, fp32: ``bias_update_rate * bias_steps_E``."""
+        return self.cfg.bias_update_rate * self.bias_steps_E.float()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """After an optimizer step: ``bias += rate * sign(mean load - load)`` over the global counts of
+        the step's micro-batches, then start counting afresh."""
+        load_E = self.pending_load_E
+        if self.stats_group is not None and dist.get_world_size(self.stats_group) > 1:
+            dist.all_reduce(load_E, group=self.stats_group)
+        # sign(mean - load) with mean = sum / E, in integers: sign(sum - E * load)
+        self.bias_steps_E += torch.sign(load_E.sum() - load_E * load_E.numel())
+        load_E.zero_()

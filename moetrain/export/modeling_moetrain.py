@@ -1,0 +1,353 @@
+"""A moetrain model for Hugging Face ``transformers``, self-contained (torch and transformers only).
+
+``moetrain export --format hf`` copies this file beside the weights and names it in ``config.json``'s
+``auto_map``, so ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` builds the
+model without moetrain installed. It recomputes moetrain's evaluation forward pass exactly (fp32):
+
+- backbone ``gpt2`` (LayerNorm, learned positions, biases) or ``llama`` (RMSNorm, rotary positions,
+  no biases, grouped-query attention); dense FFN ``gelu`` or ``swiglu``; token embeddings optionally
+  scaled by sqrt(d_model) (``embed_scale: sqrt_d``);
+- MoE layers replacing block FFNs or inserted after blocks; routers ``topk`` (softmax / sigmoid,
+  optional renormalisation), ``stablemoe`` (the frozen distilled router, or the backbone scores during
+  stage 1 when ``eval_routing`` is ``backbone``), ``base`` (greedy), ``hash`` (a token-id table);
+  experts ``gelu``, ``swiglu`` or ``stacked`` (residual FFN sublayers with their own LayerNorms);
+  dropless, or capacity-limited where earlier tokens win the slots.
+
+Weights keep moetrain's names; experts are stacked tensors ``[sublayers, experts, ...]``.
+No KV cache: ``generate`` recomputes the whole sequence each step (``use_cache=False``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+
+class MoetrainConfig(PretrainedConfig):
+    model_type = "moetrain"
+
+    def __init__(self, moetrain_model: dict | None = None, moetrain_moe: dict | None = None, **kwargs) -> None:
+        self.moetrain_model = moetrain_model or {}
+        self.moetrain_moe = moetrain_moe
+        m = self.moetrain_model
+        kwargs.setdefault("vocab_size", m.get("vocab_size"))
+        kwargs.setdefault("hidden_size", m.get("d_model"))
+        kwargs.setdefault("num_hidden_layers", m.get("n_layers"))
+        kwargs.setdefault("num_attention_heads", m.get("n_heads"))
+        kwargs.setdefault("max_position_embeddings", m.get("max_seq_len"))
+        kwargs["tie_word_embeddings"] = False  # the output head is written out even when tied in training
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+            setattr(self, key, kwargs.pop(key))
+        super().__init__(**kwargs)
+
+
+def _norm(m: dict, dim: int) -> nn.Module:
+    return RMSNorm(dim, m["norm_eps"]) if m["arch"] == "llama" else nn.LayerNorm(dim, eps=m["norm_eps"])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+
+
+def _rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+    inv_freq = 1.0 / (theta ** (exponent / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos.to(x.dtype) + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, m: dict) -> None:
+        super().__init__()
+        self.h = m["n_heads"]
+        self.g = m["n_kv_heads"] or m["n_heads"]
+        self.a = m["d_model"] // m["n_heads"]
+        bias = m["arch"] == "gpt2"
+        self.qkv = nn.Linear(m["d_model"], (self.h + 2 * self.g) * self.a, bias=bias)
+        self.proj = nn.Linear(self.h * self.a, m["d_model"], bias=bias)
+
+    def forward(self, x: torch.Tensor, rotary) -> torch.Tensor:
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).split([self.h * self.a, self.g * self.a, self.g * self.a], dim=-1)
+        q = q.view(B, S, self.h, self.a).transpose(1, 2)
+        k = k.view(B, S, self.g, self.a).transpose(1, 2)
+        v = v.view(B, S, self.g, self.a).transpose(1, 2)
+        if rotary is not None:
+            q, k = _rotate(q, *rotary), _rotate(k, *rotary)
+        if self.g != self.h:
+            k = k.repeat_interleave(self.h // self.g, dim=1)
+            v = v.repeat_interleave(self.h // self.g, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1)
+        return self.proj(y.transpose(1, 2).reshape(B, S, self.h * self.a))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, m: dict) -> None:
+        super().__init__()
+        bias = m["arch"] == "gpt2"
+        self.kind = m["ffn_type"]
+        self.up = nn.Linear(m["d_model"], m["d_ff"] * (2 if self.kind == "swiglu" else 1), bias=bias)
+        self.down = nn.Linear(m["d_ff"], m["d_model"], bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.kind == "swiglu":
+            a, b = h.chunk(2, dim=-1)
+            return self.down(F.silu(a) * b)
+        return self.down(F.gelu(h))
+
+
+class Router(nn.Module):
+    """Evaluation routing of every moetrain router: (expert ids [T, K], gates [T, K] fp32)."""
+
+    def __init__(self, r: dict, d_model: int, num_experts: int, vocab_size: int) -> None:
+        super().__init__()
+        self.r = r
+        self.kind = r["kind"]
+        if self.kind in ("topk", "expert_choice"):
+            self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
+        if self.kind == "topk" and r.get("bias_update_rate", 0.0) > 0:  # aux-loss-free balancing
+            self.register_buffer("bias_steps_E", torch.zeros(num_experts, dtype=torch.int64))
+        if self.kind in ("stablemoe", "base"):
+            self.centroids_ED = nn.Parameter(torch.empty(num_experts, d_model))
+        if self.kind == "stablemoe":
+            self.distill_embed_VR = nn.Parameter(torch.empty(vocab_size, r["distill_dim"]))
+            self.distill_centroids_ER = nn.Parameter(torch.empty(num_experts, r["distill_dim"]))
+            self.register_buffer("stage_buf", torch.zeros((), dtype=torch.int64))
+        if self.kind == "hash":
+            self.register_buffer("table_V", torch.zeros(vocab_size, dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "expert_choice":  # each expert takes its top-C tokens of each sequence (group)
+            T, E = x.shape[0], self.weight_ED.shape[0]
+            C = max(1, min(group, math.ceil(self.r["capacity_factor"] * group * self.r["top_k"] / E)))
+            scores = torch.softmax(x.float() @ self.weight_ED.float().t(), dim=-1)
+            by_expert = scores.view(T // group, group, E).transpose(1, 2)
+            picked = torch.sort(by_expert, dim=-1, descending=True, stable=True).indices[..., :C]
+            chosen = torch.zeros_like(by_expert, dtype=torch.bool).scatter_(-1, picked, True)
+            chosen = chosen.transpose(1, 2).reshape(T, E)
+            ids = torch.arange(E, device=x.device).expand(T, E)
+            return torch.where(chosen, ids, E), scores * chosen  # id E: not chosen, skipped
+        if self.kind == "hash":
+            ids = self.table_V[token_ids][:, None]
+            return ids, torch.ones(ids.shape, dtype=torch.float32, device=x.device)
+        if self.kind == "topk":
+            logits = x.float() @ self.weight_ED.float().t()
+            scores = torch.softmax(logits, dim=-1) if self.r["score_func"] == "softmax" else torch.sigmoid(logits)
+            key = scores
+            if hasattr(self, "bias_steps_E"):  # the bias chooses, the gate stays the score
+                key = scores + self.r["bias_update_rate"] * self.bias_steps_E.float()
+            ids = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, : self.r["top_k"]]
+            gates = scores.gather(1, ids)
+            if self.r["renormalize"]:
+                gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            return ids, gates
+        scores = x.float() @ self.centroids_ED.float().t()
+        distilled = self.kind == "stablemoe" and (int(self.stage_buf) == 1 or self.r["eval_routing"] == "distilled")
+        if distilled:
+            decide = F.embedding(token_ids, self.distill_embed_VR).float() @ self.distill_centroids_ER.float().t()
+        else:
+            decide = torch.sigmoid(scores)
+        ids = torch.sort(decide, dim=-1, descending=True, stable=True).indices[:, :1]
+        return ids, torch.sigmoid(scores.gather(1, ids))
+
+
+class Experts(nn.Module):
+    def __init__(self, moe: dict, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.kind = moe["expert_type"]
+        s = moe["sublayers"] if self.kind == "stacked" else 1
+        E, D, Fh = moe["num_experts"], d_model, d_hidden
+        self.w1_SLDF = nn.Parameter(torch.empty(s, E, D, Fh))
+        self.w2_SLFD = nn.Parameter(torch.empty(s, E, Fh, D))
+        if self.kind == "swiglu":
+            self.w3_SLDF = nn.Parameter(torch.empty(s, E, D, Fh))
+        if self.kind == "stacked":
+            self.b1_SLF = nn.Parameter(torch.zeros(s, E, Fh))
+            self.b2_SLD = nn.Parameter(torch.zeros(s, E, D))
+            self.ln_w_SLD = nn.Parameter(torch.ones(s, E, D))
+            self.ln_b_SLD = nn.Parameter(torch.zeros(s, E, D))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's residual branch for rows x."""
+        if self.kind == "gelu":
+            return F.gelu(x @ self.w1_SLDF[0, e]) @ self.w2_SLFD[0, e]
+        if self.kind == "swiglu":
+            return (F.silu(x @ self.w1_SLDF[0, e]) * (x @ self.w3_SLDF[0, e])) @ self.w2_SLFD[0, e]
+        h = x
+        for s in range(self.w1_SLDF.shape[0]):
+            z = F.layer_norm(h, h.shape[-1:]) * self.ln_w_SLD[s, e] + self.ln_b_SLD[s, e]
+            z = F.relu(z @ self.w1_SLDF[s, e] + self.b1_SLF[s, e])
+            h = h + z @ self.w2_SLFD[s, e] + self.b2_SLD[s, e]
+        return h - x
+
+
+class MoELayer(nn.Module):
+    def __init__(self, m: dict, moe: dict) -> None:
+        super().__init__()
+        self.num_experts = moe["num_experts"]
+        self.capacity_factor = moe["capacity_factor"]
+        nulls = moe.get("null_experts", 0)  # ids E .. E+M-1: null experts, skipped below
+        self.router = Router(moe["router"], m["d_model"], self.num_experts + nulls, m["vocab_size"])
+        self.experts = Experts(moe, m["d_model"], moe["expert_hidden"] or m["d_ff"])
+        self.residual_ffn = self.residual_coef = None
+        if moe.get("residual", False):  # Residual MoE: c0 * moe + c1 * ffn, [c0, c1] = softmax(x W_c)
+            self.residual_ffn = SharedExperts(moe["expert_type"], m["d_model"], moe["expert_hidden"] or m["d_ff"])
+            self.residual_coef = nn.Linear(m["d_model"], 2)
+        self.shared = None
+        if moe.get("shared_experts", 0):  # N always-on experts as one FFN of N times the width
+            width = moe["shared_experts"] * (moe["shared_expert_hidden"] or moe["expert_hidden"] or m["d_ff"])
+            self.shared = SharedExperts(moe["expert_type"], m["d_model"], width)
+
+    def forward(self, x_TD: torch.Tensor, token_ids: torch.Tensor, group: int) -> torch.Tensor:
+        """Each token's gated sum of its experts' outputs; with a capacity, an expert takes its first
+        ``ceil(capacity_factor * T * K / E)`` (token, slot) pairs in token order, and drops the rest."""
+        ids, gates = self.router(x_TD, token_ids, group)
+        T, K = ids.shape
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        if self.capacity_factor is not None:
+            capacity = max(1, math.ceil(self.capacity_factor * T * K / self.num_experts))
+            flat = ids.reshape(-1)
+            rank = torch.zeros_like(flat)
+            for e in range(self.num_experts):
+                mine = flat == e
+                rank[mine] = torch.arange(int(mine.sum()), device=flat.device)
+            keep = (rank < capacity).view(T, K)
+        out = torch.zeros_like(x_TD)
+        for e in range(self.num_experts):
+            t, k = torch.nonzero((ids == e) & keep, as_tuple=True)
+            if t.numel():
+                y = self.experts.expert(e, x_TD[t])
+                out.index_add_(0, t, y * gates[t, k].to(y.dtype)[:, None])
+        if self.residual_ffn is not None:
+            coef = torch.softmax(self.residual_coef(x_TD), dim=-1)
+            out = out * coef[:, :1] + self.residual_ffn(x_TD) * coef[:, 1:]
+        if self.shared is not None:
+            out = out + self.shared(x_TD)
+        return out
+
+
+class SharedExperts(nn.Module):
+    def __init__(self, kind: str, d_model: int, width: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.w_in_DF = nn.Parameter(torch.empty(d_model, width * (2 if kind == "swiglu" else 1)))
+        self.w_out_FD = nn.Parameter(torch.empty(width, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.w_in_DF
+        if self.kind == "swiglu":
+            a, b = h.chunk(2, dim=-1)
+            return (F.silu(a) * b) @ self.w_out_FD
+        return F.gelu(h) @ self.w_out_FD
+
+
+class Block(nn.Module):
+    def __init__(self, m: dict, moe: dict | None) -> None:
+        super().__init__()
+        self.ln1 = _norm(m, m["d_model"])
+        self.attn = Attention(m)
+        self.ln2 = _norm(m, m["d_model"])
+        self.ffn = MoELayer(m, moe) if moe is not None else DenseFFN(m)
+
+    def forward(self, h: torch.Tensor, token_ids: torch.Tensor, rotary) -> torch.Tensor:
+        h = h + self.attn(self.ln1(h), rotary)
+        x = self.ln2(h)
+        if isinstance(self.ffn, MoELayer):
+            return h + self.ffn(x.reshape(-1, x.shape[-1]), token_ids, h.shape[1]).view_as(h)
+        return h + self.ffn(x)
+
+
+class InsertedMoE(nn.Module):
+    def __init__(self, m: dict, moe: dict) -> None:
+        super().__init__()
+        self.ln = _norm(m, m["d_model"]) if moe["expert_type"] != "stacked" else nn.Identity()
+        self.moe = MoELayer(m, moe)
+
+    def forward(self, h: torch.Tensor, token_ids: torch.Tensor, rotary) -> torch.Tensor:
+        return h + self.moe(self.ln(h).reshape(-1, h.shape[-1]), token_ids, h.shape[1]).view_as(h)
+
+
+def moe_blocks(moe: dict, n_layers: int) -> list[int]:
+    if moe["placement"] == "replace_ffn":
+        return [i for i in range(n_layers) if (i + 1) % moe["every"] == 0]
+    return sorted(moe["insert_after"]) if moe["insert_after"] is not None else [n_layers // 2 - 1]
+
+
+class MoetrainForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MoetrainConfig
+    base_model_prefix = "moetrain"
+    _supports_cache_class = False
+
+    def __init__(self, config: MoetrainConfig) -> None:
+        super().__init__(config)
+        m, moe = config.moetrain_model, config.moetrain_moe
+        self.m = m
+        self.embed = nn.Embedding(m["vocab_size"], m["d_model"])
+        if m["arch"] == "gpt2":
+            self.pos = nn.Embedding(m["max_seq_len"], m["d_model"])
+        at = moe_blocks(moe, m["n_layers"]) if moe else []
+        per_layer = moe.get("num_experts_per_layer") if moe else None  # PR-MoE's pyramid
+        layer_moe = {i: dict(moe, num_experts=per_layer[j]) if per_layer else moe for j, i in enumerate(at)}
+        layers: list[nn.Module] = []
+        for i in range(m["n_layers"]):
+            replace = moe is not None and moe["placement"] == "replace_ffn" and i in layer_moe
+            layers.append(Block(m, layer_moe[i] if replace else None))
+            if moe is not None and moe["placement"] == "insert" and i in layer_moe:
+                layers.append(InsertedMoE(m, layer_moe[i]))
+        self.layers = nn.ModuleList(layers)
+        self.ln_f = _norm(m, m["d_model"])
+        self.lm_head = nn.Linear(m["d_model"], m["vocab_size"], bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        pass  # every weight comes from the checkpoint
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.LongTensor, labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutput:
+        """Logits of every position (no padding mask: every sequence of the batch is whole)."""
+        B, S = input_ids.shape
+        positions = torch.arange(S, device=input_ids.device)
+        h = self.embed(input_ids)
+        if self.m.get("embed_scale", "none") == "sqrt_d":
+            h = h * math.sqrt(self.m["d_model"])
+        rotary = None
+        if self.m["arch"] == "gpt2":
+            h = h + self.pos(positions)
+        else:
+            rotary = _rotary(positions, self.m["d_model"] // self.m["n_heads"], self.m["rope_theta"])
+        token_ids = input_ids.reshape(-1)
+        for layer in self.layers:
+            h = layer(h, token_ids, rotary)
+        logits = self.lm_head(self.ln_f(h))
+        loss = None
+        if labels is not None:  # Hugging Face's convention: labels are the inputs, shifted here
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
+        return {"input_ids": input_ids}
