@@ -1,7 +1,7 @@
 """Bad configs: one clear message naming the field, the value and the fix; exit 2; nothing written."""
 
 import pytest
-from conftest import TINY_CONFIG, run_cli
+from conftest import REPO, TINY_CONFIG, run_cli
 
 from moetrain.cli import main
 from moetrain.config import load_config, parse_overrides
@@ -104,3 +104,13 @@ def test_override_into_a_null_section_needs_the_whole_section(tmp_path):
     assert load_config(path, ["moe={}", "moe.num_experts=4"]).moe.num_experts == 4
     assert load_config(TINY_CONFIG, ["moe.num_experts=4"]).moe.num_experts == 4  # a section the file sets
     assert parse_overrides(["moe.num_experts=4"]) == {"moe": {"num_experts": 4}}
+
+
+def test_a_whole_section_of_another_kind_replaces_the_section():
+    """moe.router={kind: ...} with another kind drops the old router's keys; the same kind merges."""
+    from moetrain.config.loading import load_config as load
+
+    cfg = load(REPO / "configs" / "paper" / "cpu" / "lm_switch.yaml", ["moe.router={kind: expert_choice, top_k: 2}"])
+    assert cfg.moe.router.kind == "expert_choice" and cfg.moe.router.top_k == 2
+    cfg = load(REPO / "configs" / "paper" / "cpu" / "lm_switch.yaml", ["moe.router={kind: topk, top_k: 2}"])
+    assert cfg.moe.router.init == "orthogonal" and cfg.moe.router.top_k == 2  # merged: the file's init kept

@@ -77,13 +77,27 @@ def _deep_merge(
     for key, value in update.items():
         if isinstance(value, _Path) and key in out and out[key] is None:
             _refuse_override_into_null(f"{at}{key}", value, source)
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "deepspeed":
+        if _other_kind(value, out.get(key)):  # e.g. moe.router={kind: hash}: the old kind's keys do not apply
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict) and key != "deepspeed":
             out[key] = _deep_merge(out[key], value, source, f"{at}{key}.")
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **value}
         else:
             out[key] = value
     return out
+
+
+def _other_kind(value: Any, base: Any) -> bool:
+    """A whole mapping (``key={kind: ...}``, not a dotted path) that names another ``kind`` than ``base``:
+    it replaces the section instead of merging into it."""
+    return (
+        isinstance(value, dict)
+        and not isinstance(value, _Path)
+        and isinstance(base, dict)
+        and "kind" in value
+        and value["kind"] != base.get("kind")
+    )
 
 
 def _refuse_override_into_null(section: str, value: _Path, source: str) -> None:
