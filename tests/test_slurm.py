@@ -79,6 +79,16 @@ def wait_until(what: str, check, timeout: float, log: Path | None = None):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
 
 
+def final_state(job_id: str, env: dict[str, str], log: Path, timeout: float = 300) -> str:
+    """The job's state once it has finished (COMPLETED, FAILED, ...)."""
+    return wait_until(
+        f"job {job_id} to finish",
+        lambda: job_info(job_id, env).get("JobState") in FINISHED and job_info(job_id, env)["JobState"],
+        timeout=timeout,
+        log=log,
+    )
+
+
 def submit(run: Path, data_cache: str, env: dict[str, str], *extra: str) -> str:
     proc = run_cli(
         "launch",
@@ -106,13 +116,7 @@ def test_slurm_job_trains_on_two_processes(mode, slurm_env, tmp_path, data_cache
     run = tmp_path / "run"
     job_id = submit(run, data_cache, slurm_env, "train.steps=4", "--slurm-mode", mode)
     log = run / f"slurm-{job_id}.out"
-    state = wait_until(
-        f"job {job_id} to finish",
-        lambda: job_info(job_id, slurm_env).get("JobState") in FINISHED and job_info(job_id, slurm_env)["JobState"],
-        timeout=300,
-        log=log,
-    )
-    assert state == "COMPLETED", log.read_text()[-4000:]
+    assert final_state(job_id, slurm_env, log) == "COMPLETED", log.read_text()[-4000:]
     assert (run / "job.sbatch").is_file() and (run / "job.yaml").is_file()
     assert f"moetrain: job {job_id} on 1 node(s)" in log.read_text()
     assert_two_rank_run(run, steps=4)
@@ -184,13 +188,7 @@ def test_prepare_array_job_then_training(slurm_env, tmp_path):
         1
     )
     log = run / f"slurm-{job_id}.out"
-    state = wait_until(
-        f"job {job_id} to finish",
-        lambda: job_info(job_id, slurm_env).get("JobState") in FINISHED and job_info(job_id, slurm_env)["JobState"],
-        timeout=300,
-        log=log,
-    )
-    assert state == "COMPLETED", log.read_text()[-4000:]
+    assert final_state(job_id, slurm_env, log) == "COMPLETED", log.read_text()[-4000:]
     for task, name in enumerate(("first", "second")):
         text = (run / f"prepare-{first}_{task}.out").read_text()
         assert f"source {name!r}: prepared {cache}/" in text, text
