@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from moetrain.config.data import DataConfig, TrainedTokenizerConfig
-from moetrain.data.sources import DocumentStream, Source, data_sources, resolve_groups
+from moetrain.data.sources import DocumentStream, data_sources, source_files
 from moetrain.data.split import cut_pieces, is_val_piece
 from moetrain.data.tokenizers import TOKENIZER_FILE
 
@@ -47,14 +47,10 @@ def bpe_fingerprint(cfg: DataConfig, spec: TrainedTokenizerConfig) -> str:
             h.update(json.dumps(head).encode())
         else:
             h.update(("\0" + json.dumps(head)).encode())
-        for p in _files(src):
+        for p in source_files(src):
             st = p.stat()
             h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
-
-
-def _files(src: Source) -> list[Path]:
-    return [p for group in resolve_groups(src.cfg, src.field) for p in group]
 
 
 def bpe_path(cfg: DataConfig, spec: TrainedTokenizerConfig) -> Path:
@@ -67,7 +63,7 @@ def training_texts(cfg: DataConfig, max_chars: int | None) -> Iterator[str]:
     ``max_chars`` (a mixture: each source after its weight's share of it)."""
     for src in data_sources(cfg):
         budget = None if max_chars is None else max(1, round(max_chars * src.weight))
-        yield from _source_texts(src.cfg, _files(src), budget)
+        yield from _source_texts(src.cfg, source_files(src), budget)
 
 
 def _source_texts(cfg: DataConfig, files: list[Path], max_chars: int | None) -> Iterator[str]:

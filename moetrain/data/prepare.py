@@ -23,7 +23,7 @@ import numpy as np
 
 from moetrain.config.data import DataConfig, TrainedTokenizerConfig
 from moetrain.data.bpe import bpe_fingerprint, ensure_bpe
-from moetrain.data.sources import DocumentStream, Source, check_contents, data_sources, resolve_files, resolve_groups
+from moetrain.data.sources import DocumentStream, Source, check_contents, data_sources, resolve_groups, source_files
 from moetrain.data.split import cut_pieces, is_val_piece
 from moetrain.data.store import (
     SHARD_TOKENS,
@@ -45,11 +45,12 @@ WAIT_IDLE_S = 1800.0  # other ranks give up after this long without a sign of pr
 Log = Callable[[str], None]
 
 
-def fingerprint(cfg: DataConfig, src: Source, files: list[Path]) -> str:
-    """The store of source ``src`` of ``cfg``: its files and settings, and the tokenizer of ``cfg``."""
+def fingerprint(src: Source, files: list[Path], tokenizer: str) -> str:
+    """The store of source ``src``: its files and settings, and the identity of the tokenizer (one for
+    every source: ``tokenizer_identity`` of the whole config)."""
     h = hashlib.sha256()
     c = src.cfg
-    fields = [tokenizer_identity(cfg), c.format, c.text_field, c.hub, c.hub_split, c.val_fraction, c.max_tokens]
+    fields = [tokenizer, c.format, c.text_field, c.hub, c.hub_split, c.val_fraction, c.max_tokens]
     h.update(json.dumps([CACHE_VERSION, *fields, c.split_chars]).encode())
     for p in files:
         st = p.stat()
@@ -98,10 +99,11 @@ def prepare_data(
     if only is not None:
         sources = [pick_source(sources, only)]
     plans = []  # (source, its files, its folder, its store or None)
+    tokenizer_id = tokenizer_identity(cfg)
     for src in sources:
         groups = resolve_groups(src.cfg, src.field)
         files = [p for group in groups for p in group]
-        folder = Path(cfg.cache_dir) / fingerprint(cfg, src, files)
+        folder = Path(cfg.cache_dir) / fingerprint(src, files, tokenizer_id)
         store = open_store(folder)
         if store is None:
             check_contents(src.cfg, groups, src.field)  # every source, before anything is written
@@ -137,10 +139,9 @@ def pick_source(sources: list[Source], key: str) -> Source:
 
 def wait_for_data(cfg: DataConfig, idle_timeout_s: float = WAIT_IDLE_S) -> PreparedData:
     """Ranks other than 0: wait for the stores rank 0 prepares (polling their index files), then open them."""
-    sources, stores = data_sources(cfg), []
+    sources, stores, tokenizer_id = data_sources(cfg), [], tokenizer_identity(cfg)
     for src in sources:
-        folder = Path(cfg.cache_dir) / fingerprint(cfg, src, [p for g in resolve_groups(src.cfg, src.field) for p in g])
-        store = wait_for_store(folder, idle_timeout_s)
+        store = wait_for_store(Path(cfg.cache_dir) / fingerprint(src, source_files(src), tokenizer_id), idle_timeout_s)
         check_fits(store, src)
         stores.append(store)
     return PreparedData(sources, stores)
@@ -165,7 +166,7 @@ def _only_store(prepared: PreparedData) -> TokenCache:
 def store_folder(cfg: DataConfig) -> Path:
     """``cache_dir/<fingerprint>``: where the store of a one-source config is (or will be) published."""
     (src,) = data_sources(cfg)
-    return Path(cfg.cache_dir) / fingerprint(cfg, src, resolve_files(cfg))
+    return Path(cfg.cache_dir) / fingerprint(src, source_files(src), tokenizer_identity(cfg))
 
 
 def check_fits(store: TokenCache, src: Source) -> None:

@@ -64,7 +64,12 @@ def data_sources(cfg: DataConfig) -> list[Source]:
 def resolve_files(cfg: DataConfig) -> list[Path]:
     """Every data file (of every source), in a stable order; raises UserError naming the path that
     matches nothing."""
-    return [p for src in data_sources(cfg) for group in resolve_groups(src.cfg, src.field) for p in group]
+    return [p for src in data_sources(cfg) for p in source_files(src)]
+
+
+def source_files(src: Source) -> list[Path]:
+    """The files of one source, in a stable order."""
+    return [p for group in resolve_groups(src.cfg, src.field) for p in group]
 
 
 def resolve_groups(cfg: DataConfig, field: str = "data") -> list[list[Path]]:

@@ -8,7 +8,7 @@ shards the experts and swaps in the all-to-all dispatcher afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,10 +17,9 @@ from moetrain.config.model import MoEConfig
 from moetrain.kernels import select_backend
 from moetrain.moe.dispatch import Dispatcher, LocalDispatcher
 from moetrain.moe.experts import GroupedExperts
-from moetrain.moe.metrics import GATE_LOW, LayerStats
+from moetrain.moe.metrics import LayerStats
 from moetrain.moe.routers import build_router
 from moetrain.moe.routers.expert_choice import ExpertChoiceRouter
-from moetrain.moe.routers.topk import TopKRouter
 from moetrain.moe.shared import SharedExperts
 
 
@@ -65,12 +64,8 @@ class MoELayer(nn.Module):
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor, group_size: int | None = None) -> MoEOutput:
         """1. route; 2. dispatch to (local) experts; 3. grouped experts; 4. weighted combine; 5. + shared.
 
-        ``group_size``: tokens per sequence (the model passes it): expert-choice routing picks per
-        sequence, the top-k router's sequence-wise balance loss is per sequence."""
-        if isinstance(self.router, (ExpertChoiceRouter, TopKRouter)):  # routers that work per sequence
-            decision = self.router(x_TD, token_ids_T, group_size)
-        else:
-            decision = self.router(x_TD, token_ids_T)
+        ``group_size``: tokens per sequence (the model passes it), for routers that work per sequence."""
+        decision = self.router(x_TD, token_ids_T, group_size)
         x_ND, counts_L, meta = self.dispatcher.dispatch(x_TD, decision)
         y_ND = self.experts(x_ND, counts_L, padded=self.dispatcher.pads_rows)
         y_TD = self.dispatcher.combine(y_ND, meta)
@@ -79,18 +74,9 @@ class MoELayer(nn.Module):
             y_TD = y_TD * coef_T2[:, :1] + self.residual_ffn(x_TD) * coef_T2[:, 1:]
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        stats = LayerStats.from_decision(
-            decision, self.num_experts + self.null_experts + self.expert_choice, meta.dropped
-        )
-        if self.expert_choice:  # the real experts' load and gates only
-            real_TK = decision.expert_ids_TK < self.num_experts
-            gates_TK = decision.gates_TK.detach().float()
-            stats = replace(
-                stats,
-                load_E=stats.load_E[: self.num_experts],
-                gate_sum=(gates_TK * real_TK).sum(),
-                gate_low=((gates_TK < GATE_LOW) & real_TK).sum().float(),
-            )
+        # null experts are router choices (their load is counted, the last M entries); expert choice's
+        # placeholder id E is not
+        stats = LayerStats.from_decision(decision, self.num_experts + self.null_experts, meta.dropped)
         if self.null_experts:  # mean real experts per token: k minus its null slots
             real = (decision.expert_ids_TK < self.num_experts).sum(dim=-1).float().mean()
             stats.aux_terms["active_experts"] = real.detach()

@@ -36,9 +36,12 @@ class LayerStats:
 
     @staticmethod
     def from_decision(decision: RoutingDecision, num_experts: int, dropped: torch.Tensor) -> "LayerStats":
+        """Slots whose id is >= ``num_experts`` are placeholders (expert choice's unchosen experts): they
+        count in no load and no gate statistic."""
         ids = decision.expert_ids_TK.reshape(-1)
+        chosen = ids < num_experts
         load_E = torch.zeros(num_experts, device=ids.device).scatter_add_(
-            0, ids, torch.ones_like(ids, dtype=torch.float32)
+            0, ids.clamp(max=num_experts - 1), chosen.float()
         )
         if decision.scores_TE is not None:
             p = decision.scores_TE.float().clamp_min(1e-20)
@@ -46,15 +49,15 @@ class LayerStats:
         else:
             entropy = torch.zeros((), device=ids.device)
         n = torch.full((), float(decision.expert_ids_TK.shape[0]), device=ids.device)  # no host->device copy
-        gates = decision.gates_TK.detach().float()
+        gates = decision.gates_TK.detach().float().reshape(-1)
         return LayerStats(
             load_E,
             dropped.float(),
             entropy,
             n,
             dict(decision.aux_terms),
-            gate_sum=gates.sum(),
-            gate_low=(gates < GATE_LOW).sum().float(),
+            gate_sum=(gates * chosen).sum(),
+            gate_low=((gates < GATE_LOW) & chosen).sum().float(),
         )
 
 

@@ -26,10 +26,12 @@ class RoutingDecision:
 
 
 class Router(nn.Module):
-    """Base class: ``forward(x_TD, token_ids_T) -> RoutingDecision``.
+    """Base class: ``forward(x_TD, token_ids_T, group_size=None) -> RoutingDecision``.
 
     ``x_TD`` is the layer input (fp32 routing is the router's job); ``token_ids_T`` are the current
-    token ids, used by id-based routers (Hash, StableMoE's distilled router).
+    token ids, used by id-based routers (Hash, StableMoE's distilled router); ``group_size`` is the
+    number of tokens per sequence (None: one group), used by routers that work per sequence
+    (expert choice, the top-k router's sequence-wise balance loss).
     """
 
     num_experts: int
@@ -38,7 +40,9 @@ class Router(nn.Module):
     # data-parallel rank. None on one process; :func:`moetrain.parallel.parallelize` sets it.
     stats_group: dist.ProcessGroup | None = None
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:  # pragma: no cover
+    def forward(
+        self, x_TD: torch.Tensor, token_ids_T: torch.Tensor, group_size: int | None = None
+    ) -> RoutingDecision:  # pragma: no cover
         raise NotImplementedError
 
 

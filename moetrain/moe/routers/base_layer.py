@@ -34,7 +34,7 @@ class BaseLayerRouter(Router):
         self.centroids_ED = nn.Parameter(torch.empty(num_experts, d_model))
         orthogonal_(self.centroids_ED, cfg.init_gain, private_generator())
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor, group_size: int | None = None) -> RoutingDecision:
         """1. fp32 scores; 2. balanced assignment (training) or argmax (eval); 3. sigmoid gate."""
         scores_TE = x_TD.float() @ self.centroids_ED.float().t()
         if self.training:

@@ -55,7 +55,7 @@ class HashRouter(Router):
     def set_table(self, table_V: torch.Tensor) -> None:
         self.table_V.copy_(table_V.to(self.table_V))
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor, group_size: int | None = None) -> RoutingDecision:
         """The expert is ``table[token id]``; the gate is 1 (the expert output is added unscaled)."""
         expert_ids_TK = self.table_V[token_ids_T][:, None]
         gates_TK = torch.ones(expert_ids_TK.shape, dtype=torch.float32, device=x_TD.device)

@@ -127,7 +127,7 @@ class StableMoERouter(Router):
         """ŝ = D(X) Ê^T in fp32: a function of the token id only (no context, no backbone gradient)."""
         return F.embedding(token_ids_T, self.distill_embed_VR).float() @ self.distill_centroids_ER.float().t()
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor, group_size: int | None = None) -> RoutingDecision:
         """1. backbone scores; 2. assignment by the stage's rule; 3. sigmoid gate of the backbone score
         of the chosen expert; 4. in training: stage-1 losses (zero in stage 2) and logged terms."""
         scores_TE = x_TD.float() @ self.centroids_ED.float().t()
