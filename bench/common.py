@@ -67,7 +67,7 @@ def env_info(device: torch.device) -> dict:
         "deepspeed": deepspeed.__version__,
         "python": platform.python_version(),
         "git_commit": commit or None,
-        "git_modified_files": dirty.splitlines() if dirty else [],
+        "git_modified_files": [line.strip() for line in dirty.splitlines()],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),

@@ -42,6 +42,7 @@ from bench.layers import (  # noqa: E402
     train_step_fn,
 )
 from moetrain.kernels.host_sync import HostSyncCounter  # noqa: E402
+from moetrain.training.host_memory import retain_freed_memory  # noqa: E402
 
 SEED = 0
 FULL_SHAPES = [Shape("S1-cpu", 1024, 512, 1024, 8, 2), Shape("S2-cpu", 1024, 256, 512, 128, 8)]
@@ -179,8 +180,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller shapes (same reps)")
     parser.add_argument("--reps", type=int, default=11, help="timed repetitions per variant (>= 11)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--retain-host-memory",
+        action="store_true",
+        help="keep freed memory in the process, as moetrain's CPU training does (moetrain/training/host_memory.py)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_tier.json"))
     args = parser.parse_args()
+    if args.retain_host_memory and not retain_freed_memory():
+        parser.error("--retain-host-memory needs glibc")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
@@ -188,6 +196,7 @@ def main() -> None:
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
 
     record = {"env": env_info(torch.device("cpu")), "seed": SEED, "quick": args.quick, "dtype": "float32"}
+    record["retain_host_memory"] = args.retain_host_memory
     record["load_average_before"] = os.getloadavg()
     progress("counters C1, C2, C4")
     record["counters"] = {s.name: counters(s) for s in shapes}

@@ -1,6 +1,8 @@
 """Grouped experts equal a per-expert loop, forward and backward."""
 
+import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ def test_grouped_matmul_equals_loop(counts):
     w1 = torch.randn(4, 8, 16, requires_grad=True)
     x2, w2 = x1.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_()
     assert ex.grouped_mm_unsupported(x1, w1) is None  # the fused path is what we compare
-    y1 = ex.grouped_matmul(x1, w1, counts_L)
+    y1 = ex.grouped_matmul(x1, w1, ex.group_ends(counts_L))
     y2 = ex.grouped_matmul_loop(x2, w2, counts_L)
     used = sum(counts)
     assert torch.allclose(y1[:used], y2[:used], atol=1e-5)
@@ -65,7 +67,13 @@ def test_stacked_experts_start_as_identity():
 
 
 def test_row_experts_without_sync():
-    assert ex.row_experts(torch.tensor([2, 0, 1]), 4).tolist() == [0, 0, 2, 2]
+    """Rows past the last expert get L: the zero scratch entry of ``per_row``."""
+    ends = ex.group_ends(torch.tensor([2, 0, 1]), padded=True)
+    assert ends.tolist() == [2, 2, 3]
+    assert ex.row_experts(ends, 5).tolist() == [0, 0, 2, 3, 3]
+    # nothing kept at all: expert 0 computes row 0, so the combine never reads uninitialised memory
+    assert ex.group_ends(torch.tensor([0, 0]), padded=True).tolist() == [1, 1]
+    assert ex.group_ends(torch.tensor([0, 0])).tolist() == [0, 0]
 
 
 def test_padded_rows_never_poison_outputs_or_gradients():
@@ -118,3 +126,112 @@ def test_shard_keeps_each_global_expert_exactly():
             assert torch.equal(q, p[:, 2 * rank : 2 * rank + 2]), name
     with pytest.raises(RuntimeError, match="already sharded"):
         part.shard(0, 2)
+
+
+class PoisonUnusedRows(torch.utils._python_dispatch.TorchDispatchMode):
+    """Makes ``torch._grouped_mm`` fill the rows it leaves uninitialised (past the last offset) with NaN,
+    forward and backward: the worst case of what the fused kernel may return there."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._grouped_mm.default:
+            a, b = args[0], args[1]
+            offs = (kwargs or {}).get("offs", args[2] if len(args) > 2 else None)
+            if a.dim() == 2 and b.dim() == 3 and offs is not None:  # rows of `a` split by offs
+                out[offs[-1].item() :] = float("nan")
+        return out
+
+
+@pytest.mark.parametrize("kind", ["gelu", "swiglu", "stacked"])
+@pytest.mark.parametrize("counts", [[2, 0, 1], [0, 0, 0]])
+def test_capacity_rows_need_no_masking(kind, counts, monkeypatch):
+    """Rows of no expert are not computed and not masked; with NaN in them (the fused kernel's
+    uninitialised memory) the kept rows' outputs and every weight and input gradient of the layer
+    through the combine equal the per-expert loop, which zero-fills them."""
+    from moetrain.kernels.permute import permute_reference, unpermute_reference
+
+    torch.manual_seed(0)
+    m = ex.GroupedExperts(kind, num_experts=3, d_model=8, d_hidden=16, sublayers=2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.3)
+    counts_L = torch.tensor(counts)
+    # 4 tokens x 2 slots; kept slots get rows 0..used-1 in expert order, the rest are dropped (-1)
+    used = sum(counts)
+    rows_TK = torch.full((4, 2), -1)
+    rows_TK.view(-1)[torch.randperm(8)[:used]] = torch.arange(used)
+    gates_TK = torch.rand(4, 2)
+    x = torch.randn(4, 8)
+
+    def run(poison: bool):
+        m.zero_grad()
+        x_TD = x.clone().requires_grad_()
+        with PoisonUnusedRows() if poison else contextlib.nullcontext():
+            y_ND = m(permute_reference(x_TD, rows_TK), counts_L, padded=True)
+            out_TD = unpermute_reference(y_ND, rows_TK, gates_TK)
+            out_TD.square().sum().backward()
+        return out_TD.detach(), x_TD.grad, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    got = run(True)
+    assert not m.uses_loop  # the fused path, poisoned
+    with monkeypatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mp.setattr(ex, "grouped_mm_unsupported", lambda x, w: "reference")  # the loop: zero-filled rows
+        ref = run(False)
+    assert m.uses_loop
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
+    for n in ref[2]:
+        torch.testing.assert_close(got[2][n], ref[2][n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def _saved_storages(fn) -> dict[int, int]:
+    """Distinct storages autograd saves while ``fn`` runs: data_ptr -> bytes."""
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_recomputed_input_saves_x_and_keeps_gradients(kind, padded):
+    """With ``recompute_x`` the experts keep no x_ND for backward (it comes back from the callable) and
+    every gradient equals torch._grouped_mm's own backward."""
+    from moetrain.kernels.permute import permute_reference
+
+    torch.manual_seed(0)
+    m = ex.GroupedExperts(kind, num_experts=3, d_model=8, d_hidden=16)
+    counts = torch.tensor([3, 0, 2]) if padded else torch.tensor([3, 0, 3])
+    rows_TK = torch.tensor([[0, 3], [1, -1], [4, 2], [-1, -1]]) if padded else torch.tensor([[0, 3], [1, 4], [5, 2]])
+    x_TD = torch.randn(rows_TK.shape[0], 8)
+    g = torch.randn(rows_TK.numel(), 8)
+    results = []
+    for recompute in (False, True):
+        m.zero_grad()
+        x = x_TD.clone().requires_grad_()
+        calls = []
+
+        def again(x=x, calls=calls):
+            calls.append(1)
+            return permute_reference(x.detach(), rows_TK)
+
+        saved, y = _saved_storages(
+            lambda x=x, again=again, recompute=recompute: m(
+                permute_reference(x, rows_TK), counts, padded=padded, recompute_x=again if recompute else None
+            )
+        )
+        used = int(counts.sum())
+        (y[:used] * g[:used]).sum().backward()
+        results.append((sum(saved.values()), x.grad, {n: p.grad.clone() for n, p in m.named_parameters()}, calls))
+    (bytes_plain, gx0, gp0, _), (bytes_recomputed, gx1, gp1, calls) = results
+    assert bytes_plain - bytes_recomputed == rows_TK.numel() * 8 * 4  # exactly x_ND
+    assert len(calls) == (2 if kind == "swiglu" else 1)  # once per weight gradient that needs it
+    torch.testing.assert_close(gx1, gx0)
+    for n in gp0:
+        torch.testing.assert_close(gp1[n], gp0[n], msg=n)

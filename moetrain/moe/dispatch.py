@@ -13,6 +13,7 @@ calls. :class:`LocalDispatcher` (one process) is the reference the all-to-all di
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +50,10 @@ class Dispatcher(Protocol):
 
     def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor, object]: ...
 
+    def recompute(self, x_TD: torch.Tensor, meta: object) -> Callable[[], torch.Tensor] | None:
+        """What returns dispatch's x_ND again from x_TD, if that is cheap; None: backward keeps x_ND."""
+        ...
+
     def combine(self, y_ND: torch.Tensor, meta: object) -> torch.Tensor: ...
 
 
@@ -81,6 +86,12 @@ class LocalDispatcher:
         x_ND = self.backend.permute(x_TD, rows_TK)
         dropped = (rows_TK < 0).sum() - null
         return x_ND, counts_E, LocalMeta(rows_TK, decision.gates_TK, counts_E, dropped)
+
+    def recompute(self, x_TD: torch.Tensor, meta: LocalMeta) -> Callable[[], torch.Tensor]:
+        """The permute again, without autograd: backward gathers x_ND from x_TD instead of saving it
+        (``recompute_x`` in ``moetrain/moe/experts.py``)."""
+        x_TD = x_TD.detach()
+        return lambda: self.backend.permute(x_TD, meta.rows_TK)
 
     def combine(self, y_ND: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
         """Weighted sum of each token's k expert outputs, in token order (dropped slots add 0)."""

@@ -1,7 +1,8 @@
 """Experts held as stacked weights, computed with one grouped matmul per weight (shapes: moetrain/moe/__init__.py).
 
 Rows of local expert e are contiguous, in expert order; ``counts_L`` says how many. Rows after
-``counts_L.sum()`` (capacity mode leaves some) belong to no expert and their output is never read.
+``counts_L.sum()`` (capacity mode leaves some) belong to no expert: they are not computed and their
+output is never read (:func:`grouped_matmul`).
 
 ``torch._grouped_mm`` runs on CUDA only for bf16 on compute capability 9.0+ (Hopper), and on the CPU
 for fp32 / bf16. Everywhere else the experts fall back to a Python loop over experts, which reads the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -47,25 +49,72 @@ def grouped_mm_unsupported(x_ND: torch.Tensor, w_LDF: torch.Tensor) -> str | Non
     return None
 
 
+def group_ends(counts_L: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    """End row of each local expert's rows (int32 offsets for ``torch._grouped_mm``). No sync.
+
+    ``padded``: rows past ``counts_L.sum()`` belong to no expert (capacity mode, null experts). When no
+    row belongs to any expert, expert 0 takes row 0 (a zero row from the permute), so that row is
+    computed: the combine reads row 0 for every dropped slot (times a zero gate) and must never read
+    uninitialised memory, which could be NaN.
+    """
+    ends_L = torch.cumsum(counts_L, 0)
+    if padded:
+        ends_L = ends_L + (ends_L[-1:] == 0)
+    return ends_L.to(torch.int32)
+
+
 def grouped_matmul(
-    x_ND: torch.Tensor, w_LDF: torch.Tensor, counts_L: torch.Tensor, padded: bool = False
+    x_ND: torch.Tensor,
+    w_LDF: torch.Tensor,
+    ends_L: torch.Tensor,
+    recompute_x: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """y[rows of e] = x[rows of e] @ w[e], with ``torch._grouped_mm`` where supported.
+
+    ``ends_L``: :func:`group_ends`. Rows past the last end (capacity mode) are not computed: the fused
+    path leaves them uninitialised in the output and in the input gradient, the loop gives zeros.
+    Nothing reads them into a weight or an output: the next grouped matmul reads only rows before the
+    last end, its weight gradient too, and the combine reads only kept rows (and row 0, see
+    :func:`group_ends`). So capacity mode needs no masking pass (tested by poisoning those rows with NaN).
+
+    ``recompute_x`` (CPU): returns ``x_ND`` again; backward calls it for the weight gradient instead
+    of keeping ``x_ND`` saved (:class:`_GroupedMMRecomputeX`).
 
     The fallback loops over experts; it needs the counts on the host (one sync), which is why the
     fused path is preferred.
     """
     if grouped_mm_unsupported(x_ND, w_LDF) is None:
-        ends_L = torch.cumsum(counts_L, 0)
-        if not padded:  # every row belongs to an expert
-            return torch._grouped_mm(x_ND, w_LDF, offs=ends_L.to(torch.int32))
-        # NOTE: torch._grouped_mm leaves the rows past the last offset (capacity mode) uninitialised, in
-        # its output and in its input gradient; the loop gives zeros. Mask both ways, or garbage (even
-        # NaN) reaches the per-row LayerNorm/bias parameters of stacked experts.
-        valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < ends_L[-1])[:, None]
-        y_NF = torch._grouped_mm(torch.where(valid_N1, x_ND, 0), w_LDF, offs=ends_L.to(torch.int32))
-        return torch.where(valid_N1, y_NF, 0)
-    return grouped_matmul_loop(x_ND, w_LDF, counts_L)
+        if recompute_x is not None and not x_ND.is_cuda:
+            return _GroupedMMRecomputeX.apply(x_ND, w_LDF, ends_L, recompute_x)
+        return torch._grouped_mm(x_ND, w_LDF, offs=ends_L)
+    return grouped_matmul_loop(x_ND, w_LDF, torch.diff(ends_L, prepend=ends_L.new_zeros(1)))
+
+
+class _GroupedMMRecomputeX(torch.autograd.Function):
+    """``torch._grouped_mm(x, w)`` that saves no ``x``: its weight gradient gets ``x`` from ``recompute()``.
+
+    The local dispatcher's x_ND (N x D) is a gather of the layer input x_TD, which autograd keeps
+    anyway; gathering it again in backward (one N x D copy) saves N x D activations, bringing the layer
+    to a gather-fused layer's saved bytes (docs/benchmarks.md, C4). The gradients are the formulas of
+    ``torch._grouped_mm``'s own backward. CPU only: on CUDA the grouped GEMM's operand layouts are
+    constrained, and this path has not been run there.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w_LDF, ends_L, recompute_x):
+        ctx.save_for_backward(w_LDF, ends_L)
+        ctx.recompute_x = recompute_x
+        return torch._grouped_mm(x_ND, w_LDF, offs=ends_L)
+
+    @staticmethod
+    def backward(ctx, grad_NF):
+        w_LDF, ends_L = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._grouped_mm(grad_NF, w_LDF.transpose(-2, -1), offs=ends_L)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch._grouped_mm(ctx.recompute_x().t(), grad_NF, offs=ends_L)
+        return grad_x, grad_w, None, None
 
 
 def grouped_matmul_loop(x_ND: torch.Tensor, w_LDF: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
@@ -78,15 +127,15 @@ def grouped_matmul_loop(x_ND: torch.Tensor, w_LDF: torch.Tensor, counts_L: torch
     return torch.cat(pieces)
 
 
-def row_experts(counts_L: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Local expert index of every row (rows past the last expert get the last index). No sync."""
-    ends_L = torch.cumsum(counts_L, 0)
-    rows_N = torch.arange(num_rows, device=counts_L.device)
-    return torch.searchsorted(ends_L, rows_N, right=True).clamp_max(counts_L.numel() - 1)
+def row_experts(ends_L: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Local expert index of every row; rows past the last end get L (no expert). No sync."""
+    rows_N = torch.arange(num_rows, device=ends_L.device, dtype=ends_L.dtype)
+    return torch.searchsorted(ends_L, rows_N, right=True)
 
 
 def per_row(p_LX: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
-    """Each row's copy of its expert's vector (a LayerNorm weight or a bias): ``p_LX[rows_N]``.
+    """Each row's copy of its expert's vector (a LayerNorm weight or a bias): ``p_LX[rows_N]``, with
+    zeros for the rows of no expert (index L), whose gradient lands in that scratch entry and is dropped.
 
     NOTE: the gather whose backward sums in a fixed order on each device. On the CPU the backward of
     ``p_LX[rows_N]`` (``index_put_(accumulate=True)``) adds with float atomics on several threads once
@@ -94,6 +143,7 @@ def per_row(p_LX: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
     backward (``index_add_``) does not, and is faster. On CUDA it is the other way round:
     ``index_add_`` uses atomics and the indexing backward sorts.
     """
+    p_LX = torch.cat([p_LX, p_LX.new_zeros(1, p_LX.shape[-1])])  # L x X: a few KB, not a pass over rows
     if p_LX.is_cuda:
         return p_LX[rows_N]
     return p_LX.index_select(0, rows_N)
@@ -199,26 +249,32 @@ class GroupedExperts(nn.Module):
             setattr(self, name, nn.Parameter(p[:, first : first + L].clone(), requires_grad=p.requires_grad))
         self.first_expert, self.num_local = first, L
 
-    def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor, padded: bool = False) -> torch.Tensor:
-        """``padded``: some rows past ``counts_L.sum()`` belong to no expert (capacity mode)."""
+    def forward(
+        self,
+        x_ND: torch.Tensor,
+        counts_L: torch.Tensor,
+        padded: bool = False,
+        recompute_x: Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``padded``: some rows past ``counts_L.sum()`` belong to no expert (capacity mode); their
+        output is left unspecified (see :func:`grouped_matmul`). ``recompute_x``: returns ``x_ND``
+        again, so backward need not keep it (the first GEMMs of GELU/SwiGLU experts)."""
         self._check_grouped_mm(x_ND)
+        ends_L = group_ends(counts_L, padded)
 
-        def mm(x, w):
-            return grouped_matmul(x, w, counts_L, padded)
+        def mm(x, w, recompute=None):
+            return grouped_matmul(x, w, ends_L, recompute)
 
         if self.kind != "stacked":
             # NOTE: squeeze(0), not [0]: indexing makes backward materialise a zero gradient of the
             # whole stacked weight and copy into it (a quarter of a CPU step at E=128).
-            h_NF = mm(x_ND, self.w1_SLDF.squeeze(0))
+            h_NF = mm(x_ND, self.w1_SLDF.squeeze(0), recompute_x)
             if self.kind == "swiglu":
-                h_NF = F.silu(h_NF) * mm(x_ND, self.w3_SLDF.squeeze(0))
+                h_NF = F.silu(h_NF) * mm(x_ND, self.w3_SLDF.squeeze(0), recompute_x)
             else:
                 h_NF = F.gelu(h_NF)
             return mm(h_NF, self.w2_SLFD.squeeze(0))
-        rows_N = row_experts(counts_L, x_ND.shape[0])
-        if padded:  # unused rows go through the per-row LayerNorm/biases too: make them exact zeros
-            valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < counts_L.sum())[:, None]
-            x_ND = torch.where(valid_N1, x_ND, 0)
+        rows_N = row_experts(ends_L, x_ND.shape[0])
         h_ND = x_ND
         for s in range(self.sublayers):
             z_ND = F.layer_norm(h_ND, h_ND.shape[-1:])

@@ -67,7 +67,8 @@ class MoELayer(nn.Module):
         ``group_size``: tokens per sequence (the model passes it), for routers that work per sequence."""
         decision = self.router(x_TD, token_ids_T, group_size)
         x_ND, counts_L, meta = self.dispatcher.dispatch(x_TD, decision)
-        y_ND = self.experts(x_ND, counts_L, padded=self.dispatcher.pads_rows)
+        recompute_x = self.dispatcher.recompute(x_TD, meta)  # backward may gather x_ND again (experts.py)
+        y_ND = self.experts(x_ND, counts_L, padded=self.dispatcher.pads_rows, recompute_x=recompute_x)
         y_TD = self.dispatcher.combine(y_ND, meta)
         if self.residual_ffn is not None:
             coef_T2 = torch.softmax(self.residual_coef(x_TD), dim=-1)

@@ -5,12 +5,16 @@ N = T*K permuted rows, R rows received from the EP group.
 
 Steps (dispatch):
   1. routing map over the E global experts -> rows grouped by global expert (= by destination rank)
-  2. permute tokens into that order (the same kernel as the local path)
-  3. all-to-all of the per-expert counts: counts_PL received = how many rows each source sends to
-     each of my local experts. The one host sync per layer turns both count tables into split sizes.
+  2. all-to-all of the per-expert counts, started asynchronously: counts_PL received = how many rows
+     each source sends to each of my local experts
+  3. permute tokens into expert order (the same kernel as the local path) while the counts travel;
+     then wait. The one host sync per layer turns both count tables into split sizes.
   4. all-to-all of the tokens with uneven splits (differentiable)
   5. regroup the received rows from [source rank][local expert] to [local expert][source rank]
 combine reverses 5 -> 4 and finishes with the weighted gather-sum of the local path.
+
+``dispatcher.phases`` (a :class:`PhaseTimes`, off by default) records the wall time of each step;
+``bench/ep_phases.py`` reports them.
 
 NOTE: every rank calls both all-to-alls in forward and, through autograd, in backward, even when it
 sends or receives zero rows: skipping one would hang the ranks that did call it.
@@ -18,7 +22,9 @@ sends or receives zero rows: skipping one would hang the ranks that did call it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -67,6 +73,31 @@ class AllToAllMeta:
     dropped: torch.Tensor
 
 
+@dataclass
+class PhaseTimes:
+    """Seconds spent in each named phase of dispatch/combine, summed over calls (a benchmark aid).
+
+    CPU wall time; on CUDA each phase is bracketed by a device synchronize, which serialises the
+    overlap it measures, so use it to find the expensive phase, not for end-to-end time."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str, device: torch.device):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+@contextmanager
+def _untimed(name: str, device: torch.device):
+    yield
+
+
 class AllToAllDispatcher:
     """Experts sharded over the EP group; interchangeable with :class:`LocalDispatcher`."""
 
@@ -90,41 +121,57 @@ class AllToAllDispatcher:
         self.backend = backend
         self.group = group
         self.bytes_sent = 0  # token bytes this rank sent to *other* ranks in forward (the C5 count)
+        self.phases: PhaseTimes | None = None  # set to time each phase (bench/ep_phases.py)
 
     def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision):
         P, L = self.ep_size, self.num_local_experts
+        phase, dev = self.phases or _untimed, x_TD.device
         ids_TK = decision.expert_ids_TK
         capacity = expert_capacity(ids_TK.numel(), self.num_experts, self.capacity_factor)
-        rows_TK, counts_E, null = route_rows(self.backend, ids_TK, self.num_experts, capacity, self.null_experts)  # 1.
-        x_ND = self.backend.permute(x_TD, rows_TK)  # 2.
-        recv_counts_PL = torch.empty_like(counts_E)  # 3.
-        dist.all_to_all_single(recv_counts_PL, counts_E.contiguous(), group=self.group)
-        recv_counts_PL = recv_counts_PL.view(P, L)
-        # NOTE: the one host sync of this layer: split sizes must be Python ints for the collective.
-        send_PL, recv_PL = torch.stack([counts_E.view(P, L), recv_counts_PL]).tolist()
+        with phase("routing map", dev):  # 1.
+            rows_TK, counts_E, null = route_rows(self.backend, ids_TK, self.num_experts, capacity, self.null_experts)
+        with phase("count exchange + host sync", dev):  # 2.
+            recv_counts_PL = torch.empty_like(counts_E)
+            pending = dist.all_to_all_single(recv_counts_PL, counts_E.contiguous(), group=self.group, async_op=True)
+        with phase("permute", dev):  # 3.
+            x_ND = self.backend.permute(x_TD, rows_TK)
+        with phase("count exchange + host sync", dev):
+            pending.wait()
+            recv_counts_PL = recv_counts_PL.view(P, L)
+            # NOTE: the one host sync of this layer: split sizes must be Python ints for the collective.
+            send_PL, recv_PL = torch.stack([counts_E.view(P, L), recv_counts_PL]).tolist()
         send_splits = [sum(r) for r in send_PL]
         recv_splits = [sum(r) for r in recv_PL]
         n_send = sum(send_splits)
         self.bytes_sent += (n_send - send_splits[self.ep_rank]) * x_ND.shape[-1] * x_ND.element_size()
-        x_RD = all_to_all(x_ND[:n_send], recv_splits, send_splits, self.group)  # 4.
-        # 5. local expert of each received row, then a stable sort groups rows by local expert.
-        local_ids_R = (
-            torch.arange(P * L, device=x_TD.device)
-            .remainder(L)
-            .repeat_interleave(recv_counts_PL.reshape(-1), output_size=sum(recv_splits))
-        )
-        regroup_R = torch.sort(local_ids_R, stable=True).indices
-        x_RD = x_RD.index_select(0, regroup_R)
+        with phase("token all-to-all", dev):  # 4.
+            x_RD = all_to_all(x_ND[:n_send], recv_splits, send_splits, self.group)
+        with phase("regroup", dev):  # 5. local expert of each received row; a stable sort groups them
+            local_ids_R = (
+                torch.arange(P * L, device=x_TD.device)
+                .remainder(L)
+                .repeat_interleave(recv_counts_PL.reshape(-1), output_size=sum(recv_splits))
+            )
+            regroup_R = torch.sort(local_ids_R, stable=True).indices
+            x_RD = x_RD.index_select(0, regroup_R)
         counts_L = recv_counts_PL.sum(0)
         meta = AllToAllMeta(
             rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, ids_TK.numel(), (rows_TK < 0).sum() - null
         )
         return x_RD, counts_L, meta
 
+    def recompute(self, x_TD: torch.Tensor, meta: AllToAllMeta) -> None:
+        """None: the received rows came from other ranks; backward keeps them."""
+        return None
+
     def combine(self, y_RD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
-        y_back_RD = torch.empty_like(y_RD).index_copy(0, meta.regroup_R, y_RD)  # undo 5.
-        y_sent_ND = all_to_all(y_back_RD, meta.send_splits, meta.recv_splits, self.group)  # undo 4.
-        pad = meta.num_rows - y_sent_ND.shape[0]
-        if pad:
-            y_sent_ND = torch.cat([y_sent_ND, y_sent_ND.new_zeros(pad, y_sent_ND.shape[-1])])
-        return self.backend.unpermute(y_sent_ND, meta.rows_TK, meta.gates_TK)
+        phase, dev = self.phases or _untimed, y_RD.device
+        with phase("regroup", dev):  # undo 5.
+            y_back_RD = torch.empty_like(y_RD).index_copy(0, meta.regroup_R, y_RD)
+        with phase("return all-to-all", dev):  # undo 4.
+            y_sent_ND = all_to_all(y_back_RD, meta.send_splits, meta.recv_splits, self.group)
+        with phase("combine", dev):
+            pad = meta.num_rows - y_sent_ND.shape[0]
+            if pad:
+                y_sent_ND = torch.cat([y_sent_ND, y_sent_ND.new_zeros(pad, y_sent_ND.shape[-1])])
+            return self.backend.unpermute(y_sent_ND, meta.rows_TK, meta.gates_TK)

@@ -1,0 +1,177 @@
+"""Expert-parallel overhead: the time of each MoE-layer phase under EP, and EP vs data parallelism.
+
+For P gloo ranks (one intra-op thread each) and one MoE layer (GELU experts, top-k softmax router):
+
+- **EP-P**: the experts sharded over the P ranks (``moetrain.parallel.parallelize``'s all-to-all
+  dispatcher). Forward phases are timed inside the dispatcher (``AllToAllDispatcher.phases``):
+  routing map, count exchange + host sync (asynchronous, overlapped with the permute), permute, token
+  all-to-all, regroup, grouped GEMM (the experts), return all-to-all, combine; then backward as a
+  whole. The gradients of the replicated router are all-reduced (the expert gradients need no
+  reduction: each expert lives on one rank).
+- **DP-P**: every rank holds every expert (the local dispatcher); forward + backward, then an
+  all-reduce of all gradients (router and experts), as data parallelism must.
+
+Both see the same tokens per rank; the ratio DP time / EP time is EP's relative throughput (> 1: EP
+is faster). Medians of interleaved repetitions (EP, DP, EP, DP, ...) after two warm-ups.
+
+    python bench/ep_phases.py                       # 2 and 4 ranks, top-1 and top-2
+    python bench/ep_phases.py --ranks 2 --quick     # a small shape, seconds
+
+NOTE: on a 2-core machine 4 ranks time-share the cores, so the 4-rank numbers measure contention as
+much as the layer; the JSON records the core count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import env_info, fmt_table, write_json  # noqa: E402
+from bench.layers import Shape, build_moetrain  # noqa: E402
+from moetrain.parallel.all_to_all import PhaseTimes  # noqa: E402
+from moetrain.parallel.layout import ParallelLayout  # noqa: E402
+from moetrain.parallel.parallelize import parallelize  # noqa: E402
+
+PHASES = [
+    "router",
+    "dispatch, all",
+    "routing map",
+    "count exchange + host sync",
+    "permute",
+    "token all-to-all",
+    "regroup",
+    "grouped GEMM",
+    "combine, all",
+    "return all-to-all",
+    "combine",
+    "backward",
+    "gradient all-reduce",
+]
+
+
+def _step(layer, x_TD, ids_T, w_TD, timer: PhaseTimes, reduce_params: list[torch.nn.Parameter]) -> None:
+    """One forward + backward of ``layer`` as the MoE layer runs it, each part timed."""
+    dev = x_TD.device
+    layer.zero_grad(set_to_none=True)
+    with timer("router", dev):
+        decision = layer.router(x_TD, ids_T)
+    with timer("dispatch, all", dev):  # under EP its phases time themselves too
+        x_ND, counts_L, meta = layer.dispatcher.dispatch(x_TD, decision)
+    with timer("grouped GEMM", dev):
+        y_ND = layer.experts(x_ND, counts_L, padded=layer.dispatcher.pads_rows)
+    with timer("combine, all", dev):
+        y_TD = layer.dispatcher.combine(y_ND, meta)
+    with timer("backward", dev):
+        ((y_TD * w_TD).sum() + decision.aux_loss).backward()
+    with timer("gradient all-reduce", dev):
+        for p in reduce_params:
+            dist.all_reduce(p.grad)
+
+
+def _worker(rank: int, world: int, port: int, shape: Shape, reps: int, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        layout = ParallelLayout(rank=rank, world_size=world, ep_size=world, ep_group=dist.group.WORLD)
+        ep = parallelize(build_moetrain(shape, None, seed=0), layout)
+        dp = build_moetrain(shape, None, seed=0)
+        dp.router.stats_group = dist.group.WORLD
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own tokens
+        x_TD = torch.randn(shape.tokens, shape.d_model, generator=g)
+        ids_T = torch.randint(0, 256, (shape.tokens,), generator=g)
+        w_TD = torch.randn(shape.tokens, shape.d_model, generator=g)
+        runs = {
+            "EP": (ep, [ep.router.weight_ED]),
+            "DP": (dp, list(dp.parameters())),
+        }
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+        for i in range(reps + 2):
+            for name, (layer, reduce_params) in runs.items():
+                timer = PhaseTimes()
+                if name == "EP":
+                    layer.dispatcher.phases = timer
+                dist.barrier()
+                t0 = time.perf_counter()
+                _step(layer, x_TD, ids_T, w_TD, timer, reduce_params)
+                dist.barrier()
+                timer.seconds["total"] = time.perf_counter() - t0
+                if i >= 2:
+                    samples[name].append(timer.seconds)
+        if rank == 0:
+            med = {
+                name: {k: statistics.median(s.get(k, 0.0) for s in runs_) for k in [*PHASES, "total"]}
+                for name, runs_ in samples.items()
+            }
+            torch.save(med, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(world: int, shape: Shape, reps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "phases.pt")
+        mp.start_processes(_worker, args=(world, _free_port(), shape, reps, out), nprocs=world, start_method="spawn")
+        med = torch.load(out)
+    ep, dp = med["EP"], med["DP"]
+    return {
+        "world": world,
+        "shape": shape.as_dict(),
+        "EP_phases_ms": {k: 1e3 * v for k, v in ep.items()},
+        "DP_phases_ms": {k: 1e3 * v for k, v in dp.items()},
+        "DP_time_over_EP_time": dp["total"] / ep["total"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--reps", type=int, default=11)
+    p.add_argument("--quick", action="store_true", help="a small shape")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "ep_phases.json"))
+    args = p.parse_args()
+    # tokens per rank, d_model, expert hidden, experts (divisible by every rank count)
+    tokens, d, f, e = (256, 64, 128, 8) if args.quick else (2048, 256, 512, 8)
+    record = {"env": env_info(torch.device("cpu")), "cores": os.cpu_count(), "load_average_before": os.getloadavg()}
+    record["env"]["command"] = "python bench/ep_phases.py " + " ".join(sys.argv[1:])
+    results = []
+    for world in args.ranks:
+        for k in args.top_k:
+            shape = Shape(f"T{tokens}-D{d}-F{f}-E{e}-top{k}", tokens, d, f, e, k)
+            print(f"[{time.strftime('%H:%M:%S')}] {world} ranks, {shape.name}", file=sys.stderr, flush=True)
+            results.append(run(world, shape, args.reps))
+    record["results"] = results
+    record["load_average_after"] = os.getloadavg()
+    path = write_json(args.out, record)
+    rows = []
+    for r in results:
+        ep, dp = r["EP_phases_ms"], r["DP_phases_ms"]
+        for phase in [*PHASES, "total"]:
+            rows.append([f"{r['world']} ranks {r['shape']['name']}", phase, ep[phase], dp[phase]])
+        rows.append([f"{r['world']} ranks {r['shape']['name']}", "DP time / EP time", r["DP_time_over_EP_time"], ""])
+    print(fmt_table(rows, ["setup", "phase", "EP ms (median)", "DP ms (median)"]))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
