@@ -111,6 +111,25 @@ def page(results: dict[str, list[dict]], args: argparse.Namespace, command: str,
     return "\n".join(lines) + "\n"
 
 
+def finished_runs(jobs: list[tuple[str, int]], runs_dir: Path) -> tuple[list[dict], float]:
+    """The summaries of the jobs whose run finished (its fluctuation probe written), and the time from
+    the first run's start to the last one's end (file times)."""
+    done, starts, ends = [], [], []
+    for model, seed in jobs:
+        run_dir = runs_dir / f"{model}_seed{seed}"
+        if not (run_dir / "fluctuation.json").is_file() and model != "cmp_dense":
+            continue
+        if not (run_dir / "metrics.jsonl").is_file() or "val_ppl" not in (run_dir / "metrics.jsonl").read_text():
+            continue
+        start, end = (run_dir / "train.log").stat().st_ctime, (run_dir / "metrics.jsonl").stat().st_mtime
+        starts.append(start)
+        ends.append(end)
+        done.append(rs.summarize(model, seed, run_dir, end - start))
+    if not done:
+        sys.exit(f"no finished runs in {runs_dir}")
+    return done, max(ends) - min(starts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(NAMES), choices=list(NAMES))
@@ -119,6 +138,11 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one intra-op thread each")
     p.add_argument("--runs-dir", type=Path, default=rs.REPO / "runs" / "compare_routers")
     p.add_argument("--out", type=Path, default=rs.REPO / "docs" / "routers.md", help="a page with the markers, or new")
+    p.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="train nothing: build the table from the finished runs in --runs-dir (e.g. after an interrupted sweep)",
+    )
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. data.cache_dir=...)")
     args = p.parse_args()
     if args.jobs < 1 or args.steps < 10:
@@ -126,14 +150,18 @@ def main() -> None:
     command = ("python bench/compare_routers.py " + shlex.join(sys.argv[1:])).strip()
     args.load_at_start = os.getloadavg()[0]
     t0 = time.perf_counter()
-    rs.prepare(args.overrides)
     jobs = [(NAMES[m], s) for s in args.seeds for m in args.models]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(rs.train, m, s, args.steps, args.runs_dir, args.overrides) for m, s in jobs]
-        try:
-            done = [f.result() for f in futures]
-        except RuntimeError as exc:
-            sys.exit(str(exc))
+    if args.summarize_only:
+        done, elapsed = finished_runs(jobs, args.runs_dir)
+        t0 = time.perf_counter() - elapsed
+    else:
+        rs.prepare(args.overrides)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(rs.train, m, s, args.steps, args.runs_dir, args.overrides) for m, s in jobs]
+            try:
+                done = [f.result() for f in futures]
+            except RuntimeError as exc:
+                sys.exit(str(exc))
     results: dict[str, list[dict]] = {}
     for r in done:
         r["active"] = active_experts(args.runs_dir / f"{r['model']}_seed{r['seed']}")
