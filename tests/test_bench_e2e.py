@@ -1,0 +1,44 @@
+"""Smoke test of bench/e2e_lm.py: one shape, one repetition, a few steps, one process each side.
+
+No timing assertions (benchmarks print ratios, tests check plumbing): the JSON holds the row, both
+sides trained (positive tokens/s, finite losses), the two models have the same parameter count, and,
+dropless from the same weights on the same first batch, the same step-1 loss.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, clean_env
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_e2e_lm_quick_writes_a_row_for_both_sides(tmp_path, data_cache):
+    out = tmp_path / "e2e_lm.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "e2e_lm.py"),
+        "--quick",
+        "--shapes", "top2-e8-1t",
+        "--reps", "1",
+        "--steps", "4",
+        "--warmup", "1",
+        # the session's token store (conftest.TINY's corpus size), not a fresh preparation
+        "--override", f"data.cache_dir={data_cache}", "data.max_tokens=200000",
+        "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=290)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["shape"], row["variant"], row["threads"], row["processes"]) == ("top2-e8-1t", "plain", 1, 1)
+    assert row["moetrain_tokens_per_s"] > 0 and row["deepspeed_tokens_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["moetrain_tokens_per_s"] / row["deepspeed_tokens_per_s"])
+    assert row["moetrain_peak_rss_mb"] > 0 and row["deepspeed_peak_rss_mb"] > 0
+    assert math.isfinite(row["moetrain_final_loss"]) and math.isfinite(row["deepspeed_final_loss"])
+    assert row["params_moetrain"] == row["params_deepspeed"]
+    assert row["moetrain_first_loss"] == pytest.approx(row["deepspeed_first_loss"], rel=1e-5)
+    assert result["env"]["deepspeed"] and result["load_avg_before"] and result["steps"] == 4
