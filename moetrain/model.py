@@ -9,23 +9,31 @@ no biases, SwiGLU, optional grouped-query attention; ``moetrain/backbone/``).
 Without an ``moe`` config it is the dense baseline. The model knows nothing of parallelism: it is
 built whole, and :func:`moetrain.parallel.parallelize` shards its experts afterwards.
 
+Memory and speed options (``train.activation_checkpointing``, ``train.compile``; docs/parallelism.md):
+``activation_checkpointing`` recomputes each MoE layer (``moe``) or each entry of ``layers`` (``block``)
+in backward instead of keeping its activations (:func:`recompute_in_backward`);
+:meth:`MoETransformer.compile_dense` compiles every block in place, the MoE layers excluded (eager).
+
 Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moetrain.backbone.attention import Attention, Rotary
 from moetrain.backbone.kv_cache import KVCache
 from moetrain.backbone.norm import make_norm
 from moetrain.config.model import ModelConfig, MoEConfig
-from moetrain.moe.layer import MoELayer
+from moetrain.config.training import ActivationCheckpointing
+from moetrain.moe.layer import MoELayer, MoEOutput
 from moetrain.moe.metrics import LayerStats
 
 
@@ -36,6 +44,57 @@ class ModelOutput:
     aux_loss: torch.Tensor
     logits: torch.Tensor
     moe_stats: list[LayerStats]
+
+
+@contextlib.contextmanager
+def _forward_state_kept(moe_layers: list[MoELayer]):
+    """Undo what a recompute changes in ``moe_layers``: their buffers and their dispatcher's attributes.
+
+    NOTE: a recompute must not repeat the forward's side effects. The aux-loss-free top-k router adds
+    each forward's counts to ``pending_load_E`` and the all-to-all dispatcher counts ``bytes_sent``;
+    both are kept as the first forward left them. Nothing that routing *reads* changes between a
+    forward and its backward (router state moves only between optimizer steps), so the recomputed
+    routing equals the first one.
+    """
+    buffers = [(b, b.clone()) for m in moe_layers for b in m.buffers()]
+    attrs = [(m.dispatcher, dict(vars(m.dispatcher))) for m in moe_layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for dispatcher, saved in attrs:
+            vars(dispatcher).update(saved)
+
+
+def recompute_in_backward(fn, moe_layers: list[MoELayer], *args):
+    """``fn(*args)``, keeping only its inputs: backward runs it again for the activations it needs.
+
+    Non-reentrant ``torch.utils.checkpoint`` with the RNG state preserved (dropout recomputes the same
+    mask). The outputs (``MoEOutput``: aux loss, stats) are the first forward's, so they exist once and
+    the aux loss's gradient flows as without checkpointing; the recompute's own outputs are dropped.
+
+    NOTE: ``early_stop=False``: the recompute runs ``fn`` to its end on every rank. Under expert
+    parallelism it re-issues the layer's all-to-alls (and StableMoE's count all-reduce); stopping at
+    the last needed activation could skip a collective on one rank that another rank still calls.
+    Every rank recomputes the same layers in the same (backward) order, so the collectives match.
+    """
+    return checkpoint(
+        fn,
+        *args,
+        use_reentrant=False,
+        early_stop=False,
+        context_fn=lambda: (contextlib.nullcontext(), _forward_state_kept(moe_layers)),
+    )
+
+
+@torch.compiler.disable  # train.compile: see MoETransformer.compile_dense
+def _run_moe(moe: MoELayer, recompute: bool, x_TD: torch.Tensor, token_ids_T: torch.Tensor, S: int) -> MoEOutput:
+    """The MoE layer, recomputed in backward when ``recompute`` (only in training with gradients)."""
+    if recompute and moe.training and torch.is_grad_enabled():
+        return recompute_in_backward(moe, [moe], x_TD, token_ids_T, S)
+    return moe(x_TD, token_ids_T, S)
 
 
 class DenseFFN(nn.Module):
@@ -58,8 +117,9 @@ class DenseFFN(nn.Module):
 class Block(nn.Module):
     """Pre-norm block; its FFN is dense or an MoE layer (``replace_ffn``)."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoELayer | None, layer_idx: int = 0):
+    def __init__(self, cfg: ModelConfig, moe: MoELayer | None, layer_idx: int = 0, recompute_moe: bool = False):
         super().__init__()
+        self.recompute_moe = recompute_moe  # train.activation_checkpointing: moe
         bias = cfg.arch == "gpt2"
         self.ln1 = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, bias, cfg.dropout, layer_idx)
@@ -73,7 +133,8 @@ class Block(nn.Module):
         h_BSD = h_BSD + self.drop(self.attn(self.ln1(h_BSD), rotary, cache))
         x_BSD = self.ln2(h_BSD)
         if isinstance(self.ffn, MoELayer):
-            out = self.ffn(x_BSD.reshape(-1, x_BSD.shape[-1]), token_ids_T, x_BSD.shape[1])
+            x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+            out = _run_moe(self.ffn, self.recompute_moe, x_TD, token_ids_T, x_BSD.shape[1])
             return h_BSD + self.drop(out.y_TD.view_as(h_BSD)), out
         return h_BSD + self.drop(self.ffn(x_BSD)), None
 
@@ -85,24 +146,32 @@ class InsertedMoE(nn.Module):
     raw residual stream; other expert types get a LayerNorm (RMSNorm for llama) first.
     """
 
-    def __init__(self, cfg: ModelConfig, moe: MoELayer, pre_norm: bool):
+    def __init__(self, cfg: ModelConfig, moe: MoELayer, pre_norm: bool, recompute_moe: bool = False):
         super().__init__()
         self.ln = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps) if pre_norm else nn.Identity()
         self.moe = moe
+        self.recompute_moe = recompute_moe  # train.activation_checkpointing: moe
 
     def forward(
         self, h_BSD: torch.Tensor, token_ids_T: torch.Tensor, rotary=None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, object]:
         x_TD = self.ln(h_BSD).reshape(-1, h_BSD.shape[-1])
-        out = self.moe(x_TD, token_ids_T, h_BSD.shape[1])
+        out = _run_moe(self.moe, self.recompute_moe, x_TD, token_ids_T, h_BSD.shape[1])
         return h_BSD + out.y_TD.view_as(h_BSD), out
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig | None):
+    def __init__(
+        self, cfg: ModelConfig, moe_cfg: MoEConfig | None, activation_checkpointing: ActivationCheckpointing = "none"
+    ):
+        """``activation_checkpointing`` (``train.activation_checkpointing``): what backward recomputes
+        instead of keeping: nothing, each MoE layer, or each entry of ``layers``. Only in training with
+        gradients; evaluation and inference never recompute."""
         super().__init__()
         assert cfg.vocab_size is not None, "resolve model.vocab_size from the tokenizer first"
         self.cfg = cfg
+        self.recompute_blocks = activation_checkpointing == "block"
+        recompute_moe = activation_checkpointing == "moe"
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.arch == "gpt2":
             self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
@@ -119,9 +188,10 @@ class MoETransformer(nn.Module):
         order = {block: j for j, block in enumerate(sorted(moe_at))}
         for i in range(cfg.n_layers):
             replace = moe_cfg is not None and moe_cfg.placement == "replace_ffn" and i in moe_at
-            layers.append(Block(cfg, new_moe(order[i]) if replace else None, layer_idx=i))
+            layers.append(Block(cfg, new_moe(order[i]) if replace else None, i, recompute_moe))
             if moe_cfg is not None and moe_cfg.placement == "insert" and i in moe_at:
-                layers.append(InsertedMoE(cfg, new_moe(order[i]), pre_norm=moe_cfg.expert_type != "stacked"))
+                pre_norm = moe_cfg.expert_type != "stacked"
+                layers.append(InsertedMoE(cfg, new_moe(order[i]), pre_norm, recompute_moe))
         self.layers = nn.ModuleList(layers)
         self.ln_f = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -146,6 +216,21 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
+    def compile_dense(self) -> None:
+        """``torch.compile`` every entry of ``layers`` in place (``train.compile``), MoE layers excluded.
+
+        ``Module.compile`` keeps parameter names, so checkpoints are the same with and without it. A
+        dense block is one graph; an MoE block is two (norm + attention + residual + norm before the MoE
+        layer, the residual after it); an inserted MoE layer the same, around its MoE layer.
+
+        NOTE: the MoE layers stay eager (``_run_moe`` is ``torch.compiler.disable``-d, a graph break):
+        routing makes their shapes data-dependent (tokens per expert, the host sync for the all-to-all
+        split sizes), which would break graphs inside them and recompile. The embeddings, the final norm
+        and the LM head stay eager too.
+        """
+        for layer in self.layers:
+            layer.compile()
+
     def forward(
         self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> ModelOutput:
@@ -162,8 +247,13 @@ class MoETransformer(nn.Module):
         h = self.drop(h + self.pos(positions_S) if self.cfg.arch == "gpt2" else h)
         aux = torch.zeros((), device=tokens_BS.device)
         stats: list[LayerStats] = []
+        recompute = self.recompute_blocks and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h, moe_out = layer(h, token_ids_T, rotary, cache)
+            if recompute:
+                moe = [m for m in layer.modules() if isinstance(m, MoELayer)]
+                h, moe_out = recompute_in_backward(layer, moe, h, token_ids_T, rotary, cache)
+            else:
+                h, moe_out = layer(h, token_ids_T, rotary, cache)
             if moe_out is not None:
                 aux = aux + moe_out.aux_loss
                 stats.append(moe_out.stats)

@@ -9,6 +9,9 @@ from pydantic import Field, model_validator
 
 from moetrain.config.schema import StrictModel
 
+# What backward recomputes instead of keeping (moetrain/model.py, docs/parallelism.md).
+ActivationCheckpointing = Literal["none", "moe", "block"]
+
 
 class TrainConfig(StrictModel):
     steps: int = Field(1000, ge=1, description="optimizer steps (sets the LR schedule)")
@@ -28,6 +31,21 @@ class TrainConfig(StrictModel):
     )
     collective_timeout_s: int = Field(
         600, ge=1, description="seconds a collective waits for a stuck rank before the job fails (docs/reliability.md)"
+    )
+    retain_host_memory: bool = Field(
+        True,
+        description="CPU training on glibc: keep freed memory in the process instead of returning it to the OS, so "
+        "large per-step tensors stop page-faulting; resident memory stays at its peak (docs/benchmarks.md)",
+    )
+    activation_checkpointing: ActivationCheckpointing = Field(
+        "none",
+        description="recompute activations in backward instead of keeping them: moe: each MoE layer (router, "
+        "dispatch, experts, combine); block: each whole block (attention + FFN or MoE); none (docs/parallelism.md)",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the dense parts of every block (attention, norms, dense FFN); MoE layers stay "
+        "eager (docs/parallelism.md)",
     )
 
 

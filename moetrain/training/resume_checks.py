@@ -30,6 +30,9 @@ ALLOWED = (
     "train.nonfinite_max_skips",
     "train.deterministic",
     "train.collective_timeout_s",
+    "train.activation_checkpointing",  # the same numbers (tested bitwise), other memory/speed
+    "train.compile",
+    "train.retain_host_memory",
     "train.micro_batch_size",  # with grad_accum_steps and the world size: the global batch is checked
     "train.grad_accum_steps",
     "logging",

@@ -29,6 +29,7 @@ from moetrain.training.callbacks import (
     all_reduce_mean,
 )
 from moetrain.training.determinism import apply_determinism
+from moetrain.training.host_memory import retain_freed_memory
 from moetrain.training.nonfinite import NonFiniteGuard
 from moetrain.training.optim import isolate_distilled_params, lr_lambda, param_groups
 from moetrain.training.resume_checks import check_resume
@@ -75,6 +76,8 @@ class Trainer:
         """
         cfg, layout = self.cfg, self.layout
         apply_determinism(cfg.train.deterministic)
+        if cfg.train.retain_host_memory and not torch.cuda.is_available():  # CPU training
+            retain_freed_memory()
         choice = checkpoint.choose_resume(self.run_dir, cfg.checkpoint.resume, layout)  # 1.
         for note in choice.notes:
             self._say(note)
@@ -100,7 +103,10 @@ class Trainer:
         if saved is not None:
             self._check_resume(choice.folder, saved, cache.fingerprint)
         torch.manual_seed(cfg.seed)  # 3.
-        self.model = parallelize(MoETransformer(self.model_cfg, cfg.moe), layout)
+        model = MoETransformer(self.model_cfg, cfg.moe, cfg.train.activation_checkpointing)
+        if cfg.train.compile:
+            model.compile_dense()
+        self.model = parallelize(model, layout)
         register_expert_parallel(self.model, layout)
         groups = param_groups(self.model, cfg.optim.weight_decay, layout.ep_size)
         groups = isolate_distilled_params(self.model, groups)  # StableMoE: frozen at the switch
