@@ -96,8 +96,13 @@ def page(results: dict[str, list[dict]], args: argparse.Namespace, command: str,
         f"```bash\n{command}\n```",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPU cores, {args.jobs} run(s) at a time "
-        f"with one thread each, torch {torch.__version__}; seeds {args.seeds}, {steps} steps each; whole run "
-        f"{elapsed / 60:.1f} min (load average at the start {args.load_at_start:.1f}). Mean ± std over the seeds.",
+        f"with one thread each, torch {torch.__version__}; seeds {args.seeds}, {steps} steps each; "
+        + (
+            f"assembled from the finished runs in {args.runs_dir} (first start to last end: {elapsed / 60:.1f} min)."
+            if args.summarize_only
+            else f"whole run {elapsed / 60:.1f} min (load average at the start {args.load_at_start:.1f})."
+        )
+        + " Mean ± std over the seeds.",
         "",
         *table(results),
         "",
