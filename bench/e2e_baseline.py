@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if not torch.cuda.is_available():  # before deepspeed is imported: its CPU accelerator, without probing
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from bench.layers import deepspeed_moe  # noqa: E402
 from moetrain.config import load_config  # noqa: E402
 from moetrain.config.job import JobConfig  # noqa: E402
 from moetrain.config.model import ModelConfig, MoEConfig  # noqa: E402
@@ -105,24 +106,8 @@ class DeepSpeedMoEFFN(nn.Module):
 
     def __init__(self, moe: MoEConfig, d_model: int, d_hidden: int) -> None:
         super().__init__()
-        from deepspeed.moe.layer import MoE
-
-        expert = nn.Sequential(
-            nn.Linear(d_model, d_hidden, bias=False), nn.GELU(), nn.Linear(d_hidden, d_model, bias=False)
-        )
-        cf = moe.capacity_factor
-        self.moe = MoE(
-            hidden_size=d_model,
-            expert=expert,
-            num_experts=moe.num_experts,
-            ep_size=moe.expert_parallel_size,
-            k=moe.router.top_k,
-            capacity_factor=cf or 1.0,
-            eval_capacity_factor=cf or 1.0,
-            min_capacity=1,
-            drop_tokens=cf is not None,
-            use_rts=False,
-            top2_2nd_expert_sampling=False,
+        self.moe = deepspeed_moe(
+            d_model, d_hidden, moe.num_experts, moe.router.top_k, moe.capacity_factor, moe.expert_parallel_size
         )
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

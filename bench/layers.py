@@ -52,21 +52,24 @@ def build_moetrain(shape: Shape, capacity_factor: float | None, kernels: str = "
     return MoELayer(cfg, shape.d_model, shape.d_hidden, vocab_size=256)
 
 
-def build_deepspeed(layer: MoELayer, shape: Shape, capacity_factor: float | None) -> nn.Module:
-    """``deepspeed.moe.layer.MoE`` holding copies of ``layer``'s router and expert weights.
-
-    Needs torch.distributed initialised (``common.init_single_process_deepspeed``).
-    """
+def deepspeed_moe(
+    d_model: int, d_hidden: int, num_experts: int, top_k: int, capacity_factor: float | None, ep_size: int = 1
+) -> nn.Module:
+    """``deepspeed.moe.layer.MoE`` configured as moetrain's layer: GELU experts without biases,
+    deterministic routing (no random token selection, no sampled second expert), ``min_capacity=1``,
+    dropless (``drop_tokens=False``: every expert padded to the busiest) when ``capacity_factor`` is None.
+    Needs torch.distributed initialised."""
     from deepspeed.moe.layer import MoE
 
-    d, f = shape.d_model, shape.d_hidden
-    expert = nn.Sequential(nn.Linear(d, f, bias=False), nn.GELU(), nn.Linear(f, d, bias=False))
-    moe = MoE(
-        hidden_size=d,
+    expert = nn.Sequential(
+        nn.Linear(d_model, d_hidden, bias=False), nn.GELU(), nn.Linear(d_hidden, d_model, bias=False)
+    )
+    return MoE(
+        hidden_size=d_model,
         expert=expert,
-        num_experts=shape.num_experts,
-        ep_size=1,
-        k=shape.top_k,
+        num_experts=num_experts,
+        ep_size=ep_size,
+        k=top_k,
         capacity_factor=capacity_factor or 1.0,
         eval_capacity_factor=capacity_factor or 1.0,
         min_capacity=1,
@@ -74,6 +77,14 @@ def build_deepspeed(layer: MoELayer, shape: Shape, capacity_factor: float | None
         use_rts=False,
         top2_2nd_expert_sampling=False,
     )
+
+
+def build_deepspeed(layer: MoELayer, shape: Shape, capacity_factor: float | None) -> nn.Module:
+    """``deepspeed.moe.layer.MoE`` holding copies of ``layer``'s router and expert weights.
+
+    Needs torch.distributed initialised (``common.init_single_process_deepspeed``).
+    """
+    moe = deepspeed_moe(shape.d_model, shape.d_hidden, shape.num_experts, shape.top_k, capacity_factor)
     with torch.no_grad():
         moe.deepspeed_moe.gate.wg.weight.copy_(layer.router.weight_ED)
         for e, ffn in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
