@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import env_info, fmt_table, write_json  # noqa: E402
 from bench.layers import Shape, build_moetrain  # noqa: E402
 from moetrain.parallel.all_to_all import PhaseTimes  # noqa: E402
-from moetrain.parallel.layout import ParallelLayout  # noqa: E402
+from moetrain.parallel.layout import ParallelLayout, free_port  # noqa: E402
 from moetrain.parallel.parallelize import parallelize  # noqa: E402
 
 PHASES = [
@@ -68,8 +68,9 @@ def _step(layer, x_TD, ids_T, w_TD, timer: PhaseTimes, reduce_params: list[torch
         decision = layer.router(x_TD, ids_T)
     with timer("dispatch, all", dev):  # under EP its phases time themselves too
         x_ND, counts_L, meta = layer.dispatcher.dispatch(x_TD, decision)
-    with timer("grouped GEMM", dev):
-        y_ND = layer.experts(x_ND, counts_L, padded=layer.dispatcher.pads_rows)
+    with timer("grouped GEMM", dev):  # as MoELayer.forward calls it
+        recompute_x = layer.dispatcher.recompute(x_TD, meta)
+        y_ND = layer.experts(x_ND, counts_L, padded=layer.dispatcher.pads_rows, recompute_x=recompute_x)
     with timer("combine, all", dev):
         y_TD = layer.dispatcher.combine(y_ND, meta)
     with timer("backward", dev):
@@ -119,18 +120,10 @@ def _worker(rank: int, world: int, port: int, shape: Shape, reps: int, out_path:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(world: int, shape: Shape, reps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "phases.pt")
-        mp.start_processes(_worker, args=(world, _free_port(), shape, reps, out), nprocs=world, start_method="spawn")
+        mp.start_processes(_worker, args=(world, free_port(), shape, reps, out), nprocs=world, start_method="spawn")
         med = torch.load(out)
     ep, dp = med["EP"], med["DP"]
     return {

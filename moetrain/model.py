@@ -193,6 +193,8 @@ class MoETransformer(nn.Module):
                 pre_norm = moe_cfg.expert_type != "stacked"
                 layers.append(InsertedMoE(cfg, new_moe(order[i]), pre_norm, recompute_moe))
         self.layers = nn.ModuleList(layers)
+        # each entry's MoE layers (what a block recompute restores); parallelize keeps these objects
+        self._moe_of_layer = [[m for m in layer.modules() if isinstance(m, MoELayer)] for layer in layers]
         self.ln_f = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()
@@ -248,9 +250,8 @@ class MoETransformer(nn.Module):
         aux = torch.zeros((), device=tokens_BS.device)
         stats: list[LayerStats] = []
         recompute = self.recompute_blocks and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        for layer, moe in zip(self.layers, self._moe_of_layer):
             if recompute:
-                moe = [m for m in layer.modules() if isinstance(m, MoELayer)]
                 h, moe_out = recompute_in_backward(layer, moe, h, token_ids_T, rotary, cache)
             else:
                 h, moe_out = layer(h, token_ids_T, rotary, cache)

@@ -23,6 +23,12 @@ def test_compile_keeps_parameter_names_and_loads_eager_weights():
     compiled = MoETransformer(cfg, MoEConfig(num_experts=4, placement="replace_ffn"))
     compiled.compile_dense()
     assert list(compiled.state_dict()) == list(eager.state_dict())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(compiled(x, x).loss, eager(x, x).loss)
+    # the dense block and the MoE block's parts around its (eager) MoE layer became graphs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
     compiled.load_state_dict(eager.state_dict())  # strict: the same names both ways
     eager.load_state_dict(compiled.state_dict())
 
