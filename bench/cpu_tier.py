@@ -7,7 +7,10 @@ Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
 Every layer runs forward + backward in fp32 on the same weights and routing (checked: the dropless
 outputs of moetrain, DeepSpeed and the naive loop agree). Ratios > 1 mean moetrain is faster, except
-``moetrain/dense`` (the cost of being sparse; 1.0 is the limit). Writes bench/results/cpu_tier.json.
+``moetrain/dense`` (the cost of being sparse; 1.0 is the limit) and ``moetrain/experts-only`` (the
+cost of routing around the expert GEMMs). ``deepspeed/experts-only`` is the ceiling of the
+deepspeed/moetrain ratio: what a layer costing only its expert GEMMs would reach. Writes
+bench/results/cpu_tier.json.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.layers import (  # noqa: E402
     DenseFFN,
+    ExpertsOnly,
     NaiveLoopMoE,
     Shape,
     build_deepspeed,
@@ -63,7 +67,8 @@ def make_inputs(shape: Shape, seed: int = SEED):
 
 
 def build_all(shape: Shape, with_naive: bool) -> dict[str, tuple[str, torch.nn.Module]]:
-    """name -> (kind, module); every MoE shares moetrain's dropless layer's weights."""
+    """name -> (kind, module); every MoE shares moetrain's dropless layer's weights. ``experts-only``
+    (timing only): moetrain's expert GEMMs alone on its dropless routing, the floor under any layer."""
     mt = build_moetrain(shape, None, seed=SEED)
     mt_cap = build_moetrain(shape, 1.0, seed=SEED)
     mt_cap.load_state_dict(mt.state_dict())
@@ -99,6 +104,9 @@ def timing(shape: Shape, reps: int, with_naive: bool) -> dict:
     layers = build_all(shape, with_naive)
     x_TD, token_ids_T, w_TD = make_inputs(shape)
     diffs = check_same_outputs(shape, layers, x_TD, token_ids_T)
+    for name in ("moetrain", "moetrain@cf1"):
+        floor = ExpertsOnly(layers[name][1], x_TD, token_ids_T)
+        layers[name.replace("moetrain", "experts-only")] = ("experts-only", floor)
     steps = {name: train_step_fn(kind, m, x_TD, token_ids_T, w_TD) for name, (kind, m) in layers.items()}
     t = interleaved_medians(steps, reps=reps)
     ratios, ratios_cpu = {}, {}
@@ -107,6 +115,9 @@ def timing(shape: Shape, reps: int, with_naive: bool) -> dict:
         out["deepspeed/moetrain (dropless)"] = med["deepspeed"] / med["moetrain"]
         out["deepspeed/moetrain (cf 1.0)"] = med["deepspeed@cf1"] / med["moetrain@cf1"]
         out["moetrain/dense"] = med["moetrain"] / med["dense"]
+        out["moetrain/experts-only"] = med["moetrain"] / med["experts-only"]
+        out["deepspeed/experts-only (dropless): the ceiling"] = med["deepspeed"] / med["experts-only"]
+        out["deepspeed/experts-only (cf 1.0): the ceiling"] = med["deepspeed@cf1"] / med["experts-only@cf1"]
         if with_naive:
             out["naive/moetrain"] = med["naive"] / med["moetrain"]
     return {

@@ -132,6 +132,40 @@ class DenseFFN(nn.Module):
         return F.gelu(x_TD @ self.w1) @ self.w2
 
 
+class ExpertsOnly(nn.Module):
+    """The floor under moetrain's layer: only its experts (grouped GEMMs and GELU) on the rows its
+    routing gives them, already permuted; no router, permute, gates or combine. ``deepspeed /
+    experts-only`` is the most any layer built around these GEMMs could reach.
+
+    :meth:`train_step` (used by :func:`train_step_fn`) runs forward + backward of <y_rows, w_rows> on
+    the kept rows; the layer's ``x_TD`` is not used.
+    """
+
+    def __init__(self, layer: MoELayer, x_TD: torch.Tensor, token_ids_T: torch.Tensor, seed: int = 0) -> None:
+        super().__init__()
+        self.experts = layer.experts  # the same weights
+        seen = {}
+
+        def grab(module, args, kwargs):
+            seen.update(x_ND=args[0], counts_L=args[1], padded=kwargs.get("padded", False))
+
+        hook = layer.experts.register_forward_pre_hook(grab, with_kwargs=True)
+        with torch.no_grad():
+            layer(x_TD, token_ids_T)
+        hook.remove()
+        self.x_ND = seen["x_ND"].detach().clone().requires_grad_(True)
+        self.counts_L, self.padded = seen["counts_L"].clone(), seen["padded"]
+        self.kept = int(self.counts_L.sum())
+        g = torch.Generator().manual_seed(seed)
+        self.w_ND = torch.randn(self.kept, self.x_ND.shape[-1], generator=g)
+
+    def train_step(self) -> None:
+        self.zero_grad(set_to_none=True)
+        self.x_ND.grad = None
+        y_ND = self.experts(self.x_ND, self.counts_L, padded=self.padded)
+        (y_ND[: self.kept] * self.w_ND).sum().backward()
+
+
 def forward_fn(kind: str, module: nn.Module, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> Callable:
     """A closure running one forward of ``module`` and returning (y_TD, aux loss or 0)."""
     if kind == "moetrain":
@@ -158,6 +192,8 @@ def train_step_fn(
     kind: str, module: nn.Module, x_TD: torch.Tensor, token_ids_T: torch.Tensor, w_TD: torch.Tensor
 ) -> Callable:
     """A closure running forward + backward (loss = <y, w> + aux), clearing gradients first."""
+    if isinstance(module, ExpertsOnly):
+        return module.train_step
     fwd = forward_fn(kind, module, x_TD, token_ids_T)
 
     def step():

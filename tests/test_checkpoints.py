@@ -186,6 +186,21 @@ def test_resume_refuses_another_model_and_allows_safe_changes(tmp_path, data_cac
     assert "resuming with a changed setting: logging.interval: 1 -> 2" in proc.stdout
 
 
+def test_the_optimizer_kernel_may_change_on_resume(tmp_path, data_cache):
+    """``optim.fused`` changes only rounding, and checkpoints hold no optimizer options: resuming a run
+    of the per-parameter AdamW with the fused one continues it (step counts loaded where the fused
+    kernel reads them) and lands within rounding of an uninterrupted fused run."""
+    run, full = tmp_path / "run", tmp_path / "full"
+    train(full, data_cache, "train.steps=4")
+    train(run, data_cache, "train.steps=4", "train.stop_at_step=2", "optim.fused=false")
+    proc = train(run, data_cache, "train.steps=4")
+    assert "resuming with a changed setting: optim.fused: False -> True" in proc.stdout, proc.stdout
+    got, want = losses(run), losses(full)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0), step
+
+
 def test_data_change_is_refused(tmp_path, data_cache):
     run = tmp_path / "run"
     train(run, data_cache, "train.steps=4", "train.stop_at_step=2")

@@ -58,6 +58,11 @@ class OptimConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip (0: off)")
+    fused: bool = Field(
+        True,
+        description="torch's fused AdamW (one kernel over all parameters; the same update up to rounding); "
+        "false: its per-parameter loop",
+    )
 
 
 class CheckpointConfig(StrictModel):

@@ -17,6 +17,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ep_group: dist.ProcessGrou
     identical on every rank after the data-parallel reduction; expert gradients of one EP rank are
     identical across its expert-data-parallel replicas, so summing over the EP group counts each
     global expert exactly once.
+
+    One multi-tensor kernel per pass (``torch._foreach_norm`` / ``_foreach_mul_``, as
+    ``torch.nn.utils.clip_grad_norm_`` does) instead of a few small ops per parameter.
     """
     shared, expert = [], []
     for name, p in model.named_parameters():
@@ -25,7 +28,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ep_group: dist.ProcessGrou
     device = next(model.parameters()).device
 
     def sq(grads: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
+        if not grads:
+            return torch.zeros((), device=device)
+        return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).pow(2).sum()
 
     expert_sq = sq(expert)
     if ep_group is not None and dist.get_world_size(ep_group) > 1:
@@ -33,6 +38,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ep_group: dist.ProcessGrou
     norm = (sq(shared) + expert_sq).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in shared + expert:
-            g.mul_(scale.to(g.dtype))
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for dtype, grads in by_dtype.items():
+            torch._foreach_mul_(grads, scale.to(dtype))
     return norm

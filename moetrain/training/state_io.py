@@ -156,9 +156,16 @@ def load_full_state(model: nn.Module, optimizer, tensors: dict[str, dict[str, to
             master.copy_(value)
         if "exp_avg" in entry:
             state = inner.state[master]
-            state["step"] = entry["step"].clone().to(torch.float32)
+            state["step"] = _step_tensor(inner, entry["step"], master)
             for k in MOMENTS:
                 state[k] = entry[k].to(device=master.device, dtype=master.dtype).clone()
+
+
+def _step_tensor(inner: torch.optim.Optimizer, step: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Adam's step count as torch keeps it: fp32, on the parameter's device for the fused (and capturable)
+    kernels, which read it there, wherever it was loaded (``Optimizer.load_state_dict``'s rule)."""
+    on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
+    return step.clone().to(device=p.device if on_device else step.device, dtype=torch.float32)
 
 
 def _create_partitioned_states(model: nn.Module, optimizer, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -176,7 +183,7 @@ def _create_partitioned_states(model: nn.Module, optimizer, tensors: dict[str, d
         step = max(steps, key=float)
         for flat in group["params"]:
             state = inner.state[flat]
-            state["step"] = step.clone().to(torch.float32)
+            state["step"] = _step_tensor(inner, step, flat)
             for k in MOMENTS:
                 state.setdefault(k, torch.zeros_like(flat))
     _link_states(optimizer)

@@ -110,12 +110,16 @@ class Trainer:
         register_expert_parallel(self.model, layout)
         groups = param_groups(self.model, cfg.optim.weight_decay, layout.ep_size)
         groups = isolate_distilled_params(self.model, groups)  # StableMoE: frozen at the switch
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+        optimizer = torch.optim.AdamW(
+            groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=cfg.optim.fused
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
         ds_config = engine.build_ds_config(cfg, layout.world_size)
         self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config)  # 4.
         state_io.check_supported(self.model, self.engine.optimizer)
         self.own_clipping = engine.moetrain_clips(ds_config)
+        if self.own_clipping and layout.world_size == 1:
+            self.engine.enable_backward_allreduce = False  # nothing to reduce; it would copy every gradient twice
         self._grad_norm = None
         self.data_fingerprint = cache.fingerprint
         if saved is not None:  # 5.
