@@ -18,7 +18,8 @@ so both sides train the same model on the same batches:
   the parameter counts are asserted equal (DeepSpeed's gate, like moetrain's router, has no bias).
 - the data: moetrain's token store and :class:`moetrain.data.TrainStream` (seed, micro-batch, rank).
 - the loop: ``deepspeed.initialize`` with AdamW (the same groups: no decay on norms, biases and
-  positions), moetrain's LR schedule, fp32, ZeRO stage 0, DeepSpeed's own gradient clipping at
+  positions), moetrain's LR schedule, the job's precision (fp32, or bf16 through DeepSpeed's
+  bf16 engine), ZeRO stage 0, DeepSpeed's own gradient clipping at
   ``optim.grad_clip``; loss = LM loss + ``load_balance_coeff`` * the sum of DeepSpeed's ``l_aux``.
   Expert parameters go into their own optimizer groups with
   ``deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer``, as DeepSpeed documents;
@@ -68,8 +69,8 @@ def check_mirrorable(cfg: JobConfig) -> None:
         problems.append("no z-loss, sequence loss or bias balancing")
     elif moe.shared_experts or moe.residual or moe.null_experts or moe.num_experts_per_layer:
         problems.append("no shared, residual, null or per-layer experts")
-    if cfg.train.precision != "fp32" or cfg.train.grad_accum_steps != 1:
-        problems.append("train.precision fp32 and train.grad_accum_steps 1")
+    if cfg.train.precision not in ("fp32", "bf16") or cfg.train.grad_accum_steps != 1:
+        problems.append("train.precision fp32 or bf16 and train.grad_accum_steps 1")
     if problems:
         raise SystemExit("e2e_baseline mirrors only: " + "; ".join(problems))
 
@@ -216,7 +217,7 @@ def optimizer_groups(model: GPT, weight_decay: float) -> list[dict]:
 
 
 def init_distributed() -> tuple[int, int]:
-    """(rank, world size): torchrun's variables, or a lone gloo process."""
+    """(rank, world size): torchrun's variables, or a lone process; gloo on the CPU, NCCL on a GPU."""
     import deepspeed
 
     from moetrain.parallel.layout import free_port
@@ -224,7 +225,10 @@ def init_distributed() -> tuple[int, int]:
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ["MASTER_PORT"] = str(free_port())
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -260,7 +264,7 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": 0},
-        "bf16": {"enabled": False},
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
     }
@@ -268,12 +272,15 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict:
     coeff = cfg.moe.router.load_balance_coeff
     tokens = stream.global_batch * cfg.data.seq_len
     times, losses = [], []
+    cuda = engine.device.type == "cuda"
     for step in range(cfg.train.steps):
         start = time.perf_counter()
         x_BS, y_BS = stream.batch(step, 0)
-        lm_loss, aux = engine(x_BS, y_BS)
+        lm_loss, aux = engine(x_BS.to(engine.device), y_BS.to(engine.device))
         engine.backward(lm_loss + coeff * aux)
         engine.step()
+        if cuda:  # the step's kernels have run (moetrain's per-step log reads the loss, which waits too)
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(lm_loss.detach())
     losses_T = torch.stack(losses)
@@ -286,6 +293,8 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict:
         "params_deepspeed": n_ds,
         "params_moetrain": n_mt,
         "threads": torch.get_num_threads(),
+        "device": str(engine.device),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "world_size": world,
         "ep_size": cfg.moe.expert_parallel_size,
     }

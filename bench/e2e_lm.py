@@ -5,6 +5,7 @@
     python bench/e2e_lm.py --shapes 'top2-*' '*-ep2' --reps 5 --steps 60
     python bench/e2e_lm.py --capacity-factor 1.0 # capacity mode (default: dropless on both sides)
     python bench/e2e_lm.py --variant ckpt train.activation_checkpointing=moe   # an extra moetrain column
+    python bench/e2e_lm.py --device cuda         # on one GPU: top{1,2}-e{8,32}-gpu, bf16 (scripts/gpu_check.sh)
 
 Each side is a separate process per repetition, run A, B, A, B, ... after one short warm-up round:
 
@@ -17,9 +18,12 @@ Each side is a separate process per repetition, run A, B, A, B, ... after one sh
 
 The model (configs/tiny.yaml + ``MODEL``): GPT-2 backbone, 4 blocks, d_model 128, 4 heads, seq 128,
 byte vocabulary, dense FFN 512 in blocks 1 and 3, a top-k softmax MoE with GELU experts of hidden 512 in
-blocks 2 and 4; micro-batch 8 per process, fp32, seed 0.
+blocks 2 and 4; micro-batch 8 per process, fp32 (``--precision``), seed 0.
 
-Both sides run on the CPU (``CUDA_VISIBLE_DEVICES=""``) with the same ``OMP_NUM_THREADS``; EP shapes run
+With ``--device cuda`` each side is one process on GPU 0 in bf16 (moetrain's grouped GEMM runs in bf16
+on sm90; DeepSpeed's bf16 engine on the other side), timed per step after the GPU finished it; peak
+RSS is then host memory only, and DeepSpeed's peak GPU memory is in the JSON. Otherwise both sides
+run on the CPU (``CUDA_VISIBLE_DEVICES=""``) with the same ``OMP_NUM_THREADS``; EP shapes run
 2 processes of 1 thread under ``torch.distributed.run`` with ``moe.expert_parallel_size=2`` (DeepSpeed:
 ``ep_size=2``). tokens/s = global tokens over the wall time of the steps after ``--warmup`` (data,
 forward, backward, optimizer step); the table holds medians over repetitions and the ratio of the
@@ -75,7 +79,6 @@ MODEL = [
     "moe.fluctuation.interval=0",
     "data.seq_len=128",
     "train.micro_batch_size=8",
-    "train.precision=fp32",
 ]
 # what the moetrain run does besides training: log every step, evaluate once (1 batch), never save
 QUIET_RUN = [
@@ -95,9 +98,12 @@ class Shape:
     experts: int
     threads: int  # per process
     procs: int  # > 1: expert parallelism over all of them
+    device: str = "cpu"  # cuda: one process on one GPU, bf16
 
     @property
     def name(self) -> str:
+        if self.device == "cuda":
+            return f"top{self.top_k}-e{self.experts}-gpu"
         return f"top{self.top_k}-e{self.experts}-" + (f"ep{self.procs}" if self.procs > 1 else f"{self.threads}t")
 
     def overrides(self, capacity_factor: float | None, steps: int) -> list[str]:
@@ -122,6 +128,8 @@ FULL_SHAPES = [Shape(k, e, t, 1) for k in (1, 2) for e in (8, 32) for t in (1, 2
     Shape(k, e, 1, 2) for k in (1, 2) for e in (8, 32)
 ]
 QUICK_SHAPES = [Shape(2, 8, 1, 1), Shape(2, 8, 1, 2)]  # a subset of FULL_SHAPES
+GPU_SHAPES = [Shape(k, e, 1, 1, "cuda") for k in (1, 2) for e in (8, 32)]
+GPU_QUICK_SHAPES = [Shape(2, 8, 1, 1, "cuda")]
 
 
 @dataclass(frozen=True)
@@ -134,18 +142,14 @@ class Run:
     cpu_s: float
 
 
-def run_process(cmd: list[str], threads: int, log: Path, timeout_s: float) -> tuple[float, float, float]:
+def run_process(cmd: list[str], shape: Shape, log: Path, timeout_s: float) -> tuple[float, float, float]:
     """Run ``cmd`` to the end; (its peak RSS in MB, wall seconds, CPU seconds). ``wait4`` gives the
     child's own ``ru_maxrss``, which the kernel raises to that of any child it waited for (torchrun's
     ranks), and CPU time summed over them."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        CUDA_VISIBLE_DEVICES="",  # the CPU tier
-        DS_ACCELERATOR="cpu",
-        PYTHONUNBUFFERED="1",
-    )
+    env.update(OMP_NUM_THREADS=str(shape.threads), MKL_NUM_THREADS=str(shape.threads), PYTHONUNBUFFERED="1")
+    if shape.device == "cpu":
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
@@ -173,7 +177,7 @@ def run_moetrain(shape: Shape, overrides: list[str], work: Path, warmup: int, ti
     run_dir = work / "moetrain_run"
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [*shape.launcher(), "-m", "moetrain.cli", "train", str(CONFIG), *overrides, f"run_dir={run_dir}"]
-    rss, wall, cpu = run_process(cmd, shape.threads, work / "moetrain.log", timeout_s)
+    rss, wall, cpu = run_process(cmd, shape, work / "moetrain.log", timeout_s)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # logging.interval 1: each train record times one step (its metrics flush is outside the window);
     # its "tokens" is the running total
@@ -190,7 +194,7 @@ def run_deepspeed(shape: Shape, overrides: list[str], work: Path, warmup: int, t
     result = work / "deepspeed.json"
     result.unlink(missing_ok=True)
     cmd = [*shape.launcher(), str(REPO / "bench" / "e2e_baseline.py"), str(CONFIG), *overrides, "--result", str(result)]
-    rss, wall, cpu = run_process(cmd, shape.threads, work / "deepspeed.log", timeout_s)
+    rss, wall, cpu = run_process(cmd, shape, work / "deepspeed.log", timeout_s)
     out = json.loads(result.read_text())
     steps = out.pop("steps")
     return Run(steady_tokens_per_s(steps, warmup), rss, steps[0]["loss"], steps[-1]["loss"], wall, cpu), out
@@ -228,6 +232,7 @@ def measure(shape: Shape, args, common: list[str], variants: dict[str, list[str]
             "moetrain_first_loss": runs[0].first_loss, "deepspeed_first_loss": ds_runs[0].first_loss,
             "params_moetrain": info["params_moetrain"], "params_deepspeed": info["params_deepspeed"],
             "deepspeed_threads_seen": info["threads"],
+            "deepspeed_device": info["device"], "deepspeed_peak_gpu_mb": info["peak_gpu_mb"],
             "reps": {"moetrain": [r.__dict__ for r in runs], "deepspeed": [r.__dict__ for r in ds_runs]},
         })  # fmt: skip
     return rows
@@ -260,6 +265,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="steps left out of tokens/s (default 6; --quick 4)")
     p.add_argument("--capacity-factor", type=float, default=None, help="both sides (default: dropless)")
     p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="cuda: one process per side on GPU 0 (shapes top{1,2}-e{8,32}-gpu), bf16 unless --precision",
+    )  # fmt: skip
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), default=None,
+        help="both sides (default: fp32 on the CPU, bf16 on a GPU, where moetrain's grouped GEMM needs it)",
+    )  # fmt: skip
+    p.add_argument(
         "--variant", "--variants", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
         help="an extra moetrain column: a name and its overrides (repeatable); 'plain' is always run",
     )  # fmt: skip
@@ -276,10 +289,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (4 if quick else 6)
     if args.warmup >= args.steps:
         p.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
-    patterns = args.shapes or [s.name for s in (QUICK_SHAPES if quick else FULL_SHAPES)]
-    args.shape_list = [s for s in FULL_SHAPES if any(fnmatch.fnmatch(s.name, x) for x in patterns)]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU here")
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    full, quick_shapes = (GPU_SHAPES, GPU_QUICK_SHAPES) if args.device == "cuda" else (FULL_SHAPES, QUICK_SHAPES)
+    patterns = args.shapes or [s.name for s in (quick_shapes if quick else full)]
+    args.shape_list = [s for s in full if any(fnmatch.fnmatch(s.name, x) for x in patterns)]
     if not args.shape_list:
-        p.error(f"--shapes {args.shapes} matches none of {[s.name for s in FULL_SHAPES]}")
+        p.error(f"--shapes {args.shapes} matches none of {[s.name for s in full]}")
     args.variant_map = {"plain": [], **{v[0]: v[1:] for v in args.variant}}
     return args
 
@@ -305,7 +322,7 @@ def print_report(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load_before, started = os.getloadavg(), time.perf_counter()
-    common = [*MODEL, *QUIET_RUN, *(o for group in args.override for o in group)]
+    common = [*MODEL, f"train.precision={args.precision}", *QUIET_RUN, *(o for group in args.override for o in group)]
     common.append(f"data.cache_dir={prepare_data(common)}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="e2e_lm_") as tmp:
@@ -318,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += measure(shape, args, common, args.variant_map, work)
     elapsed = time.perf_counter() - started
     print_report(rows)
-    env = env_info(torch.device("cpu"))
+    env = env_info(torch.device(args.device))
     env["cpu_threads"] = sorted({s.threads for s in args.shape_list})  # per process, from the shapes
     path = write_json(
         args.out,
@@ -336,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
             "warmup_steps": args.warmup,
             "reps": args.reps,
             "capacity_factor": args.capacity_factor,
+            "device": args.device,
+            "precision": args.precision,
             "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rows": rows,
         },

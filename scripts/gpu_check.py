@@ -14,6 +14,9 @@ Steps, each recorded as pass / fail with its numbers and its duration:
    ``torch.cuda.set_sync_debug_mode("error")``, which raises on any host sync (CPU: the
    ``HostSyncCounter`` stand-in).
 4. ``bench``: ``bench/gpu_tier.py`` (G0-G6), its JSON copied beside the summary.
+5. ``e2e``: ``bench/e2e_lm.py --device cuda`` (moetrain's trainer vs the same LM on ``deepspeed.moe``,
+   bf16, one process per side) at top-2 with 8 and 32 experts, on a model sized for a GPU
+   (:data:`GPU_E2E_MODEL`); smoke: one CPU shape in bf16, a few steps.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out``; exits 1 if any step failed.
 """
@@ -42,6 +45,10 @@ SMOKE_MODEL = [
     "moe.num_experts=4", "moe.expert_hidden=32", "data.seq_len=32", "data.max_tokens=200000",
     "train.micro_batch_size=4", "train.eval_batches=2", "train.eval_interval=0", "logging.interval=1",
     "optim.warmup_steps=2", "moe.every=1",
+]  # fmt: skip
+GPU_E2E_MODEL = [  # bench/e2e_lm.py's LM widened so that a step is not only kernel launches
+    "model.d_model=512", "model.n_heads=8", "model.d_ff=2048", "moe.expert_hidden=2048",
+    "model.max_seq_len=512", "data.seq_len=512", "train.micro_batch_size=16",
 ]  # fmt: skip
 TRAIN_RUNS = {  # name -> (config, relative loss tolerance between the Triton and the torch kernels)
     "tiny_fp32": ("configs/tiny.yaml", 1e-3),
@@ -187,6 +194,20 @@ class Check:
         text = self.run(cmd, env=env, timeout=900)
         return {"json": out.name, "table": text[text.find("|") : text.rfind("|") + 1]}
 
+    def e2e(self) -> dict:
+        out = self.out / "e2e_lm_gpu.json"
+        cmd = [sys.executable, "bench/e2e_lm.py", "--out", str(out), "--override", f"data.cache_dir={self.cache}"]
+        if self.smoke:
+            cmd += ["--shapes", "top2-e8-1t", "--precision", "bf16", "--reps", "1", "--steps", "4", "--warmup", "2"]
+            cmd += ["--override", *SMOKE_MODEL]
+        else:
+            cmd += ["--device", "cuda", "--shapes", "top2-e8-gpu", "top2-e32-gpu", "--reps", "2", "--steps", "40"]
+            cmd += ["--override", *GPU_E2E_MODEL]
+        text = self.run(cmd, timeout=900)
+        rows = json.loads(out.read_text())["rows"]
+        return {"json": out.name, "ratios": {r["shape"]: round(r["ratio"], 3) for r in rows},
+                "table": text[text.find("|") : text.rfind("|") + 1]}  # fmt: skip
+
     # --- output ---------------------------------------------------------------------------------
 
     def write(self) -> bool:
@@ -233,11 +254,15 @@ def summary_markdown(record: dict) -> str:
             )
         elif name == "gpu_tests":
             result = s["summary"]
+        elif name == "e2e":
+            result = "moetrain / deepspeed tokens/s: " + ", ".join(f"{k} {v}" for k, v in s["ratios"].items())
         else:
             result = f"see {s.get('json')}"
         lines.append(f"| {name} | {s['status']} | {s['seconds']} | {result} |")
     if "bench" in record["steps"] and record["steps"]["bench"].get("table"):
         lines += ["", "## bench/gpu_tier.py", "", record["steps"]["bench"]["table"]]
+    if "e2e" in record["steps"] and record["steps"]["e2e"].get("table"):
+        lines += ["", "## bench/e2e_lm.py", "", record["steps"]["e2e"]["table"]]
     return "\n".join(lines) + "\n"
 
 
@@ -258,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         check.step(f"train_{name}", lambda name=name: check.train(name))
     check.step("host_syncs", check.host_syncs)
     check.step("bench", check.bench)
+    check.step("e2e", check.e2e)
     check.record["total_seconds"] = round(time.perf_counter() - t0, 1)
     ok = check.write()
     print(

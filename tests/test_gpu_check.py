@@ -18,7 +18,7 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = record["steps"]
-    assert list(steps) == ["gpu_tests", "train_tiny_fp32", "train_swiglu_top2_bf16", "host_syncs", "bench"]
+    assert list(steps) == ["gpu_tests", "train_tiny_fp32", "train_swiglu_top2_bf16", "host_syncs", "bench", "e2e"]
     assert all(s["status"] == "pass" for s in steps.values()), {k: s["status"] for k, s in steps.items()}
     for name in ("train_tiny_fp32", "train_swiglu_top2_bf16"):
         runs = steps[name]["runs"]
@@ -26,8 +26,12 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
         assert len(runs["triton"]["loss"]) == 3 and runs["triton"]["grouped_gemm_fallback_layers"] == 0
     assert steps["host_syncs"]["topk2_swiglu"]["host_syncs"] == 0
     assert (tmp_path / "gpu_tier.json").is_file()
+    e2e = json.loads((tmp_path / "e2e_lm_gpu.json").read_text())  # the bf16 baseline path, on the CPU here
+    assert e2e["precision"] == "bf16" and [r["shape"] for r in e2e["rows"]] == ["top2-e8-1t"]
+    assert steps["e2e"]["ratios"]["top2-e8-1t"] > 0
     summary = (tmp_path / "gpu_check.md").read_text()
     assert "| train_swiglu_top2_bf16 | pass |" in summary and "## bench/gpu_tier.py" in summary
+    assert "## bench/e2e_lm.py" in summary
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")

@@ -171,3 +171,19 @@ def test_gating_native_gpu(num_experts, k, dtype):
         (g_got,) = torch.autograd.grad((got.gates_TK * w_TK).sum() + got.scores_TE.sum(), logits_TE)
         (g_ref,) = torch.autograd.grad((ref.gates_TK * w_TK).sum() + ref.scores_TE.sum(), logits_TE)
         torch.testing.assert_close(g_got[same_T], g_ref[same_T], **_tol(dtype))
+
+
+@pytest.mark.parametrize("experts", [4, 8, 128])
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 9])
+def test_topk_ids_is_a_stable_descending_sort_ties_included(experts, k):
+    """The reference's selection (argmax passes for small k) equals the first k of a stable descending
+    sort, also with many equal keys (lower id first) and with bias-shifted negative keys."""
+    if k > experts:
+        pytest.skip("k > E")
+    from moetrain.kernels.gating import topk_ids
+
+    g = torch.Generator().manual_seed(experts * 10 + k)
+    scores = torch.softmax(torch.randn(512, experts, generator=g), dim=-1)
+    for key in (scores, (scores * 8).round() / 8, scores - 0.5 * torch.rand(experts, generator=g)):
+        want = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(topk_ids(key, k), want)
