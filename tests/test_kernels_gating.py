@@ -173,13 +173,12 @@ def test_gating_native_gpu(num_experts, k, dtype):
         torch.testing.assert_close(g_got[same_T], g_ref[same_T], **_tol(dtype))
 
 
-@pytest.mark.parametrize("experts", [4, 8, 128])
-@pytest.mark.parametrize("k", [1, 2, 3, 8, 9])
+@pytest.mark.parametrize(
+    "experts,k", [(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3), (8, 8)] + [(128, k) for k in (1, 2, 3, 8, 9)]
+)
 def test_topk_ids_is_a_stable_descending_sort_ties_included(experts, k):
-    """The reference's selection (argmax passes for small k) equals the first k of a stable descending
-    sort, also with many equal keys (lower id first) and with bias-shifted negative keys."""
-    if k > experts:
-        pytest.skip("k > E")
+    """The reference's selection (argmax passes for small k, a sort otherwise) equals the first k of a
+    stable descending sort, also with many equal keys (lower id first) and with bias-shifted keys."""
     from moetrain.kernels.gating import topk_ids
 
     g = torch.Generator().manual_seed(experts * 10 + k)
