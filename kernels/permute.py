@@ -73,8 +73,8 @@ def unpermute_reference(y_ND: torch.Tensor, rows_TK: torch.Tensor, gates_TK: tor
     """Weighted combine back to token order: out[t] = sum_k gates[t,k] * y[rows[t,k]] (kept only).
 
     The gates are cast to y's dtype first; the K-term sum is one batched [1, K] x [K, D] product, and
-    for K = 1 a plain product (the same numbers; ``bmm`` of T [1, 1] x [1, D] matrices took 4x longer
-    on the CPU at D = 128).
+    for K = 1 a plain product (the same output; the gates' gradient, a sum over D, equal up to fp32
+    rounding; ``bmm`` of T [1, 1] x [1, D] matrices took 4x longer on the CPU at D = 128).
     """
     num_tokens, k = rows_TK.shape
     gathered_TKD = y_ND.index_select(0, rows_TK.clamp_min(0).reshape(-1)).view(num_tokens, k, y_ND.shape[-1])
