@@ -1,6 +1,6 @@
 """The one prepared GPU check: everything moetrain claims about a CUDA GPU, checked in one run.
 
-    bash scripts/gpu_check.sh                  # on a machine with one CUDA GPU (H100/H200: <= 8 minutes)
+    bash scripts/gpu_check.sh                  # on a machine with one CUDA GPU (H100/H200: ~10 min, estimated)
     bash scripts/gpu_check.sh --smoke          # the same steps on the CPU, tiny and short (the test suite)
 
 Steps, each recorded as pass / fail with its numbers and its duration:
