@@ -18,13 +18,14 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ep_group: dist.ProcessGrou
     identical across its expert-data-parallel replicas, so summing over the EP group counts each
     global expert exactly once.
 
-    One multi-tensor kernel per pass (``torch._foreach_norm`` / ``_foreach_mul_``, as
-    ``torch.nn.utils.clip_grad_norm_`` does) instead of a few small ops per parameter.
+    The norms are multi-tensor kernels in fp32 (``torch._foreach_norm``, also for bf16 gradients); the
+    clipping is torch's own (``torch.nn.utils.clip_grads_with_norm_``) with this norm.
     """
-    shared, expert = [], []
+    shared, expert, params = [], [], []
     for name, p in model.named_parameters():
         if p.grad is not None:
             (expert if is_expert_param(name) else shared).append(p.grad)
+            params.append(p)
     device = next(model.parameters()).device
 
     def sq(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -37,10 +38,5 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ep_group: dist.ProcessGrou
         dist.all_reduce(expert_sq, group=ep_group)
     norm = (sq(shared) + expert_sq).sqrt()
     if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for g in shared + expert:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        for dtype, grads in by_dtype.items():
-            torch._foreach_mul_(grads, scale.to(dtype))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm

@@ -56,11 +56,16 @@ def quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
-def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict[str, Any]):
+def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict[str, Any], world_size: int):
+    """``deepspeed.initialize``. A single process that clips itself (fp32 ZeRO-0) gets no gradient
+    all-reduce: with nothing to reduce, DeepSpeed would still flatten and copy back every gradient each
+    step. ZeRO-1/2 and bf16/fp16 keep it: their optimizers run their own steps inside it."""
     import deepspeed
 
     quiet_deepspeed()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
     )
+    if world_size == 1 and moetrain_clips(ds_config):
+        engine.enable_backward_allreduce = False
     return engine

@@ -115,11 +115,9 @@ class Trainer:
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
         ds_config = engine.build_ds_config(cfg, layout.world_size)
-        self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config)  # 4.
+        self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config, layout.world_size)  # 4.
         state_io.check_supported(self.model, self.engine.optimizer)
         self.own_clipping = engine.moetrain_clips(ds_config)
-        if self.own_clipping and layout.world_size == 1:
-            self.engine.enable_backward_allreduce = False  # nothing to reduce; it would copy every gradient twice
         self._grad_norm = None
         self.data_fingerprint = cache.fingerprint
         if saved is not None:  # 5.
