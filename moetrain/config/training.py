@@ -37,6 +37,14 @@ class TrainConfig(StrictModel):
         description="CPU training on glibc: keep freed memory in the process instead of returning it to the OS, so "
         "large per-step tensors stop page-faulting; resident memory stays at its peak (docs/benchmarks.md)",
     )
+    cpu_kernel_cache: int | None = Field(
+        64,
+        ge=1,
+        description="CPU: how many oneDNN matmul kernels to keep (ONEDNN_PRIMITIVE_CACHE_CAPACITY and ideep's "
+        "LRU_CACHE_CAPACITY; bf16 matmuls use them). Experts see new row counts every step, so the library default "
+        "(1024 per cache) fills with kernels never reused; null keeps the defaults; the environment variables, when "
+        "set, win (docs/benchmarks.md)",
+    )
     activation_checkpointing: ActivationCheckpointing = Field(
         "none",
         description="recompute activations in backward instead of keeping them: moe: each MoE layer (router, "

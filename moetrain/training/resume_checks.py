@@ -33,6 +33,7 @@ ALLOWED = (
     "train.activation_checkpointing",  # the same numbers (tested bitwise), other memory/speed
     "train.compile",
     "train.retain_host_memory",
+    "train.cpu_kernel_cache",
     "optim.fused",  # the same update up to rounding; checkpoints hold no optimizer options
     "train.micro_batch_size",  # with grad_accum_steps and the world size: the global batch is checked
     "train.grad_accum_steps",

@@ -29,7 +29,7 @@ from moetrain.training.callbacks import (
     all_reduce_mean,
 )
 from moetrain.training.determinism import apply_determinism
-from moetrain.training.host_memory import retain_freed_memory
+from moetrain.training.host_memory import bound_kernel_caches, retain_freed_memory
 from moetrain.training.nonfinite import NonFiniteGuard
 from moetrain.training.optim import isolate_distilled_params, lr_lambda, param_groups
 from moetrain.training.resume_checks import check_resume
@@ -76,8 +76,11 @@ class Trainer:
         """
         cfg, layout = self.cfg, self.layout
         apply_determinism(cfg.train.deterministic)
-        if cfg.train.retain_host_memory and not torch.cuda.is_available():  # CPU training
-            retain_freed_memory()
+        if not torch.cuda.is_available():  # CPU training
+            if cfg.train.retain_host_memory:
+                retain_freed_memory()
+            if cfg.train.cpu_kernel_cache is not None:
+                bound_kernel_caches(cfg.train.cpu_kernel_cache)
         choice = checkpoint.choose_resume(self.run_dir, cfg.checkpoint.resume, layout)  # 1.
         for note in choice.notes:
             self._say(note)
