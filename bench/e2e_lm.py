@@ -29,7 +29,8 @@ run on the CPU (``CUDA_VISIBLE_DEVICES=""``) with the same ``OMP_NUM_THREADS``; 
 forward, backward, optimizer step); the table holds medians over repetitions and the ratio of the
 medians (> 1: moetrain faster). A repetition is a whole process (start-up ~4-5 s), so the default is 3
 of them, of 30 steps each, rather than the 11 of docs/benchmarks.md (``--reps 11``: ~50 min). Peak RSS
-is ``ru_maxrss`` of the launched process from ``wait4``: for EP, the largest rank. Writes
+is ``ru_maxrss`` of the launched process from ``wait4``: for EP, the largest rank. For EP shapes it also
+prints how unevenly moetrain's routing loaded the ranks (:func:`busiest_rank_load`). Writes
 bench/results/e2e_lm.json.
 """
 
@@ -140,6 +141,7 @@ class Run:
     final_loss: float
     wall_s: float  # the whole process: start-up, data, training, its end
     cpu_s: float
+    busiest_rank_load: float | None = None  # moetrain under EP: see busiest_rank_load()
 
 
 def run_process(cmd: list[str], shape: Shape, log: Path, timeout_s: float) -> tuple[float, float, float]:
@@ -173,6 +175,21 @@ def steady_tokens_per_s(steps: list[dict], warmup: int) -> float:
     return sum(r["tokens"] for r in steady) / sum(r["time_s"] for r in steady)
 
 
+def busiest_rank_load(records: list[dict], procs: int) -> float | None:
+    """Expert rows on the busiest rank over the mean rank's, averaged over the steps and MoE layers of
+    ``records`` (moetrain's per-step ``moe/layer*/load``: global rows per expert; rank r holds the r-th
+    block of experts). 1.0: every rank computes as many rows; under EP the others wait for the busiest."""
+    if procs == 1:
+        return None
+    shares = []
+    for r in records:
+        for key, load in r.items():
+            if key.startswith("moe/layer") and key.endswith("/load"):
+                per_rank = [sum(load[i : i + len(load) // procs]) for i in range(0, len(load), len(load) // procs)]
+                shares.append(max(per_rank) * procs / sum(per_rank))
+    return statistics.mean(shares) if shares else None
+
+
 def run_moetrain(shape: Shape, overrides: list[str], work: Path, warmup: int, timeout_s: float) -> Run:
     run_dir = work / "moetrain_run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -187,7 +204,11 @@ def run_moetrain(shape: Shape, overrides: list[str], work: Path, warmup: int, ti
         steps.append(
             {"loss": r["loss"], "tokens": r["tokens"] - prev, "time_s": (r["tokens"] - prev) / r["tokens_per_s"]}
         )
-    return Run(steady_tokens_per_s(steps, warmup), rss, steps[0]["loss"], steps[-1]["loss"], wall, cpu)
+    steady = train[warmup:] or train[-1:]
+    return Run(
+        steady_tokens_per_s(steps, warmup), rss, steps[0]["loss"], steps[-1]["loss"], wall, cpu,
+        busiest_rank_load(steady, shape.procs),
+    )  # fmt: skip
 
 
 def run_deepspeed(shape: Shape, overrides: list[str], work: Path, warmup: int, timeout_s: float) -> tuple[Run, dict]:
@@ -228,6 +249,9 @@ def measure(shape: Shape, args, common: list[str], variants: dict[str, list[str]
             "moetrain_peak_rss_mb": median_of(runs, "peak_rss_mb"),
             "deepspeed_peak_rss_mb": median_of(ds_runs, "peak_rss_mb"),
             "moetrain_final_loss": median_of(runs, "final_loss"),
+            "moetrain_busiest_rank_load": (
+                median_of(runs, "busiest_rank_load") if all(r.busiest_rank_load for r in runs) else None
+            ),
             "deepspeed_final_loss": median_of(ds_runs, "final_loss"),
             "moetrain_first_loss": runs[0].first_loss, "deepspeed_first_loss": ds_runs[0].first_loss,
             "params_moetrain": info["params_moetrain"], "params_deepspeed": info["params_deepspeed"],
@@ -312,6 +336,11 @@ def print_report(rows: list[dict]) -> None:
     ]  # fmt: skip
     print(fmt_table(table, header))
     for r in rows:  # the same model: equal parameters; dropless, the same step-1 loss
+        if r["moetrain_busiest_rank_load"] is not None:
+            print(
+                f"{r['shape']} [{r['variant']}]: moetrain's busiest rank computes {r['moetrain_busiest_rank_load']:.2f}x "
+                "the mean rank's expert rows (steady steps, all MoE layers)"
+            )
         if r["variant"] == "plain":
             print(
                 f"{r['shape']}: parameters moetrain {r['params_moetrain']}, deepspeed {r['params_deepspeed']}; step-1 "

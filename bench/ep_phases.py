@@ -10,6 +10,9 @@ For P gloo ranks (one intra-op thread each) and one MoE layer (GELU experts, top
   reduction: each expert lives on one rank).
 - **DP-P**: every rank holds every expert (the local dispatcher); forward + backward, then an
   all-reduce of all gradients (router and experts), as data parallelism must.
+- **Overlap probe** (:func:`_overlap_probe`): how much of the token exchange an asynchronous
+  all-to-all hides behind the experts' forward on this backend, the most that splitting the exchange
+  per expert chunk could win.
 
 Both see the same tokens per rank; the ratio DP time / EP time is EP's relative throughput (> 1: EP
 is faster). Medians of interleaved repetitions (EP, DP, EP, DP, ...) after two warm-ups.
@@ -80,6 +83,48 @@ def _step(layer, x_TD, ids_T, w_TD, timer: PhaseTimes, reduce_params: list[torch
             dist.all_reduce(p.grad)
 
 
+def _overlap_probe(experts, shape: Shape, world: int, reps: int) -> dict[str, float]:
+    """How much of a token all-to-all a computation can hide on this backend: the seconds (medians) of
+    the exchange alone (T*k rows of D, equal splits: the dispatch's bytes under balanced routing), the
+    local experts' forward alone on as many rows, one after the other, and overlapped (the exchange
+    started asynchronously before the experts, waited for after). Splitting the token exchange per
+    expert chunk (issue 15) could save at most ``sequential - overlapped`` per exchange."""
+    g = torch.Generator().manual_seed(7)
+    rows = shape.tokens * shape.top_k
+    send_ND = torch.randn(rows, shape.d_model, generator=g)
+    recv_ND = torch.empty_like(send_ND)
+    counts_L = torch.full((experts.num_local,), rows // experts.num_local)
+    counts_L[0] += rows - int(counts_L.sum())
+
+    def exchange(async_op: bool = False):
+        return dist.all_to_all_single(recv_ND, send_ND, async_op=async_op)
+
+    def compute():
+        with torch.no_grad():
+            experts(send_ND, counts_L)
+
+    def sequential():
+        exchange()
+        compute()
+
+    def overlapped():
+        work = exchange(async_op=True)
+        compute()
+        work.wait()
+
+    cases = {"exchange": exchange, "experts": compute, "sequential": sequential, "overlapped": overlapped}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for i in range(reps + 2):
+        for name, fn in cases.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _worker(rank: int, world: int, port: int, shape: Shape, reps: int, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -110,11 +155,13 @@ def _worker(rank: int, world: int, port: int, shape: Shape, reps: int, out_path:
                 timer.seconds["total"] = time.perf_counter() - t0
                 if i >= 2:
                     samples[name].append(timer.seconds)
+        overlap = _overlap_probe(ep.experts, shape, world, reps)
         if rank == 0:
             med = {
                 name: {k: statistics.median(s.get(k, 0.0) for s in runs_) for k in [*PHASES, "total"]}
                 for name, runs_ in samples.items()
             }
+            med["overlap"] = overlap
             torch.save(med, out_path)
     finally:
         dist.destroy_process_group()
@@ -132,6 +179,7 @@ def run(world: int, shape: Shape, reps: int) -> dict:
         "EP_phases_ms": {k: 1e3 * v for k, v in ep.items()},
         "DP_phases_ms": {k: 1e3 * v for k, v in dp.items()},
         "DP_time_over_EP_time": dp["total"] / ep["total"],
+        "overlap_probe_ms": {k: 1e3 * v for k, v in med["overlap"].items()},
     }
 
 
@@ -163,6 +211,14 @@ def main() -> None:
             rows.append([f"{r['world']} ranks {r['shape']['name']}", phase, ep[phase], dp[phase]])
         rows.append([f"{r['world']} ranks {r['shape']['name']}", "DP time / EP time", r["DP_time_over_EP_time"], ""])
     print(fmt_table(rows, ["setup", "phase", "EP ms (median)", "DP ms (median)"]))
+    rows = []
+    for r in results:
+        o = r["overlap_probe_ms"]
+        hidden = o["sequential"] - o["overlapped"]
+        rows.append([f"{r['world']} ranks {r['shape']['name']}", o["exchange"], o["experts"], o["sequential"],
+                     o["overlapped"], hidden, hidden / o["exchange"]])  # fmt: skip
+    print("\nOverlap probe: a token exchange started asynchronously before the experts' forward (ms, medians)")
+    print(fmt_table(rows, ["setup", "exchange", "experts", "sequential", "overlapped", "hidden", "hidden/exchange"]))
     print(f"\nwrote {path}")
 
 

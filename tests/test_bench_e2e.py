@@ -42,3 +42,17 @@ def test_e2e_lm_quick_writes_a_row_for_both_sides(tmp_path, data_cache):
     assert row["params_moetrain"] == row["params_deepspeed"]
     assert row["moetrain_first_loss"] == pytest.approx(row["deepspeed_first_loss"], rel=1e-5)
     assert result["env"]["deepspeed"] and result["load_avg_before"] and result["steps"] == 4
+    assert row["moetrain_busiest_rank_load"] is None  # one process: no ranks to compare
+
+
+def test_busiest_rank_load_reads_the_per_expert_loads_by_rank_block():
+    sys.path.insert(0, str(REPO))
+    from bench.e2e_lm import busiest_rank_load
+
+    # 4 experts on 2 ranks: rank 0 holds experts 0-1, rank 1 experts 2-3
+    records = [
+        {"loss": 3.0, "moe/layer0/load": [30.0, 10.0, 0.0, 0.0], "moe/layer1/load": [10.0, 10.0, 10.0, 10.0]},
+        {"moe/layer0/load": [0.0, 10.0, 20.0, 10.0]},  # 10 vs 30 rows
+    ]
+    assert busiest_rank_load(records, 2) == pytest.approx((2.0 + 1.0 + 1.5) / 3)
+    assert busiest_rank_load(records, 1) is None

@@ -38,7 +38,7 @@ class TrainConfig(StrictModel):
         "large per-step tensors stop page-faulting; resident memory stays at its peak (docs/benchmarks.md)",
     )
     cpu_kernel_cache: int | None = Field(
-        64,
+        256,
         ge=1,
         description="CPU: how many oneDNN matmul kernels to keep (ONEDNN_PRIMITIVE_CACHE_CAPACITY and ideep's "
         "LRU_CACHE_CAPACITY; bf16 matmuls use them). Experts see new row counts every step, so the library default "
