@@ -44,7 +44,7 @@ def bound_kernel_caches(capacity: int) -> dict[str, str]:
     step, so with 1024 entries the caches fill with kernels that are never reused (bf16 on the tiny LM
     of docs/benchmarks.md, "CPU kernel caches": 1.3 GB resident at 8 experts with the library's
     default, 0.74 GB at 256). A smaller cache evicts kernels that would have been reused, so it is a
-    trade: at 32 experts 64 entries cost 10 % of the tokens/s. fp32 matmuls go to MKL and use neither
+    trade: at 32 experts 64 entries cost 11 % of the tokens/s. fp32 matmuls go to MKL and use neither
     cache. ``LRU_CACHE_CAPACITY=0`` crashes ideep, hence ``capacity >= 1``.
     """
     if capacity < 1:
