@@ -185,7 +185,8 @@ def busiest_rank_load(records: list[dict], procs: int) -> float | None:
     for r in records:
         for key, load in r.items():
             if key.startswith("moe/layer") and key.endswith("/load"):
-                per_rank = [sum(load[i : i + len(load) // procs]) for i in range(0, len(load), len(load) // procs)]
+                per = len(load) // procs  # experts per rank
+                per_rank = [sum(load[i : i + per]) for i in range(0, len(load), per)]
                 shares.append(max(per_rank) * procs / sum(per_rank))
     return statistics.mean(shares) if shares else None
 
