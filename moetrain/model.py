@@ -181,7 +181,10 @@ class MoETransformer(nn.Module):
         moe_at = set(moe_cfg.moe_blocks(cfg.n_layers)) if moe_cfg else set()
 
         def new_moe(j: int) -> MoELayer:  # the j-th MoE layer (PR-MoE: its own number of experts)
-            layer_cfg = moe_cfg.model_copy(update={"num_experts": moe_cfg.experts_of_layer(j)})
+            # NOTE: no overlapped exchanges in a recomputed layer: the overlap differentiates its expert
+            # chunks in nested backward passes, and each would recompute the checkpointed region again.
+            overlap = moe_cfg.ep_overlap and activation_checkpointing == "none"
+            layer_cfg = moe_cfg.model_copy(update={"num_experts": moe_cfg.experts_of_layer(j), "ep_overlap": overlap})
             return MoELayer(layer_cfg, cfg.d_model, moe_cfg.expert_hidden or cfg.d_ff, cfg.vocab_size)
 
         layers: list[nn.Module] = []

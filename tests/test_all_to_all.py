@@ -34,7 +34,7 @@ def _inputs(world, k, routing):
     return x, ids, gates
 
 
-def _check(rank, world, k, routing, capacity):
+def _check(rank, world, k, routing, capacity, overlap=False):
     backend = select_backend("torch")
     x_all, ids_all, gates_all = _inputs(world, k, routing)
     torch.manual_seed(1)
@@ -46,9 +46,14 @@ def _check(rank, world, k, routing, capacity):
     # EP path: this rank's tokens
     x = x_all[rank].clone().requires_grad_()
     gates = gates_all[rank].clone().requires_grad_()
-    disp = AllToAllDispatcher(E, capacity, backend, dist.group.WORLD)
-    x_RD, counts_L, meta = disp.dispatch(x, RoutingDecision(ids_all[rank], gates, torch.zeros(())))
-    out = disp.combine(local(x_RD, counts_L), meta)
+    disp = AllToAllDispatcher(E, capacity, backend, dist.group.WORLD, overlap=overlap)
+    decision = RoutingDecision(ids_all[rank], gates, torch.zeros(()))
+    if overlap:  # the layer's call: own rows computed beside the exchanges
+        out, meta = disp.run(x, decision, local)
+        counts_L = torch.tensor([sum(meta.recv_splits)])  # rows received from the other ranks
+    else:
+        x_RD, counts_L, meta = disp.dispatch(x, decision)
+        out = disp.combine(local(x_RD, counts_L), meta)
     out.square().sum().backward()
 
     # reference: one process, this rank's tokens, all experts
@@ -79,9 +84,11 @@ CASES.append((2, "all_to_last_rank", 1.0))  # capacity mode: drops on the overlo
 def _check_all(rank, world):
     for k, routing, capacity in CASES:  # one set of processes for every case: spawning is the slow part
         _check(rank, world, k, routing, capacity)
+        _check(rank, world, k, routing, capacity, overlap=True)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_all_to_all_equals_local(world):
-    """k = 1, 2; uniform, balanced, and every token to one rank (the others receive none); capacity."""
+    """k = 1, 2; uniform, balanced, and every token to one rank (the others receive none); capacity;
+    each with the exchanges in sequence and overlapped with the experts (``moe.ep_overlap``)."""
     run_distributed(_check_all, world)

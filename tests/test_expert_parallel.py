@@ -127,6 +127,13 @@ CASES = {
         ["moe.router={kind: expert_choice, top_k: 2}", "deepspeed.zero_optimization.stage=2"],
     ),
     "expertchoice-k1-ep4-zero0": (4, 4, ["moe.router={kind: expert_choice, top_k: 1}"]),
+    # moe.ep_overlap: the exchanges beside the experts' own rows, gradients through ZeRO's hooks
+    "overlap-top2-ep2-zero2": (
+        2,
+        2,
+        ["moe.ep_overlap=true", "moe.router.top_k=2", "deepspeed.zero_optimization.stage=2"],
+    ),
+    "overlap-stablemoe-switch-ep4-zero0": (4, 4, ["moe.ep_overlap=true", *STABLE]),
     # Residual MoE: a replicated dense FFN and mixing coefficient beside the sharded experts.
     "pr-moe-top1-ep2-zero1": (2, 2, [*RESIDUAL, *PYRAMID, "moe.router.top_k=1", "deepspeed.zero_optimization.stage=1"]),
 }

@@ -111,6 +111,12 @@ class MoEConfig(StrictModel):
         None, gt=0, description="null = dropless; else slots per expert = ceil(cf*T*K/E)"
     )
     expert_parallel_size: int = Field(1, ge=1, description="ranks the experts are sharded over")
+    ep_overlap: bool = Field(
+        False,
+        description="under expert parallelism, compute each rank's own rows (which never travel) while the token "
+        "all-to-alls run, in forward and backward (moetrain/parallel/overlap.py); off under activation "
+        "checkpointing. Measured slower on 2 CPU cores with gloo (docs/benchmarks.md); not measured on GPUs",
+    )
     kernels: Literal["auto", "triton", "torch"] = "auto"
     router: RouterConfig = TopKRouterConfig()
     fluctuation: FluctuationConfig = Field(

@@ -6,6 +6,10 @@ The interface is two calls around the expert computation::
     y_ND = experts(x_ND, counts_L)
     out_TD = dispatcher.combine(y_ND, meta)
 
+The MoE layer calls ``dispatcher.run(x_TD, decision, experts)``, which is those three calls
+(:func:`run_in_sequence`) unless the dispatcher interleaves its exchanges with the experts
+(``moe.ep_overlap``, ``moetrain/parallel/overlap.py``).
+
 ``meta`` is a frozen dataclass owned by the dispatcher; nothing is kept on ``self`` between the two
 calls. :class:`LocalDispatcher` (one process) is the reference the all-to-all dispatcher must equal.
 """
@@ -56,6 +60,20 @@ class Dispatcher(Protocol):
 
     def combine(self, y_ND: torch.Tensor, meta: object) -> torch.Tensor: ...
 
+    def run(self, x_TD: torch.Tensor, decision: RoutingDecision, experts: Callable) -> tuple[torch.Tensor, object]:
+        """dispatch -> experts -> combine; returns (out_TD, meta)."""
+        ...
+
+
+def run_in_sequence(
+    dispatcher: Dispatcher, x_TD: torch.Tensor, decision: RoutingDecision, experts: Callable
+) -> tuple[torch.Tensor, object]:
+    """dispatch, the experts on the dispatched rows, combine: one after the other."""
+    x_ND, counts_L, meta = dispatcher.dispatch(x_TD, decision)
+    recompute_x = dispatcher.recompute(x_TD, meta)  # backward may gather x_ND again (experts.py)
+    y_ND = experts(x_ND, counts_L, padded=dispatcher.pads_rows, recompute_x=recompute_x)
+    return dispatcher.combine(y_ND, meta), meta
+
 
 @dataclass(frozen=True)
 class LocalMeta:
@@ -96,3 +114,6 @@ class LocalDispatcher:
     def combine(self, y_ND: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
         """Weighted sum of each token's k expert outputs, in token order (dropped slots add 0)."""
         return self.backend.unpermute(y_ND, meta.rows_TK, meta.gates_TK)
+
+    def run(self, x_TD: torch.Tensor, decision: RoutingDecision, experts: Callable) -> tuple[torch.Tensor, LocalMeta]:
+        return run_in_sequence(self, x_TD, decision, experts)

@@ -36,6 +36,7 @@ class MoELayer(nn.Module):
         self.num_experts = cfg.num_experts
         self.null_experts = cfg.null_experts  # AdaMoE: router choices with no compute (ids E .. E+M-1)
         self.capacity_factor = cfg.capacity_factor
+        self.ep_overlap = cfg.ep_overlap  # used by parallelize() when the experts are sharded
         self.backend = select_backend(cfg.kernels)
         self.router = build_router(
             cfg.router,
@@ -66,10 +67,7 @@ class MoELayer(nn.Module):
 
         ``group_size``: tokens per sequence (the model passes it), for routers that work per sequence."""
         decision = self.router(x_TD, token_ids_T, group_size)
-        x_ND, counts_L, meta = self.dispatcher.dispatch(x_TD, decision)
-        recompute_x = self.dispatcher.recompute(x_TD, meta)  # backward may gather x_ND again (experts.py)
-        y_ND = self.experts(x_ND, counts_L, padded=self.dispatcher.pads_rows, recompute_x=recompute_x)
-        y_TD = self.dispatcher.combine(y_ND, meta)
+        y_TD, meta = self.dispatcher.run(x_TD, decision, self.experts)
         if self.residual_ffn is not None:
             coef_T2 = torch.softmax(self.residual_coef(x_TD), dim=-1)
             y_TD = y_TD * coef_T2[:, :1] + self.residual_ffn(x_TD) * coef_T2[:, 1:]

@@ -13,6 +13,10 @@ Steps (dispatch):
   5. regroup the received rows from [source rank][local expert] to [local expert][source rank]
 combine reverses 5 -> 4 and finishes with the weighted gather-sum of the local path.
 
+With ``overlap`` (``moe.ep_overlap``) the layer's :meth:`AllToAllDispatcher.run` sorts this rank's own
+rows last in step 1 and computes them beside the exchanges instead of 4.-5. and their reverse
+(``moetrain/parallel/overlap.py``).
+
 ``dispatcher.phases`` (a :class:`PhaseTimes`, off by default) records the wall time of each step;
 ``bench/ep_phases.py`` reports them.
 
@@ -28,10 +32,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from moetrain.kernels import KernelBackend
-from moetrain.moe.dispatch import expert_capacity, route_rows
+from moetrain.moe.dispatch import expert_capacity, route_rows, run_in_sequence
 from moetrain.moe.routing import RoutingDecision
+from moetrain.parallel.overlap import ExchangePlan, overlapped_experts, split_own
 
 
 class _AllToAll(torch.autograd.Function):
@@ -110,9 +116,11 @@ class AllToAllDispatcher:
         backend: KernelBackend,
         group: dist.ProcessGroup,
         null_experts: bool = False,
+        overlap: bool = False,
     ) -> None:
         """``group``: the expert-parallel group; its rank i holds experts i*L .. (i+1)*L - 1.
-        ``null_experts``: ids >= num_experts are null experts (``route_rows``): never sent."""
+        ``null_experts``: ids >= num_experts are null experts (``route_rows``): never sent.
+        ``overlap`` (``moe.ep_overlap``): :meth:`run` overlaps the exchanges with the experts."""
         self.null_experts = null_experts
         self.num_experts = num_experts
         self.ep_size = dist.get_world_size(group)
@@ -124,14 +132,24 @@ class AllToAllDispatcher:
         self.group = group
         self.bytes_sent = 0  # token bytes this rank sent to *other* ranks in forward (the C5 count)
         self.phases: PhaseTimes | None = None  # set to time each phase (bench/ep_phases.py)
+        self.overlap = overlap
+        self._keys: torch.Tensor | None = None  # _own_last_keys, built on first use
 
-    def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision):
+    def _route(self, x_TD: torch.Tensor, decision: RoutingDecision, own_last: bool):
+        """Steps 1.-3.: rows by destination, counts exchanged while the tokens are permuted, the host sync.
+
+        ``own_last``: this rank's own experts sort after every other rank's (the overlapped path), so
+        the send buffer is [rows for the other ranks, in rank order][own rows]."""
         P, L = self.ep_size, self.num_local_experts
         phase, dev = self.phases or _untimed, x_TD.device
         ids_TK = decision.expert_ids_TK
         capacity = expert_capacity(ids_TK.numel(), self.num_experts, self.capacity_factor)
         with phase("routing map", dev):  # 1.
+            if own_last:
+                ids_TK = self._own_last_keys(dev)[ids_TK.clamp(max=self.num_experts)]
             rows_TK, counts_E, null = route_rows(self.backend, ids_TK, self.num_experts, capacity, self.null_experts)
+            if own_last:  # back to expert order for the count exchange
+                counts_E = counts_E[self._own_last_keys(dev)[: self.num_experts]]
         with phase("count exchange + host sync", dev):  # 2.
             recv_counts_PL = torch.empty_like(counts_E)
             pending = dist.all_to_all_single(recv_counts_PL, counts_E.contiguous(), group=self.group, async_op=True)
@@ -142,24 +160,46 @@ class AllToAllDispatcher:
             recv_counts_PL = recv_counts_PL.view(P, L)
             # NOTE: the one host sync of this layer: split sizes must be Python ints for the collective.
             send_PL, recv_PL = torch.stack([counts_E.view(P, L), recv_counts_PL]).tolist()
+        dropped = (rows_TK < 0).sum() - null
+        return rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped
+
+    def _own_last_keys(self, device: torch.device) -> torch.Tensor:
+        """Sort key of each expert id (E + 1 entries; the null id E keeps E): the other ranks' experts
+        in rank order, then this rank's."""
+        if self._keys is None or self._keys.device != device:
+            L, me = self.num_local_experts, self.ep_rank
+            e = torch.arange(self.num_experts + 1)
+            rank, local = e // L, e % L
+            slot = torch.where(rank == me, self.ep_size - 1, rank - (rank > me).long())
+            self._keys = torch.where(e < self.num_experts, slot * L + local, e).to(device)
+        return self._keys
+
+    def _regroup_index(self, recv_counts_PL: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """Received rows come [source rank][local expert]; the index that orders them by local expert
+        (a stable sort keeps each expert's rows in source order)."""
+        P, L = recv_counts_PL.shape
+        local_ids_R = (
+            torch.arange(P * L, device=recv_counts_PL.device)
+            .remainder(L)
+            .repeat_interleave(recv_counts_PL.reshape(-1), output_size=num_rows)
+        )
+        return torch.sort(local_ids_R, stable=True).indices
+
+    def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision):
+        phase, dev = self.phases or _untimed, x_TD.device
+        rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped = self._route(x_TD, decision, own_last=False)
         send_splits = [sum(r) for r in send_PL]
         recv_splits = [sum(r) for r in recv_PL]
         n_send = sum(send_splits)
         self.bytes_sent += (n_send - send_splits[self.ep_rank]) * x_ND.shape[-1] * x_ND.element_size()
         with phase("token all-to-all", dev):  # 4.
             x_RD = all_to_all(x_ND[:n_send], recv_splits, send_splits, self.group)
-        with phase("regroup", dev):  # 5. local expert of each received row; a stable sort groups them
-            local_ids_R = (
-                torch.arange(P * L, device=x_TD.device)
-                .remainder(L)
-                .repeat_interleave(recv_counts_PL.reshape(-1), output_size=sum(recv_splits))
-            )
-            regroup_R = torch.sort(local_ids_R, stable=True).indices
+        with phase("regroup", dev):  # 5.
+            regroup_R = self._regroup_index(recv_counts_PL, sum(recv_splits))
             x_RD = x_RD.index_select(0, regroup_R)
         counts_L = recv_counts_PL.sum(0)
-        meta = AllToAllMeta(
-            rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, ids_TK.numel(), (rows_TK < 0).sum() - null
-        )
+        num_rows = decision.expert_ids_TK.numel()
+        meta = AllToAllMeta(rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, num_rows, dropped)
         return x_RD, counts_L, meta
 
     def recompute(self, x_TD: torch.Tensor, meta: AllToAllMeta) -> None:
@@ -177,3 +217,39 @@ class AllToAllDispatcher:
             if pad:
                 y_sent_ND = torch.cat([y_sent_ND, y_sent_ND.new_zeros(pad, y_sent_ND.shape[-1])])
             return self.backend.unpermute(y_sent_ND, meta.rows_TK, meta.gates_TK)
+
+    def run(self, x_TD: torch.Tensor, decision: RoutingDecision, experts: nn.Module):
+        """dispatch -> experts -> combine; with ``overlap``, the exchanges run beside the experts' work on
+        this rank's own rows (``moetrain/parallel/overlap.py``). Returns (out_TD, meta)."""
+        if not self.overlap:
+            return run_in_sequence(self, x_TD, decision, experts)
+        P, me, dev = self.ep_size, self.ep_rank, x_TD.device
+        phase = self.phases or _untimed
+        rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped = self._route(x_TD, decision, own_last=True)
+        send_splits = [0 if p == me else sum(send_PL[p]) for p in range(P)]
+        recv_splits = [0 if p == me else sum(recv_PL[p]) for p in range(P)]
+        n_send, own = sum(send_splits), send_PL[me]
+        self.bytes_sent += n_send * x_ND.shape[-1] * x_ND.element_size()
+        own_a, own_b = split_own(own)
+        received = recv_counts_PL.index_fill(0, torch.tensor([me], device=dev), 0)  # the own rows stay
+        remote = [sum(c) - o for c, o in zip(zip(*recv_PL), own)]  # received rows per local expert
+        counts = torch.tensor([own_a, own_b, remote], device=dev)
+        plan = ExchangePlan(
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+            regroup_R=self._regroup_index(received, sum(recv_splits)),
+            counts_R_L=counts[2],
+            own_rows=(sum(own_a), sum(own_b)),
+            counts_a_L=counts[0],
+            counts_b_L=counts[1],
+            group=self.group,
+        )
+        with phase("experts + exchanges, overlapped", dev):
+            y_ND = overlapped_experts(x_ND[: n_send + sum(own)], plan, experts)
+        num_rows = decision.expert_ids_TK.numel()
+        with phase("combine", dev):
+            if num_rows > y_ND.shape[0]:
+                y_ND = torch.cat([y_ND, y_ND.new_zeros(num_rows - y_ND.shape[0], y_ND.shape[-1])])
+            y_TD = self.backend.unpermute(y_ND, rows_TK, decision.gates_TK)
+        meta = AllToAllMeta(rows_TK, decision.gates_TK, send_splits, recv_splits, plan.regroup_R, num_rows, dropped)
+        return y_TD, meta

@@ -31,6 +31,11 @@ def parallelize(model: nn.Module, layout: ParallelLayout) -> nn.Module:
         if layout.ep_size > 1:  # 2.
             layer.experts.shard(layout.ep_rank, layout.ep_size)
             layer.dispatcher = AllToAllDispatcher(
-                layer.num_experts, layer.capacity_factor, layer.backend, layout.ep_group, layer.skips_slots
+                layer.num_experts,
+                layer.capacity_factor,
+                layer.backend,
+                layout.ep_group,
+                layer.skips_slots,
+                overlap=layer.ep_overlap,
             )
     return model
