@@ -15,7 +15,7 @@ For P gloo ranks (one intra-op thread each) and one MoE layer (GELU experts, top
   all-reduce of all gradients (router and experts), as data parallelism must.
 - **Overlap probe** (:func:`_overlap_probe`): the token exchange and the experts' forward one after
   the other against the exchange asynchronous beside the experts, on this backend: what splitting the
-  exchange per expert chunk could build on.
+  exchange per chunk (``moe.ep_overlap``, the "EP-P overlapped" column) builds on.
 
 Both see the same tokens per rank; the ratio DP time / EP time is EP's relative throughput (> 1: EP
 is faster). Medians of interleaved repetitions (EP, DP, EP, DP, ...) after two warm-ups.

@@ -59,11 +59,12 @@ def split_own(counts: list[int]) -> tuple[list[int], list[int]]:
 
 
 def _exchange(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
-    """Start an all-to-all with uneven splits; returns (output buffer, work to wait for)."""
+    """Start an all-to-all with uneven splits; returns (output buffer, work to wait for, the input,
+    which the caller keeps alive until the exchange is done)."""
     out = x_ND.new_empty(sum(out_splits), *x_ND.shape[1:])
     x_ND = x_ND.contiguous()
     work = dist.all_to_all_single(out, x_ND, out_splits, in_splits, group=group, async_op=True)
-    return out, work, x_ND  # the input must stay alive until the exchange is done
+    return out, work, x_ND
 
 
 class _Chunk:
@@ -114,7 +115,7 @@ class _OverlappedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y_ND):
         plan, (a, r, b), leaves = ctx.plan, ctx.chunks, ctx.leaves
-        ctx.chunks = None
+        ctx.chunks = ctx.leaves = None
         trainable = [leaf for leaf in leaves if leaf.requires_grad]
         n_send = sum(plan.send_splits)
         g_back, g_a, g_b = grad_y_ND.split([n_send, *plan.own_rows])
@@ -126,9 +127,7 @@ class _OverlappedExperts(torch.autograd.Function):
         g_send, work, _keep = _exchange(gx_recv, plan.send_splits, plan.recv_splits, plan.group)
         gx_a = a.backward(g_a, trainable)
         work.wait()
-        # an expert that got no rows anywhere still gets a (zero) gradient, as in the unoverlapped path
-        grad_w = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)) for leaf in trainable]
-        grads = iter(grad_w)
+        grads = iter([_take_grad(leaf) for leaf in trainable])
         return (
             torch.cat([g_send, gx_a, gx_b]),
             None,
@@ -136,6 +135,13 @@ class _OverlappedExperts(torch.autograd.Function):
             None,
             *[next(grads) if leaf.requires_grad else None for leaf in leaves],
         )
+
+
+def _take_grad(leaf: torch.Tensor) -> torch.Tensor:
+    """The leaf's gradient, detached from it (so the parameter's accumulation may take it without a copy);
+    zeros for an expert that got no rows anywhere, as in the sequential path."""
+    grad, leaf.grad = leaf.grad, None
+    return grad if grad is not None else torch.zeros_like(leaf)
 
 
 def overlapped_experts(x_ND: torch.Tensor, plan: ExchangePlan, experts: nn.Module) -> torch.Tensor:
