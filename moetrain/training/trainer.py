@@ -107,6 +107,11 @@ class Trainer:
             self._check_resume(choice.folder, saved, cache.fingerprint)
         torch.manual_seed(cfg.seed)  # 3.
         model = MoETransformer(self.model_cfg, cfg.moe, cfg.train.activation_checkpointing)
+        moe, recompute = cfg.moe, cfg.train.activation_checkpointing
+        if moe is not None and moe.ep_overlap and moe.expert_parallel_size > 1 and recompute != "none":
+            self._say(
+                f"moe.ep_overlap is off under train.activation_checkpointing={recompute}: recomputed layers exchange in sequence"
+            )
         if cfg.train.compile:
             model.compile_dense()
         self.model = parallelize(model, layout)
