@@ -60,6 +60,27 @@ def test_grouped_experts_equal_per_expert_modules(kind):
         assert torch.allclose(grads[n], p.grad, atol=1e-4), n
 
 
+@pytest.mark.parametrize("kind", ["gelu", "swiglu", "stacked"])
+def test_a_plain_sum_backpropagates(kind):
+    """``experts(x, counts).sum().backward()`` hands torch's grouped GEMM a stride-0 gradient, which
+    its backward rejects; the experts make it contiguous and give the loop's gradients."""
+    torch.manual_seed(2)
+    m = ex.GroupedExperts(kind, num_experts=3, d_model=8, d_hidden=16, sublayers=2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.3)
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(5, 8, requires_grad=True)
+    m(x, counts).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    x2 = x.detach().clone().requires_grad_()
+    m(x2, counts).clone(memory_format=torch.contiguous_format).mul(1.0).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+    for n, p in m.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+
+
 def test_stacked_experts_start_as_identity():
     m = ex.GroupedExperts("stacked", num_experts=2, d_model=4, d_hidden=8, sublayers=3)
     x = torch.randn(3, 4)

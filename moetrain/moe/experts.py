@@ -117,6 +117,23 @@ class _GroupedMMRecomputeX(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: ``torch._grouped_mm``'s backward rejects
+    the stride-0 gradient of, for example, ``experts(x, counts).sum()``."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _contiguous_grad(y: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(y) if y.requires_grad else y
+
+
 def grouped_matmul_loop(x_ND: torch.Tensor, w_LDF: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
     """Reference: a Python loop over experts (also the test oracle for the grouped path)."""
     pieces, start = [], 0
@@ -273,7 +290,7 @@ class GroupedExperts(nn.Module):
                 h_NF = F.silu(h_NF) * mm(x_ND, self.w3_SLDF.squeeze(0), recompute_x)
             else:
                 h_NF = F.gelu(h_NF)
-            return mm(h_NF, self.w2_SLFD.squeeze(0))
+            return _contiguous_grad(mm(h_NF, self.w2_SLFD.squeeze(0)))
         rows_N = row_experts(ends_L, x_ND.shape[0])
         h_ND = x_ND
         for s in range(self.sublayers):
@@ -281,7 +298,7 @@ class GroupedExperts(nn.Module):
             z_ND = z_ND * per_row(self.ln_w_SLD[s], rows_N) + per_row(self.ln_b_SLD[s], rows_N)
             z_NF = F.relu(mm(z_ND, self.w1_SLDF[s]) + per_row(self.b1_SLF[s], rows_N))
             h_ND = h_ND + mm(z_NF, self.w2_SLFD[s]) + per_row(self.b2_SLD[s], rows_N)
-        return h_ND - x_ND
+        return _contiguous_grad(h_ND - x_ND)
 
     def _check_grouped_mm(self, x_ND: torch.Tensor) -> None:
         """Record whether this forward falls back to the per-expert loop; warn once per reason."""
