@@ -32,16 +32,20 @@ def test_grouped_matmul_equals_loop(counts):
     assert torch.allclose(x1.grad[:used], x2.grad[:used], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gelu", "swiglu", "stacked"])
-def test_grouped_experts_equal_per_expert_modules(kind):
-    """Each expert's rows computed by the stacked module equal that expert computed alone."""
-    torch.manual_seed(1)
+def _random_experts(kind: str, seed: int):
+    """3 experts with random weights (expert 1 gets no rows), their counts and 5 input rows."""
+    torch.manual_seed(seed)
     m = ex.GroupedExperts(kind, num_experts=3, d_model=8, d_hidden=16, sublayers=2)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(std=0.3)
-    counts = torch.tensor([2, 0, 3])
-    x = torch.randn(5, 8, requires_grad=True)
+    return m, torch.tensor([2, 0, 3]), torch.randn(5, 8, requires_grad=True)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "swiglu", "stacked"])
+def test_grouped_experts_equal_per_expert_modules(kind):
+    """Each expert's rows computed by the stacked module equal that expert computed alone."""
+    m, counts, x = _random_experts(kind, seed=1)
     y = m(x, counts)
     y.square().sum().backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
@@ -64,13 +68,7 @@ def test_grouped_experts_equal_per_expert_modules(kind):
 def test_a_plain_sum_backpropagates(kind):
     """``experts(x, counts).sum().backward()`` hands torch's grouped GEMM a stride-0 gradient, which
     its backward rejects; the experts make it contiguous and give the loop's gradients."""
-    torch.manual_seed(2)
-    m = ex.GroupedExperts(kind, num_experts=3, d_model=8, d_hidden=16, sublayers=2)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(std=0.3)
-    counts = torch.tensor([2, 0, 3])
-    x = torch.randn(5, 8, requires_grad=True)
+    m, counts, x = _random_experts(kind, seed=2)
     m(x, counts).sum().backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
