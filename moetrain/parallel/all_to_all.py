@@ -231,7 +231,8 @@ class AllToAllDispatcher:
         n_send, own = sum(send_splits), send_PL[me]
         self.bytes_sent += n_send * x_ND.shape[-1] * x_ND.element_size()
         own_a, own_b = split_own(own)
-        received = recv_counts_PL.index_fill(0, torch.tensor([me], device=dev), 0)  # the own rows stay
+        received = recv_counts_PL.clone()
+        received[me] = 0  # the own rows stay
         remote = [sum(c) - o for c, o in zip(zip(*recv_PL), own)]  # received rows per local expert
         counts = torch.tensor([own_a, own_b, remote], device=dev)
         plan = ExchangePlan(

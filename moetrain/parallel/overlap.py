@@ -18,9 +18,9 @@ graph on detached leaves (the rows and the expert weights, via ``torch.func.func
 its backward differentiates the three graphs in the order above and returns the sums. Hooks on the
 real parameters therefore see one gradient per step, as without overlap.
 
-NOTE: under ``train.activation_checkpointing`` the chunk graphs' saved tensors are recomputed like any
-other (non-reentrant checkpoint), but the node keeps each chunk's input rows and output rows (the
-leaves autograd needs), about 2 x N x D per layer more than the unoverlapped path keeps there.
+NOTE: off in layers that ``train.activation_checkpointing`` recomputes (``moetrain/model.py``): the
+backward's nested passes over the chunk graphs would each make a non-reentrant checkpoint recompute
+its region again.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _run_chunks(x_ND: torch.Tensor, plan: ExchangePlan, experts: nn.Module, weig
     a = _Chunk(experts, weights, x_a, plan.counts_a_L, grad)
     work.wait()
     r = _Chunk(experts, weights, x_recv.index_select(0, plan.regroup_R), plan.counts_R_L, grad)
-    y_recv = torch.empty_like(r.y_ND, requires_grad=False).index_copy_(0, plan.regroup_R, r.y_ND.detach())
+    y_recv = torch.empty_like(r.y_ND).index_copy_(0, plan.regroup_R, r.y_ND.detach())
     y_back, work, _keep = _exchange(y_recv, plan.send_splits, plan.recv_splits, plan.group)
     b = _Chunk(experts, weights, x_b, plan.counts_b_L, grad)
     work.wait()
@@ -127,14 +127,8 @@ class _OverlappedExperts(torch.autograd.Function):
         g_send, work, _keep = _exchange(gx_recv, plan.send_splits, plan.recv_splits, plan.group)
         gx_a = a.backward(g_a, trainable)
         work.wait()
-        grads = iter([_take_grad(leaf) for leaf in trainable])
-        return (
-            torch.cat([g_send, gx_a, gx_b]),
-            None,
-            None,
-            None,
-            *[next(grads) if leaf.requires_grad else None for leaf in leaves],
-        )
+        grad_w = [_take_grad(leaf) if leaf.requires_grad else None for leaf in leaves]
+        return (torch.cat([g_send, gx_a, gx_b]), None, None, None, *grad_w)
 
 
 def _take_grad(leaf: torch.Tensor) -> torch.Tensor:
