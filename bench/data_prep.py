@@ -8,8 +8,8 @@ library's sources) until each reaches its size, as many files (``files``) or con
 text file (``single``); runs ``moetrain prepare`` on each as a subprocess with the byte tokenizer; and
 samples the RSS of the preparing process tree (the process and its tokenizer workers) every 20 ms.
 Reports tokens/s and MB/s of the tokenization (from the store's index.json), the wall time of the
-whole command, and the peak RSS: the largest single process and the largest sum over the tree (which
-counts pages shared between the forked workers once per process). Targets (the data-preparation
+whole command, and the peak RSS: the largest single process and the largest sum over the tree (the
+spawned workers each hold their own interpreter). Targets (the data-preparation
 issue): peak RSS at 200 MB within 1.3x of the peak at 15 MB; byte-tokenizer throughput >= 20 MB/s on
 2 cores. Results also go to bench/results/data_prep.json.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -172,11 +173,7 @@ def test_two_ranks_start_on_a_missing_store(tmp_path):
 
 
 def test_a_killed_prepare_is_never_used_and_the_rerun_succeeds(tmp_path):
-    src = tmp_path / "big.txt"
-    para = one_text_file(tmp_path / "seed.txt", 1_000_000).read_bytes()
-    with open(src, "wb") as f:
-        for _ in range(64):
-            f.write(para)
+    src = _big_corpus(tmp_path, 64)
     cache = tmp_path / "cache"
     args = ["prepare", str(TINY_CONFIG), f"data.cache_dir={cache}", f"data.paths=[{src}]", "data.max_tokens=null"]
     cmd = [sys.executable, "-m", "moetrain.cli", *args]
@@ -194,6 +191,50 @@ def test_a_killed_prepare_is_never_used_and_the_rerun_succeeds(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     (store,) = cache.iterdir()  # the stale temp folder is gone
     assert (store / "index.json").is_file() and "prepared" in rerun.stdout
+
+
+def _big_corpus(tmp_path: Path, copies: int) -> Path:
+    para = one_text_file(tmp_path / "seed.txt", 1_000_000).read_bytes()
+    src = tmp_path / "big.txt"
+    with open(src, "wb") as f:
+        for _ in range(copies):
+            f.write(para)
+    return src
+
+
+def test_a_worker_killed_mid_way_fails_the_preparation_instead_of_hanging(tmp_path):
+    """The OOM killer's case: a tokenizer worker dies mid-way; preparation raises a message naming the
+    signal and data.num_workers, publishes nothing, leaves no temp folder and no worker behind.
+    (multiprocessing.Pool waits forever for the lost chunk; ProcessPoolExecutor, sometimes, for the rest
+    of a result the worker was writing when it died.)"""
+    cfg = data.DataConfig(paths=[str(_big_corpus(tmp_path, 32))], seq_len=8, cache_dir=str(tmp_path / "cache"))
+    cfg = cfg.model_copy(update={"num_workers": 2})
+    killed: list[int] = []
+
+    def kill_a_worker():
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
+            if any(p.stat().st_size for p in Path(cfg.cache_dir).glob("*.tmp-*/train_*.bin")):  # mid-way
+                child = multiprocessing.active_children()[0]
+                os.kill(child.pid, signal.SIGKILL)
+                killed.append(child.pid)
+            time.sleep(0.001)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    died = r"tokenizer worker \d of 2 \(pid \d+\) was killed by SIGKILL .* \(data.num_workers, now 2\)"
+    with pytest.raises(RuntimeError, match=died):
+        data.prepare_tokens(cfg)
+    killer.join()
+    assert killed and not multiprocessing.active_children()
+    assert list(Path(cfg.cache_dir).iterdir()) == []
+
+
+def test_stopping_early_at_max_tokens_leaves_no_worker_behind(tmp_path):
+    cfg = data.DataConfig(paths=[str(_big_corpus(tmp_path, 16))], seq_len=8, cache_dir=str(tmp_path / "cache"))
+    store = data.prepare_tokens(cfg.model_copy(update={"num_workers": 2, "max_tokens": 100_000}))
+    assert store.index["workers"] == 2 and 100_000 <= len(store.tokens("train")) + len(store.tokens("val"))
+    assert not multiprocessing.active_children()
 
 
 @pytest.mark.parametrize("kind", ["empty", "binary", "unreadable"])

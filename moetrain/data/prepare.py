@@ -1,20 +1,18 @@
 """Preparation: sources -> pieces -> tokens -> token store, streamed in bounded chunks.
 
 The reader cuts documents into pieces (``split.py``) and hands chunks of about ``CHUNK_CHARS``
-characters to the tokenizer, in-process or in ``data.num_workers`` worker processes with at most two
-chunks per worker in flight; the writer appends each piece to its split's shards in corpus order. So
-the result does not depend on the number of workers, and peak memory does not grow with the corpus.
+characters to the tokenizer, in-process or in ``data.num_workers`` spawned worker processes, one chunk
+in flight per worker (``workers.py``); the writer appends each piece to its split's shards in corpus
+order. So the result does not depend on the number of workers, and peak memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,6 +35,7 @@ from moetrain.data.store import (
     wait_for_store,
 )
 from moetrain.data.tokenizers import build_tokenizer, file_sha256, token_dtype, tokenizer_file
+from moetrain.data.workers import encoded
 from moetrain.errors import UserError
 
 CACHE_VERSION = 2  # 2: sharded store with index.json, pieces split rule (data.split_chars)
@@ -219,7 +218,7 @@ def _build(cfg: DataConfig, tokenizer: str, files: list[Path], folder: Path, log
         writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
         pieces = {s: 0 for s in SPLITS}
         total, documents, starts_doc, next_log = 0, 0, True, time.monotonic() + 10
-        for ends, (tokens, lengths) in _encoded(_chunks(docs, cfg.split_chars), tokenizer, workers):
+        for ends, (tokens, lengths) in encoded(_chunks(docs, cfg.split_chars), tokenizer, workers):
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             for k, end in enumerate(ends):
                 split = "val" if is_val_piece(pieces["train"] + pieces["val"], cfg.val_fraction) else "train"
@@ -289,49 +288,3 @@ def _chunks(docs: DocumentStream, split_chars: int) -> Iterator[tuple[list[str],
                 texts, ends, chars = [], [], 0
     if texts:
         yield texts, ends
-
-
-def encode_chunk(tok, texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens of a chunk's pieces, concatenated (EOS after each document's last piece), and the
-    number of tokens of each piece."""
-    dtype = token_dtype(tok.vocab_size)
-    eos = np.asarray([tok.eos_id], dtype=dtype)
-    parts, lengths = [], []
-    for text, end in zip(texts, ends):
-        ids = tok.encode(text).astype(dtype)
-        parts.extend([ids, eos] if end else [ids])
-        lengths.append(len(ids) + int(end))
-    return np.concatenate(parts), np.asarray(lengths, dtype=np.int64)
-
-
-def _encoded(chunks, tokenizer: str, workers: int) -> Iterator[tuple[list[bool], tuple[np.ndarray, np.ndarray]]]:
-    """``(ends, encode_chunk(...))`` per chunk, in order; in worker processes when ``workers > 1``."""
-    if workers <= 1:
-        tok = build_tokenizer(tokenizer)
-        for texts, ends in chunks:
-            yield ends, encode_chunk(tok, texts, ends)
-        return
-    # fork: the workers need no re-import (the parent may hold torch); they only run the tokenizer
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (tokenizer,)) as pool:
-        pending: deque = deque()
-        for texts, ends in chunks:
-            pending.append((ends, pool.apply_async(_worker_encode, (texts, ends))))
-            if len(pending) >= 2 * workers:  # bounded: the reader never runs far ahead of the tokenizers
-                ends0, result = pending.popleft()
-                yield ends0, result.get()
-        while pending:
-            ends0, result = pending.popleft()
-            yield ends0, result.get()
-
-
-_worker_tokenizer = None  # per worker process, set by _init_worker
-
-
-def _init_worker(tokenizer: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = build_tokenizer(tokenizer)
-
-
-def _worker_encode(texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray]:
-    return encode_chunk(_worker_tokenizer, texts, ends)
