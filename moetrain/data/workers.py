@@ -134,6 +134,7 @@ class _Workers:
 
 def _work(conn: Connection, tokenizer: str) -> None:
     """A worker's loop: chunks in, ``(True, encoded)`` or ``(False, the error)`` out, until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops us
     tok = build_tokenizer(tokenizer)
     while True:
         try:
