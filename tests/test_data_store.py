@@ -207,7 +207,7 @@ def test_a_worker_killed_mid_way_fails_the_preparation_instead_of_hanging(tmp_pa
     signal and data.num_workers, publishes nothing, leaves no temp folder and no worker behind.
     (multiprocessing.Pool waits forever for the lost chunk; ProcessPoolExecutor, sometimes, for the rest
     of a result the worker was writing when it died.)"""
-    cfg = data.DataConfig(paths=[str(_big_corpus(tmp_path, 32))], seq_len=8, cache_dir=str(tmp_path / "cache"))
+    cfg = data.DataConfig(paths=[str(_big_corpus(tmp_path, 64))], seq_len=8, cache_dir=str(tmp_path / "cache"))
     cfg = cfg.model_copy(update={"num_workers": 2})
     killed: list[int] = []
 

@@ -74,7 +74,7 @@ def encoded(chunks: Iterable[Chunk], tokenizer: str, workers: int) -> Iterator[t
 
 
 class WorkerDiedError(RuntimeError):
-    pass
+    """A tokenizer worker ended before returning its chunk; the message names its signal or exit code."""
 
 
 class _Workers:
