@@ -1,7 +1,7 @@
 """Decoder-only, pre-norm transformer LM with two MoE placements and two backbones.
 
-``model.arch``: ``gpt2`` (LayerNorm, learned positions, biases) or ``llama`` (RMSNorm, rotary positions,
-no biases, SwiGLU, optional grouped-query attention; ``moetrain/backbone/``).
+``model.arch``: ``gpt2`` (learned positions) or ``llama`` (rotary positions, optional grouped-query
+attention); the norm, biases and FFN follow the arch unless the config overrides them (``moetrain/backbone/``).
 
 - ``replace_ffn``: the FFN of every k-th block is an MoE layer (modern style).
 - ``insert``: an extra MoE layer after chosen blocks whose experts are stacks of residual FFN
@@ -120,10 +120,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: MoELayer | None, layer_idx: int = 0, recompute_moe: bool = False):
         super().__init__()
         self.recompute_moe = recompute_moe  # train.activation_checkpointing: moe
-        bias = cfg.arch == "gpt2"
-        self.ln1 = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps)
+        bias = cfg.bias
+        self.ln1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, bias, cfg.dropout, layer_idx)
-        self.ln2 = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps)
+        self.ln2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.ffn = moe if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff, cfg.ffn_type, bias)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -148,7 +148,7 @@ class InsertedMoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, moe: MoELayer, pre_norm: bool, recompute_moe: bool = False):
         super().__init__()
-        self.ln = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps) if pre_norm else nn.Identity()
+        self.ln = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if pre_norm else nn.Identity()
         self.moe = moe
         self.recompute_moe = recompute_moe  # train.activation_checkpointing: moe
 
@@ -198,7 +198,7 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(layers)
         # each entry's MoE layers (what a block recompute restores); parallelize keeps these objects
         self._moe_of_layer = [[m for m in layer.modules() if isinstance(m, MoELayer)] for layer in layers]
-        self.ln_f = make_norm(cfg.arch, cfg.d_model, cfg.norm_eps)
+        self.ln_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()
         if cfg.tie_embeddings:

@@ -17,18 +17,16 @@ from moetrain.backbone.attention import Rotary, apply_rotary
 from moetrain.backbone.kv_cache import KVCache
 from moetrain.backbone.norm import RMSNorm
 from moetrain.config import load_config
+from moetrain.config.loading import dump_config
 from moetrain.config.model import ModelConfig, MoEConfig
 from moetrain.errors import UserError
 from moetrain.model import MoETransformer
 
-LLAMA = ["model.arch=llama", "model.ffn_type=swiglu", "moe.expert_type=swiglu", "model.n_heads=4"]
+LLAMA = ["model.arch=llama", "model.n_heads=4"]
 
 
 def tiny_model(arch: str = "llama", moe: dict | None = None, **model) -> MoETransformer:
-    extra = {"ffn_type": "swiglu"} if arch == "llama" else {}
-    cfg = ModelConfig(
-        arch=arch, vocab_size=61, d_model=32, n_layers=3, n_heads=4, d_ff=48, max_seq_len=24, **extra, **model
-    )
+    cfg = ModelConfig(arch=arch, vocab_size=61, d_model=32, n_layers=3, n_heads=4, d_ff=48, max_seq_len=24, **model)
     moe_cfg = MoEConfig(**{"num_experts": 4, "expert_type": "swiglu", "expert_hidden": 16, **(moe or {})})
     torch.manual_seed(0)
     return MoETransformer(cfg, moe_cfg).eval()
@@ -40,7 +38,6 @@ def tiny_model(arch: str = "llama", moe: dict | None = None, **model) -> MoETran
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.arch=llama"], "model.arch llama has a SwiGLU FFN: set model.ffn_type: swiglu"),
         (["model.n_kv_heads=2"], "model.n_kv_heads (grouped-query attention) needs model.arch: llama"),
         ([*LLAMA, "model.n_kv_heads=3"], "model.n_heads (4) must be divisible by model.n_kv_heads (3)"),
         ([*LLAMA, "model.d_model=12", "model.n_heads=4"], "head dim d_model / n_heads (3) must be even"),
@@ -50,6 +47,41 @@ def test_bad_llama_configs_are_refused_naming_the_fields(overrides, message):
     with pytest.raises(UserError) as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+def test_the_backbone_defaults_follow_the_arch_and_the_saved_config_holds_them(tmp_path):
+    """``model.arch=llama`` alone is a Llama backbone (no ``ffn_type`` needed): RMSNorm, no biases, SwiGLU
+    dense FFN and experts; an explicit value overrides a default; the dumped config holds the resolved
+    values and loads back to the same config."""
+    cfg = load_config(None, ["model.arch=llama"])
+    assert (cfg.model.ffn_type, cfg.model.norm, cfg.model.bias, cfg.moe.expert_type) == (
+        "swiglu",
+        "rmsnorm",
+        False,
+        "swiglu",
+    )
+    gpt2 = load_config(None, [])
+    assert (gpt2.model.ffn_type, gpt2.model.norm, gpt2.model.bias, gpt2.moe.expert_type) == (
+        "gelu",
+        "layernorm",
+        True,
+        "gelu",
+    )
+    mixed = load_config(None, ["model.arch=llama", "model.bias=true", "model.norm=layernorm", "moe.expert_type=gelu"])
+    assert (mixed.model.ffn_type, mixed.model.norm, mixed.model.bias, mixed.moe.expert_type) == (
+        "swiglu",
+        "layernorm",
+        True,
+        "gelu",
+    )
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(cfg))
+    text = saved.read_text()
+    assert "ffn_type: swiglu" in text and "norm: rmsnorm" in text and "bias: false" in text
+    assert load_config(str(saved), []) == cfg
+    m = MoETransformer(mixed.model.model_copy(update={"vocab_size": 61}), mixed.moe)
+    assert m.layers[0].attn.qkv.bias is not None and isinstance(m.layers[0].ln1, torch.nn.LayerNorm)
+    assert m.layers[0].ffn.experts.kind == "gelu"
 
 
 def test_llama_has_no_biases_no_learned_positions_and_rms_norms():
@@ -197,3 +229,17 @@ def test_llama_under_expert_parallelism_zero_and_resume_equals_one_process(case,
     assert sorted(got) == [1, 2, 3, 4]
     for step, want in reference.items():
         assert abs(got[step] - want) <= 1e-5 * abs(want), (step, got[step], want)
+
+
+def test_a_checkpoint_saved_before_the_arch_defaults_resumes_without_a_difference():
+    """A config dumped before ``model.norm`` / ``model.bias`` existed (an older release) has neither key;
+    resuming it under the same job must not report them as changed."""
+    from moetrain.training.resume_checks import check_resume
+
+    cfg = load_config(None, ["model.arch=llama", "model.vocab_size=300"])
+    saved = cfg.model_dump(mode="json")
+    del saved["model"]["norm"], saved["model"]["bias"]
+    assert check_resume("ckpt", {"config": saved, "world_size": 1}, cfg, 1) == []
+    saved["model"]["bias"] = True  # a real difference is still refused
+    with pytest.raises(UserError, match=r"model.bias: True -> False"):
+        check_resume("ckpt", {"config": saved, "world_size": 1}, cfg, 1)

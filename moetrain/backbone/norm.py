@@ -1,4 +1,4 @@
-"""LayerNorm (gpt2) and RMSNorm (llama)."""
+"""LayerNorm and RMSNorm (``model.norm``; by default gpt2 uses LayerNorm, llama RMSNorm)."""
 
 from __future__ import annotations
 
@@ -23,5 +23,5 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def make_norm(arch: Literal["gpt2", "llama"], dim: int, eps: float) -> nn.Module:
-    return RMSNorm(dim, eps) if arch == "llama" else nn.LayerNorm(dim, eps=eps)
+def make_norm(kind: Literal["layernorm", "rmsnorm"], dim: int, eps: float) -> nn.Module:
+    return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)

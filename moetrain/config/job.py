@@ -40,6 +40,8 @@ class JobConfig(StrictModel):
         if self.data.seq_len > m.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
         if self.moe is not None:
+            if "expert_type" not in self.moe.model_fields_set:  # experts follow the backbone's FFN
+                self.moe.__dict__["expert_type"] = m.ffn_type
             self.moe.check_against_model(m.n_layers)
         check_deepspeed_block(self)
         return self

@@ -12,11 +12,19 @@ from moetrain.config.schema import StrictModel
 ExpertType = Literal["gelu", "swiglu", "stacked"]
 
 
+# What each backbone defines unless the config overrides it.
+ARCH_DEFAULTS: dict[str, dict[str, object]] = {
+    "gpt2": {"ffn_type": "gelu", "norm": "layernorm", "bias": True},
+    "llama": {"ffn_type": "swiglu", "norm": "rmsnorm", "bias": False},
+}
+
+
 class ModelConfig(StrictModel):
     arch: Literal["gpt2", "llama"] = Field(
         "gpt2",
-        description="gpt2: LayerNorm, learned positions, biases; llama: RMSNorm, rotary positions, no biases, "
-        "SwiGLU FFN (ffn_type: swiglu), optional grouped-query attention (n_kv_heads)",
+        description="gpt2: learned positions, and by default LayerNorm, biases, GELU FFN; llama: rotary positions, "
+        "optional grouped-query attention (n_kv_heads), and by default RMSNorm, no biases, SwiGLU FFN "
+        "(norm, bias and ffn_type override the defaults; config.yaml holds the resolved values)",
     )
     vocab_size: int | None = Field(None, ge=2, description="default: the tokenizer's vocabulary")
     d_model: int = Field(128, ge=1)
@@ -28,7 +36,13 @@ class ModelConfig(StrictModel):
     rope_theta: float = Field(10000.0, gt=0.0, description="llama: base of the rotary position frequencies")
     norm_eps: float = Field(1e-5, gt=0.0, description="epsilon of every LayerNorm (gpt2) or RMSNorm (llama)")
     d_ff: int = Field(512, ge=1)
-    ffn_type: Literal["gelu", "swiglu"] = "gelu"
+    ffn_type: Literal["gelu", "swiglu"] | None = Field(None, description="null: gelu for gpt2, swiglu for llama")
+    norm: Literal["layernorm", "rmsnorm"] | None = Field(
+        None, description="every block's and the final norm; null: layernorm for gpt2, rmsnorm for llama"
+    )
+    bias: bool | None = Field(
+        None, description="biases in the attention and dense FFN projections; null: true for gpt2, false for llama"
+    )
     max_seq_len: int = Field(256, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tie_embeddings: bool = True
@@ -41,6 +55,11 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        # Fill what the backbone defines (the resolved values are what config.yaml holds). Set through
+        # __dict__: an assignment would re-run this validator.
+        for name, value in ARCH_DEFAULTS[self.arch].items():
+            if getattr(self, name) is None:
+                self.__dict__[name] = value
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         if self.arch == "gpt2" and self.n_kv_heads is not None:
@@ -49,8 +68,6 @@ class ModelConfig(StrictModel):
             raise ValueError(
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})"
             )
-        if self.arch == "llama" and self.ffn_type != "swiglu":
-            raise ValueError(f"model.arch llama has a SwiGLU FFN: set model.ffn_type: swiglu (got {self.ffn_type})")
         if self.arch == "llama" and (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"model.arch llama: the head dim d_model / n_heads ({self.d_model // self.n_heads}) must be even "
@@ -77,7 +94,9 @@ class MoEConfig(StrictModel):
     every: int = Field(1, ge=1, description="replace_ffn: MoE in blocks every, 2*every, ... (1-based)")
     insert_after: list[int] | None = Field(None, description="insert: 0-based block indices; default the middle block")
     num_experts: int = Field(8, ge=1)
-    expert_type: ExpertType = "gelu"
+    expert_type: ExpertType = Field(
+        "gelu", description="unset in a job config: the model's ffn_type (gelu for gpt2, swiglu for llama)"
+    )
     expert_hidden: int | None = Field(None, ge=1, description="expert FFN width; default model.d_ff")
     sublayers: int = Field(3, ge=1, description="stacked experts: residual FFN sublayers per expert")
     shared_experts: int = Field(

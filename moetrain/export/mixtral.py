@@ -20,7 +20,11 @@ def mismatches(model: ModelConfig, moe: MoEConfig | None) -> list[str]:
     """Why ``MixtralForCausalLM`` cannot compute this model (empty: it can, exactly)."""
     why = []
     if model.arch != "llama":
-        why.append(f"model.arch is {model.arch} (Mixtral is the llama backbone: RMSNorm, rotary positions, no biases)")
+        why.append(f"model.arch is {model.arch} (Mixtral is the llama backbone: rotary positions)")
+    if model.norm != "rmsnorm":
+        why.append(f"model.norm is {model.norm} (Mixtral: RMSNorm)")
+    if model.bias:
+        why.append("model.bias is true (Mixtral has no biases)")
     if model.embed_scale != "none":
         why.append(f"model.embed_scale is {model.embed_scale} (Mixtral does not scale its token embeddings)")
     if moe is None:

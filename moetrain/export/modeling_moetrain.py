@@ -47,7 +47,12 @@ class MoetrainConfig(PretrainedConfig):
 
 
 def _norm(m: dict, dim: int) -> nn.Module:
-    return RMSNorm(dim, m["norm_eps"]) if m["arch"] == "llama" else nn.LayerNorm(dim, eps=m["norm_eps"])
+    kind = m.get("norm") or ("rmsnorm" if m["arch"] == "llama" else "layernorm")
+    return RMSNorm(dim, m["norm_eps"]) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=m["norm_eps"])
+
+
+def _bias(m: dict) -> bool:
+    return m["bias"] if m.get("bias") is not None else m["arch"] == "gpt2"
 
 
 class RMSNorm(nn.Module):
@@ -81,7 +86,7 @@ class Attention(nn.Module):
         self.h = m["n_heads"]
         self.g = m["n_kv_heads"] or m["n_heads"]
         self.a = m["d_model"] // m["n_heads"]
-        bias = m["arch"] == "gpt2"
+        bias = _bias(m)
         self.qkv = nn.Linear(m["d_model"], (self.h + 2 * self.g) * self.a, bias=bias)
         self.proj = nn.Linear(self.h * self.a, m["d_model"], bias=bias)
 
@@ -103,7 +108,7 @@ class Attention(nn.Module):
 class DenseFFN(nn.Module):
     def __init__(self, m: dict) -> None:
         super().__init__()
-        bias = m["arch"] == "gpt2"
+        bias = _bias(m)
         self.kind = m["ffn_type"]
         self.up = nn.Linear(m["d_model"], m["d_ff"] * (2 if self.kind == "swiglu" else 1), bias=bias)
         self.down = nn.Linear(m["d_ff"], m["d_model"], bias=bias)

@@ -99,9 +99,19 @@ def global_batch(cfg: dict, world_size: int) -> int:
     return cfg["train"]["micro_batch_size"] * cfg["train"]["grad_accum_steps"] * world_size
 
 
+def resolved_saved_config(saved: dict, current_model: BaseModel) -> dict:
+    """The saved config as this release reads it: fields it lacks take their defaults, and values that
+    follow from others (the backbone's norm, biases and FFN from ``model.arch``) are resolved as they were
+    when it was written. A config this release cannot read any more is compared as saved."""
+    try:
+        return type(current_model).model_validate(saved).model_dump(mode="json")
+    except (ValueError, UserError):
+        return saved
+
+
 def check_resume(folder, state: dict, current_model: BaseModel, world_size: int) -> list[str]:
     """Raise UserError naming every refused difference; return the allowed ones (to be reported)."""
-    saved, current = state["config"], current_model.model_dump(mode="json")
+    saved, current = resolved_saved_config(state["config"], current_model), current_model.model_dump(mode="json")
     refused, allowed = config_differences(saved, current, current_model)
     old_batch, new_batch = global_batch(saved, state["world_size"]), global_batch(current, world_size)
     if old_batch != new_batch:

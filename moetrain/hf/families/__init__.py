@@ -1,0 +1,1 @@
+"""One module per Hugging Face model family, each implementing :class:`~moetrain.hf.families.base.Family`."""
