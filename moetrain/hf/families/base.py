@@ -11,7 +11,7 @@ what the reader maps. Stacked expert parameters ``w*_SLDF`` / ``w*_SLFD`` are co
 expert at a time (``TensorRule.expert``): the slice ``[:, e]`` of shape ``[S, D, F]`` (or ``[S, F, D]``),
 which is exactly how moetrain's checkpoint stores experts (one entry per global expert id).
 
-A config field or value a family cannot represent exactly raises :class:`UnsupportedConfig` naming the
+A config field or value a family cannot represent exactly raises :class:`UnsupportedConfigError` naming the
 field, the value and what is supported -- never an approximate import.
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 
-class UnsupportedConfig(ValueError):
+class UnsupportedConfigError(ValueError):
     """A Hugging Face config field whose value moetrain cannot represent exactly."""
 
     def __init__(self, field: str, value: Any, why: str) -> None:
@@ -95,7 +95,7 @@ class Family(Protocol):
     ARCHITECTURE: str
 
     def check(self, hf_config: dict) -> None:
-        """Raise :class:`UnsupportedConfig` for any field/value this family cannot map exactly."""
+        """Raise :class:`UnsupportedConfigError` for any field/value this family cannot map exactly."""
 
     def to_moetrain(self, hf_config: dict) -> dict[str, Any]:
         """``{"model": {...}, "moe": {...} | None}``: moetrain config sections (plain dicts) computing
@@ -108,5 +108,5 @@ class Family(Protocol):
 
     def to_hf_config(self, hf_config: dict, model: dict, moe: dict | None) -> dict:
         """The ``config.json`` for export: the imported one with the fields moetrain owns updated from
-        the (possibly trained/changed) moetrain sections; raises UnsupportedConfig if the moetrain model
+        the (possibly trained/changed) moetrain sections; raises UnsupportedConfigError if the moetrain model
         is no longer this family."""
