@@ -8,6 +8,7 @@ Hugging Face's ``MixtralForCausalLM`` (the reference implementation) where trans
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -243,3 +244,17 @@ def test_a_checkpoint_saved_before_the_arch_defaults_resumes_without_a_differenc
     saved["model"]["bias"] = True  # a real difference is still refused
     with pytest.raises(UserError, match=r"model.bias: True -> False"):
         check_resume("ckpt", {"config": saved, "world_size": 1}, cfg, 1)
+
+
+def test_moe_layers_names_the_moe_blocks_and_the_rest_stay_dense():
+    cfg = load_config(None, ["model.arch=llama", "model.n_layers=4", "moe.layers=[1, 3]", "model.vocab_size=61"])
+    m = MoETransformer(cfg.model, cfg.moe)
+    kinds = [type(layer.ffn).__name__ for layer in m.layers]
+    assert kinds == ["DenseFFN", "MoELayer", "DenseFFN", "MoELayer"]
+    for bad, message in [
+        ("moe.layers=[4]", "moe.layers ([4]) holds 4, outside the blocks 0..3"),
+        ("moe.layers=[]", "must name at least one block"),
+        ("moe.layers=[1, 1]", "must name at least one block, each once"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_config(None, ["model.n_layers=4", bad])

@@ -92,6 +92,11 @@ class MoEConfig(StrictModel):
         "insert: an extra MoE layer after each block in `insert_after` (the StableMoE paper)",
     )
     every: int = Field(1, ge=1, description="replace_ffn: MoE in blocks every, 2*every, ... (1-based)")
+    layers: list[int] | None = Field(
+        None,
+        description="replace_ffn: the 0-based blocks whose FFN is an MoE layer, the others dense (model.d_ff); "
+        "overrides `every` (e.g. DeepSeek-V3's dense first blocks, Qwen2-MoE's mlp_only_layers)",
+    )
     insert_after: list[int] | None = Field(None, description="insert: 0-based block indices; default the middle block")
     num_experts: int = Field(8, ge=1)
     expert_type: ExpertType = Field(
@@ -203,7 +208,17 @@ class MoEConfig(StrictModel):
                 raise ValueError(
                     f"moe.insert_after ({self.insert_after}) holds {i}, outside the blocks 0..{n_layers - 1}"
                 )
-        if self.placement == "replace_ffn" and self.every > n_layers:
+        if self.layers is not None and self.placement != "replace_ffn":
+            raise ValueError(
+                f"moe.layers ({self.layers}) chooses the blocks of replace_ffn, but moe.placement is {self.placement}; "
+                "use moe.insert_after for inserted MoE layers"
+            )
+        for i in self.layers or []:
+            if not 0 <= i < n_layers:
+                raise ValueError(f"moe.layers ({self.layers}) holds {i}, outside the blocks 0..{n_layers - 1}")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            raise ValueError(f"moe.layers ({self.layers}) must name at least one block, each once")
+        if self.placement == "replace_ffn" and self.layers is None and self.every > n_layers:
             raise ValueError(f"moe.every ({self.every}) must be <= model.n_layers ({n_layers})")
         per_layer = self.num_experts_per_layer
         if per_layer is not None and len(per_layer) != len(self.moe_blocks(n_layers)):
@@ -219,5 +234,7 @@ class MoEConfig(StrictModel):
     def moe_blocks(self, n_layers: int) -> list[int]:
         """0-based block indices that hold (replace_ffn) or are followed by (insert) an MoE layer."""
         if self.placement == "replace_ffn":
+            if self.layers is not None:
+                return sorted(self.layers)
             return [i for i in range(n_layers) if (i + 1) % self.every == 0]
         return sorted(self.insert_after) if self.insert_after is not None else [n_layers // 2 - 1]

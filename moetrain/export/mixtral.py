@@ -29,11 +29,11 @@ def mismatches(model: ModelConfig, moe: MoEConfig | None) -> list[str]:
         why.append(f"model.embed_scale is {model.embed_scale} (Mixtral does not scale its token embeddings)")
     if moe is None:
         return [*why, "moe is null (a dense model; Mixtral has experts in every block)"]
-    if moe.placement != "replace_ffn" or moe.every != 1:
+    if moe.placement != "replace_ffn" or moe.moe_blocks(model.n_layers) != list(range(model.n_layers)):
         where = (
             "inserted MoE layers"
             if moe.placement == "insert"
-            else f"MoE layers in some blocks only (moe.every {moe.every})"
+            else f"MoE layers in some blocks only (blocks {moe.moe_blocks(model.n_layers)})"
         )
         why.append(f"{where} (Mixtral's experts replace the FFN of every block)")
     if moe.expert_type != "swiglu":

@@ -294,6 +294,8 @@ class InsertedMoE(nn.Module):
 
 def moe_blocks(moe: dict, n_layers: int) -> list[int]:
     if moe["placement"] == "replace_ffn":
+        if moe.get("layers") is not None:
+            return sorted(moe["layers"])
         return [i for i in range(n_layers) if (i + 1) % moe["every"] == 0]
     return sorted(moe["insert_after"]) if moe["insert_after"] is not None else [n_layers // 2 - 1]
 

@@ -40,7 +40,10 @@ class TensorRule:
     ``expert``: for a stacked expert parameter, the global expert id whose slice ``[:, expert]`` this
     rule builds; None for every other parameter (the whole tensor).
     ``sources``: the Hugging Face tensor names, in the order ``to_moetrain`` takes them.
-    ``to_moetrain(*sources) -> tensor``; ``to_hf(tensor) -> tuple`` of tensors in ``sources`` order.
+    ``index``: when set, each source is a fused per-expert tensor ``[E, ...]`` and the rule reads only
+    ``source[index]`` (the reader takes that slice without loading the rest).
+    ``to_moetrain(*sources) -> tensor``; ``to_hf(tensor) -> tuple`` of tensors in ``sources`` order
+    (with ``index``: the slices ``source[index]``).
     """
 
     target: str
@@ -48,6 +51,7 @@ class TensorRule:
     to_moetrain: Callable[..., torch.Tensor]
     to_hf: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     expert: int | None = None
+    index: int | None = None
 
 
 def same(t: torch.Tensor) -> torch.Tensor:
@@ -101,10 +105,14 @@ class Family(Protocol):
         """``{"model": {...}, "moe": {...} | None}``: moetrain config sections (plain dicts) computing
         exactly what the family's ``transformers`` class computes (``vocab_size`` included)."""
 
-    def rules(self, hf_config: dict) -> list[TensorRule]:
+    def rules(self, hf_config: dict, tensor_names: set[str] | None = None) -> list[TensorRule]:
         """Every moetrain parameter (and every global expert's slice) and how it is built. Together
         they cover every parameter of the moetrain model and every tensor of the HF checkpoint (tied
-        output heads excepted)."""
+        output heads excepted).
+
+        ``tensor_names``: the checkpoint's tensor names, to choose between the layouts a family's
+        checkpoints come in (one tensor per expert, as on the Hub, or fused ``[E, ...]`` expert tensors
+        as newer ``transformers`` may write); None: the layout export writes."""
 
     def to_hf_config(self, hf_config: dict, model: dict, moe: dict | None) -> dict:
         """The ``config.json`` for export: the imported one with the fields moetrain owns updated from
