@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 TORCH_HINT = (
     "moetrain needs PyTorch installed before it, so that you choose the build:\n"
@@ -40,20 +40,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "moetrain",
-        "moetrain.config",
-        "moetrain.data",
-        "moetrain.backbone",
-        "moetrain.inference",
-        "moetrain.export",
-        "moetrain.moe",
-        "moetrain.moe.routers",
-        "moetrain.parallel",
-        "moetrain.training",
-        "moetrain.kernels",
-        "moetrain.launch",
-    ],
+    packages=[*find_packages(include=["moetrain", "moetrain.*"]), "moetrain.kernels", "moetrain.launch"],
     package_dir={"moetrain.kernels": "kernels", "moetrain.launch": "launch"},
     package_data={"moetrain.launch": ["templates/*"]},
     install_requires=[

@@ -45,8 +45,8 @@ from bench.layers import (  # noqa: E402
     forward_fn,
     train_step_fn,
 )
-from moetrain.kernels.host_sync import HostSyncCounter  # noqa: E402
 from moetrain.training.host_memory import retain_freed_memory  # noqa: E402
+from tests.host_sync import HostSyncCounter  # noqa: E402 - a test utility, not in the package
 
 SEED = 0
 FULL_SHAPES = [Shape("S1-cpu", 1024, 512, 1024, 8, 2), Shape("S2-cpu", 1024, 256, 512, 128, 8)]

@@ -3,7 +3,8 @@
 For P gloo ranks (one intra-op thread each) and one MoE layer (GELU experts, top-k softmax router):
 
 - **EP-P**: the experts sharded over the P ranks (``moetrain.parallel.parallelize``'s all-to-all
-  dispatcher). Forward phases are timed inside the dispatcher (``AllToAllDispatcher.phases``):
+  dispatcher). Forward phases are timed by an observer attached to the dispatcher
+  (:class:`PhaseTimes`, ``AllToAllDispatcher.observer``):
   routing map, count exchange + host sync (asynchronous, overlapped with the permute), permute, token
   all-to-all, regroup, grouped GEMM (the experts), return all-to-all, combine; then backward as a
   whole. The gradients of the replicated router are all-reduced (the expert gradients need no
@@ -35,6 +36,8 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,7 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import env_info, fmt_table, write_json  # noqa: E402
 from bench.layers import Shape, build_moetrain  # noqa: E402
-from moetrain.parallel.all_to_all import PhaseTimes  # noqa: E402
 from moetrain.parallel.layout import ParallelLayout, free_port  # noqa: E402
 from moetrain.parallel.parallelize import parallelize  # noqa: E402
 
@@ -65,6 +67,34 @@ PHASES = [
     "backward",
     "gradient all-reduce",
 ]
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds spent in each named phase, summed over calls: the dispatcher's observer
+    (``moetrain.parallel.all_to_all.DispatchObserver``) and this script's own timer.
+
+    CPU wall time; on CUDA each phase is bracketed by a device synchronize, which serialises the
+    overlap it measures, so use it to find the expensive phase, not for end-to-end time."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0
+
+    @contextmanager
+    def __call__(self, name: str, device: torch.device):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def phase(self, name: str, device: torch.device):
+        return self(name, device)
+
+    def exchanged(self, nbytes: int) -> None:
+        self.bytes_sent += nbytes
 
 
 def _step(layer, x_TD, ids_T, w_TD, timer: PhaseTimes, reduce_params: list[torch.nn.Parameter]) -> None:
@@ -165,7 +195,7 @@ def _worker(rank: int, world: int, port: int, shape: Shape, reps: int, out_path:
             for name, (layer, reduce_params) in runs.items():
                 timer = PhaseTimes()
                 if name.startswith("EP"):
-                    layer.dispatcher.phases = timer
+                    layer.dispatcher.observer = timer
                 dist.barrier()
                 t0 = time.perf_counter()
                 _step(layer, x_TD, ids_T, w_TD, timer, reduce_params)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import env_info, fmt_table, init_single_process_deepspeed, interleaved_medians, write_json  # noqa: E402
 from bench.layers import NaiveLoopMoE, Shape, build_deepspeed, build_moetrain, train_step_fn  # noqa: E402
 from moetrain.kernels import gating, permute  # noqa: E402
-from moetrain.kernels.host_sync import HostSyncCounter  # noqa: E402
+from tests.host_sync import HostSyncCounter  # noqa: E402 - a test utility, not in the package
 
 SEED = 0
 SHAPES = [Shape("S1", 16384, 4096, 14336, 8, 2), Shape("S2", 16384, 2048, 768, 128, 8)]

@@ -18,7 +18,7 @@ from typing import Callable, Literal
 import torch
 
 from moetrain.kernels import gating, permute
-from moetrain.kernels.runtime import HAS_TRITON, triton_available
+from moetrain.kernels.runtime import HAS_TRITON, INTERPRET, triton_available
 
 BackendName = Literal["auto", "triton", "torch"]
 
@@ -46,8 +46,8 @@ TORCH_BACKEND = KernelBackend(
 )
 
 
-def select_backend(name: BackendName = "auto") -> KernelBackend:
-    """Resolve ``auto`` to ``triton`` where CUDA and Triton are present, else ``torch``.
+def resolve_backend(name: str, has_triton: bool, has_cuda: bool, interpreter: bool) -> Literal["triton", "torch"]:
+    """The decision table of ``kernels: auto | triton | torch`` (raises for a choice that cannot run).
 
     NOTE: ``auto`` does not pick Triton on a CPU machine even under ``TRITON_INTERPRET=1``: the
     interpreter is a test tool, orders of magnitude slower than the reference.
@@ -55,13 +55,17 @@ def select_backend(name: BackendName = "auto") -> KernelBackend:
     if name not in ("auto", "triton", "torch"):
         raise ValueError(f"kernels must be one of auto, triton, torch; got {name!r}")
     if name == "auto":
-        name = "triton" if HAS_TRITON and torch.cuda.is_available() else "torch"
-    if name == "triton":
-        if not triton_available():
-            why = "the triton package is not installed" if not HAS_TRITON else "there is no CUDA device"
-            raise RuntimeError(
-                f"kernels: 'triton' cannot run here ({why}; on CPU set TRITON_INTERPRET=1 to run the "
-                "kernels in Triton's interpreter); use kernels: auto or torch"
-            )
-        return TRITON_BACKEND
-    return TORCH_BACKEND
+        return "triton" if has_triton and has_cuda else "torch"
+    if name == "triton" and not (has_triton and (has_cuda or interpreter)):
+        why = "the triton package is not installed" if not has_triton else "there is no CUDA device"
+        raise RuntimeError(
+            f"kernels: 'triton' cannot run here ({why}; on CPU set TRITON_INTERPRET=1 to run the "
+            "kernels in Triton's interpreter); use kernels: auto or torch"
+        )
+    return name
+
+
+def select_backend(name: BackendName = "auto") -> KernelBackend:
+    """Resolve ``name`` for this process (:func:`resolve_backend`) and return its ops."""
+    chosen = resolve_backend(name, HAS_TRITON, torch.cuda.is_available(), INTERPRET)
+    return TRITON_BACKEND if chosen == "triton" else TORCH_BACKEND

@@ -47,25 +47,21 @@ class ModelOutput:
 
 
 @contextlib.contextmanager
-def _forward_state_kept(moe_layers: list[MoELayer]):
-    """Undo what a recompute changes in ``moe_layers``: their buffers and their dispatcher's attributes.
+def _buffers_kept(moe_layers: list[MoELayer]):
+    """Undo what a recompute changes in the buffers of ``moe_layers``.
 
-    NOTE: a recompute must not repeat the forward's side effects. The aux-loss-free top-k router adds
-    each forward's counts to ``pending_load_E`` and the all-to-all dispatcher counts ``bytes_sent``;
-    both are kept as the first forward left them. Nothing that routing *reads* changes between a
-    forward and its backward (router state moves only between optimizer steps), so the recomputed
-    routing equals the first one.
+    NOTE: a recompute must not repeat the forward's side effects on the model. The aux-loss-free top-k
+    router adds each forward's counts to ``pending_load_E``; it is kept as the first forward left it.
+    Nothing that routing *reads* changes between a forward and its backward (router state moves only
+    between optimizer steps), so the recomputed routing equals the first one.
     """
     buffers = [(b, b.clone()) for m in moe_layers for b in m.buffers()]
-    attrs = [(m.dispatcher, dict(vars(m.dispatcher))) for m in moe_layers]
     try:
         yield
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-        for dispatcher, saved in attrs:
-            vars(dispatcher).update(saved)
 
 
 def recompute_in_backward(fn, moe_layers: list[MoELayer], *args):
@@ -85,7 +81,7 @@ def recompute_in_backward(fn, moe_layers: list[MoELayer], *args):
         *args,
         use_reentrant=False,
         early_stop=False,
-        context_fn=lambda: (contextlib.nullcontext(), _forward_state_kept(moe_layers)),
+        context_fn=lambda: (contextlib.nullcontext(), _buffers_kept(moe_layers)),
     )
 
 

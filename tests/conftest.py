@@ -71,13 +71,22 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}, **extra}
 
 
+FAULTS_ENTRY = REPO / "tests" / "faults.py"
+
+
+def cli_entry(env: dict | None) -> list[str]:
+    """How to start moetrain: ``-m moetrain.cli``, or the failpoint entry when ``env`` sets
+    ``MOETRAIN_FAULT`` (tests/faults.py installs the failpoints as a training callback)."""
+    return [str(FAULTS_ENTRY)] if "MOETRAIN_FAULT" in (env or {}) else ["-m", "moetrain.cli"]
+
+
 def run_cli(
     *args: str, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
     """``python -m moetrain.cli ARGS`` as a real process; returns the completed process (text output)."""
     full_env = clean_env(PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", "moetrain.cli", *args],
+        [sys.executable, *cli_entry(env), *args],
         capture_output=True,
         text=True,
         env=full_env,
@@ -94,9 +103,9 @@ def run_train(
     args = ["train", str(TINY_CONFIG), *TINY, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", *overrides]
     if nproc == 1:
         return run_cli(*args, env=env, timeout=timeout)
-    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"]
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     return subprocess.run(
-        [*head, "moetrain.cli", *args], capture_output=True, text=True, env=clean_env(PYTHONUNBUFFERED="1", **(env or {})),
+        [*head, *cli_entry(env), *args], capture_output=True, text=True, env=clean_env(PYTHONUNBUFFERED="1", **(env or {})),
         timeout=timeout, cwd=REPO,
     )  # fmt: skip
 

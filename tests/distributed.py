@@ -43,3 +43,19 @@ def run_distributed(fn, world_size: int, *args) -> None:
         raise AssertionError(f"rank {rank} failed:\n{tb}")
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     assert not bad, f"exit codes {bad}"
+
+
+class ExchangeRecorder:
+    """A :class:`moetrain.parallel.all_to_all.DispatchObserver` for tests: the token bytes of every
+    forward exchange, in order (phases are not timed)."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def phase(self, name, device):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def exchanged(self, nbytes: int) -> None:
+        self.sent.append(nbytes)

@@ -2,7 +2,7 @@
 
 - one process: gradients, losses, stats and router buffers are bitwise the same for ``none``, ``moe`` and
   ``block`` (with dropout: the RNG state is preserved), for every router; fewer activation bytes are kept;
-- expert parallelism (2 gloo processes): the same, and the all-to-all's ``bytes_sent`` counts one forward;
+- expert parallelism (2 gloo processes): the same, and the recompute re-sends exactly the forward's rows;
 - end to end: the per-step losses of CLI runs, one process and EP=2, match for the three settings.
 """
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import read_metrics, run_train
-from distributed import run_distributed
+from distributed import ExchangeRecorder, run_distributed
 
 from moetrain.config.model import ModelConfig, MoEConfig
 from moetrain.model import MoETransformer
@@ -117,12 +117,16 @@ def _ep_check(rank: int, world: int) -> None:
         runs = {}
         for mode in MODES:
             model = parallelize(_model(mode, moe), layout)
+            observers = [ExchangeRecorder() for _ in model.moe_layers()]
+            for layer, obs in zip(model.moe_layers(), observers):
+                layer.dispatcher.observer = obs
             runs[mode] = _step(model, seed=1 + rank)  # each rank its own tokens
-            runs[mode]["bytes_sent"] = [layer.dispatcher.bytes_sent for layer in model.moe_layers()]
-            assert all(n > 0 for n in runs[mode]["bytes_sent"])
+            runs[mode]["sent"] = [obs.sent for obs in observers]
+            assert all(sent and all(n > 0 for n in sent) for sent in runs[mode]["sent"])
         for mode in ("moe", "block"):
             _assert_same(runs["none"], runs[mode])
-            assert runs[mode]["bytes_sent"] == runs["none"]["bytes_sent"]  # one forward's, not two
+            # the recompute in backward exchanges again, exactly the forward's rows (the same routing)
+            assert runs[mode]["sent"] == [sent * 2 for sent in runs["none"]["sent"]]
 
 
 @pytest.mark.multiproc

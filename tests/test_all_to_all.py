@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_distributed
+from distributed import ExchangeRecorder, run_distributed
 
 from moetrain.kernels import select_backend
 from moetrain.moe.dispatch import LocalDispatcher
 from moetrain.moe.experts import GroupedExperts
-from moetrain.moe.routing import RoutingDecision
+from moetrain.moe.routers.base import RoutingDecision
 from moetrain.parallel.all_to_all import AllToAllDispatcher
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(120)]
@@ -52,6 +52,7 @@ def _check(rank, world, k, routing, capacity, overlap=False):
         out, meta = disp.run(x, decision, local)
         counts_L = torch.tensor([sum(meta.recv_splits)])  # rows received from the other ranks
     else:
+        disp.observer = ExchangeRecorder()
         x_RD, counts_L, meta = disp.dispatch(x, decision)
         out = disp.combine(local(x_RD, counts_L), meta)
     out.square().sum().backward()
@@ -74,7 +75,7 @@ def _check(rank, world, k, routing, capacity, overlap=False):
         assert counts_L.sum().item() == 0  # this rank received no tokens, and did not hang
     if routing == "balanced" and capacity is None:
         ideal = T * k * D * x.element_size() * (world - 1) / world
-        assert disp.bytes_sent / ideal == 1.0
+        assert disp.observer.sent == [ideal]
 
 
 CASES = [(k, routing, None) for k in (1, 2) for routing in ("uniform", "all_to_last_rank", "balanced")]

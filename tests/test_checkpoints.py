@@ -1,7 +1,7 @@
 """Checkpoints that are never lost, poisoned or executed, through the real CLI.
 
 Each test kills, corrupts or tampers at a chosen point (``MOETRAIN_FAULT`` failpoints, see
-moetrain/training/faults.py) and then checks what the next run does. docs/reliability.md maps each
+tests/faults.py, installed as a training callback) and then checks what the next run does. docs/reliability.md maps each
 fault to its test.
 """
 
@@ -36,7 +36,7 @@ def corrupt(folder: Path) -> None:
 
 
 def rewrite_manifest(folder: Path) -> None:
-    from moetrain.training.manifest import MANIFEST, write_manifest
+    from moetrain.checkpoint.manifest import MANIFEST, write_manifest
 
     (folder / MANIFEST).unlink()
     write_manifest(folder, 2)
@@ -139,7 +139,7 @@ def test_a_planted_pickle_never_runs(tmp_path, data_cache):
     old.mkdir(parents=True)
     (old / "rank_00000.pt").write_bytes(pickle.dumps(_Planted(marker)))
     (old / "state.json").write_text(json.dumps({"step": 2}))
-    from moetrain.training.manifest import sha256_of
+    from moetrain.checkpoint.manifest import sha256_of
 
     sums = {name: sha256_of(old / name) for name in ("rank_00000.pt", "state.json")}
     (old / "manifest.json").write_text(json.dumps({"sha256": sums}))
@@ -159,7 +159,7 @@ def test_a_planted_pickle_never_runs(tmp_path, data_cache):
     ],
 )
 def test_malformed_manifests_are_clean_errors(tmp_path, manifest, message):
-    from moetrain.training.manifest import verify
+    from moetrain.checkpoint.manifest import verify
 
     folder = tmp_path / "step_000002"
     folder.mkdir()
@@ -224,7 +224,7 @@ def test_nan_skip_policy_skips_counts_and_gives_up(tmp_path, data_cache):
     records = [r for r in read_metrics(run) if "loss" in r]
     assert records[2]["step"] == 3 and records[2]["skipped_steps"] == 1 and records[-1]["step"] == 6
     assert all(r["loss"] == r["loss"] for r in records if r["step"] != 3)  # finite everywhere else
-    from moetrain.training.checkpoint import consolidated_state_dict
+    from moetrain.checkpoint import consolidated_state_dict
 
     weights = consolidated_state_dict(run / "checkpoints" / "step_000006")
     assert all(bool(t.isfinite().all()) for t in weights.values())
@@ -259,7 +259,7 @@ def test_a_checkpoint_older_than_a_new_field_resumes_while_the_field_keeps_its_d
     """A config saved before a field existed lacks it: no difference at the default, refused otherwise."""
     import json
 
-    from moetrain.training.manifest import write_manifest
+    from moetrain.checkpoint.manifest import write_manifest
 
     run = tmp_path / "run"
     train(run, data_cache, "train.steps=4", "train.stop_at_step=2")

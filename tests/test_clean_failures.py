@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, TINY, TINY_CONFIG, clean_env, read_metrics, run_cli
+from conftest import FAULTS_ENTRY, REPO, TINY, TINY_CONFIG, clean_env, read_metrics, run_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -125,7 +125,7 @@ def test_resumed_run_logs_each_step_once(tmp_path, data_cache):
 def test_stuck_rank_ends_the_job_after_the_collective_timeout(tmp_path, data_cache):
     """Rank 1 stops answering at step 3; rank 0's gradient all-reduce gives up after 10 s, torchrun ends."""
     cmd = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "moetrain.cli"),
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(FAULTS_ENTRY)),
         *("train", str(TINY_CONFIG), *TINY, f"data.cache_dir={data_cache}", f"run_dir={tmp_path / 'run'}"),
         *("train.steps=6", "train.collective_timeout_s=10"),
     ]

@@ -43,7 +43,7 @@ def _run(tmp_path, data_cache, name: str, *overrides: str):
 
 
 def test_compiled_run_equals_eager_run(tmp_path, data_cache):
-    from moetrain.training.checkpoint import consolidated_state_dict
+    from moetrain.checkpoint import consolidated_state_dict
 
     eager = _run(tmp_path, data_cache, "eager")
     # with recomputation too: backward re-runs the compiled graphs

@@ -1,4 +1,5 @@
-"""Bitwise reproducibility at the default thread count, through the real CLI (README, "Resuming").
+"""Bitwise reproducibility at the default thread count, through the real CLI (README, "Resuming"), for
+StableMoE's stacked experts and the grouped-GEMM experts (top-2 SwiGLU, top-1 GELU in capacity mode).
 
 The shape matters. A CPU kernel that accumulates with atomics runs serially below 32768 elements, so
 the ``TINY`` model (128 tokens of width 32) never reaches a racing path. ``WIDE`` routes 512 tokens of width 64 (expert
@@ -16,7 +17,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, clean_env, read_metrics, run_cli
 
-from moetrain.training.checkpoint import consolidated_state_dict
+from moetrain.checkpoint import consolidated_state_dict
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -83,11 +84,25 @@ def assert_same_weights(a, b):
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
 
 
-@pytest.mark.parametrize("mode", ["train.deterministic=true", "train.deterministic=false"])
-def test_two_fresh_runs_are_bitwise_equal(tmp_path, data_cache, mode):
+# tiny.yaml's StableMoE with stacked experts (per-row LayerNorm/bias gathers), and the grouped-GEMM
+# paths: a Llama backbone with top-2 SwiGLU experts, and top-1 GELU experts in capacity mode.
+MODELS = {
+    "stablemoe-stacked": [],
+    "topk2-swiglu-llama": ["model.arch=llama", "moe.router={kind: topk, top_k: 2, renormalize: true}"],
+    "topk1-gelu-capacity": ["moe.expert_type=gelu", "moe.router={kind: topk, top_k: 1}", "moe.capacity_factor=1.0"],
+}
+CASES = [
+    ("stablemoe-stacked", "train.deterministic=true"),
+    *((model, "train.deterministic=false") for model in MODELS),
+]
+
+
+@pytest.mark.parametrize("model,mode", CASES, ids=[f"{m}-{d.split('=')[1]}" for m, d in CASES])
+def test_two_fresh_runs_are_bitwise_equal(tmp_path, data_cache, model, mode):
     # Default mode too: moetrain's model avoids the racing kernels on every path (a regression test).
     a, b = tmp_path / "a", tmp_path / "b"
-    train_together(data_cache, (a, [mode]), (b, [mode]))
+    overrides = [mode, *MODELS[model]]
+    train_together(data_cache, (a, overrides), (b, overrides))
     assert sorted(losses(a)) == list(range(1, 9))
     assert losses(a) == losses(b)  # exact float equality, every step
     assert_same_weights(final_weights(a), final_weights(b))

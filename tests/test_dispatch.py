@@ -5,7 +5,7 @@ import torch
 
 from moetrain.kernels import select_backend
 from moetrain.moe.dispatch import LocalDispatcher, expert_capacity
-from moetrain.moe.routing import RoutingDecision
+from moetrain.moe.routers.base import RoutingDecision
 
 
 def _decision(ids, gates=None):

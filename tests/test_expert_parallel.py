@@ -71,7 +71,7 @@ def single(run_dir, data_cache, micro, *overrides):
 
 
 def final_weights(run_dir):
-    from moetrain.training.checkpoint import consolidated_state_dict
+    from moetrain.checkpoint import consolidated_state_dict
 
     return consolidated_state_dict(run_dir / "checkpoints" / f"step_{STEPS:06d}")
 

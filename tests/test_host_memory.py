@@ -2,6 +2,8 @@
 ``bound_kernel_caches``: bf16 matmuls of ever new row counts (an expert's rows, step after step) stop
 growing the resident set by one cached kernel per shape."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -56,18 +58,58 @@ print(resident_mb() - before)
 """
 
 
+def onednn_bf16() -> bool:
+    import torch
+
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+requires_onednn_bf16 = pytest.mark.skipif(
+    sys.platform != "linux" or not onednn_bf16(),
+    reason="bf16 matmuls do not go through oneDNN in this torch build / on this CPU: no kernel cache to bound",
+)
+
+
 def growth_mb(mode: str) -> float:
     out = subprocess.run([sys.executable, "-c", CACHE_PROBE, mode], capture_output=True, text=True, check=True)
     return float(out.stdout)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/statm")
+@requires_onednn_bf16
 def test_bounded_kernel_caches_stop_growing_with_new_shapes():
     default = growth_mb("default")
-    if default < 100:
-        pytest.skip(f"bf16 matmuls of 600 new shapes grew memory by only {default:.0f} MB: not oneDNN's caches here")
     bounded = growth_mb("bounded")
+    assert default > 100, f"600 new bf16 matmul shapes grew memory by only {default:.0f} MB without a bound"
     assert bounded < default / 3, (default, bounded)  # measured: about 420 MB vs 50 MB
+
+
+REVISIT_PROBE = """
+import sys, torch
+from moetrain.training.host_memory import bound_kernel_caches
+torch.set_num_threads(1)
+if sys.argv[1] == "bounded":
+    bound_kernel_caches(2)
+w = torch.randn(128, 512, dtype=torch.bfloat16)
+x = torch.randn(64, 128, dtype=torch.bfloat16)
+for rows in (5, 6, 7, 5):  # the last shape was seen three shapes ago
+    x[:rows] @ w
+"""
+
+
+@requires_onednn_bf16
+def test_bounded_kernel_caches_evict_old_shapes():
+    """The mechanism, not the memory: ``bound_kernel_caches`` sets oneDNN's cache capacity before oneDNN
+    reads it, so with room for 2 kernels a shape seen three shapes ago is compiled again (a cache miss);
+    with the library's default it is found (a hit). oneDNN reports each kernel creation."""
+    creations = {}
+    for mode in ("default", "bounded"):
+        env = {**os.environ, "ONEDNN_VERBOSE": "profile_create"}
+        env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+        out = subprocess.run([sys.executable, "-c", REVISIT_PROBE, mode], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        creations[mode] = re.findall(r"create:(cache_\w+),cpu,matmul", out.stdout + out.stderr)
+    assert creations["default"] == ["cache_miss"] * 3 + ["cache_hit"]
+    assert creations["bounded"] == ["cache_miss"] * 4
 
 
 def test_kernel_cache_settings_from_the_environment_win(monkeypatch):

@@ -2,7 +2,7 @@
 
 Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
-On CPU, :class:`~moetrain.kernels.host_sync.HostSyncCounter` recognises every operation that would
+On CPU, :class:`HostSyncCounter` (``tests/host_sync.py``) recognises every operation that would
 make the host wait on a GPU (``.item()``, ``.tolist()``, ``nonzero``, tensor -> bool, boolean-mask
 indexing, ``repeat_interleave`` without ``output_size``, ...) and names its source line. On a GPU,
 ``torch.cuda.set_sync_debug_mode("error")`` checks the same thing natively.
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from host_sync import HostSyncCounter
 
 from moetrain.config.model import MoEConfig
-from moetrain.kernels.host_sync import HostSyncCounter
 from moetrain.kernels.runtime import triton_available
 from moetrain.moe.layer import MoELayer
 

@@ -14,6 +14,7 @@ import torch
 
 from moetrain.config.model import MoEConfig
 from moetrain.kernels import select_backend
+from moetrain.kernels.backend import resolve_backend
 from moetrain.kernels.runtime import triton_available
 from moetrain.moe.layer import MoELayer
 
@@ -29,8 +30,30 @@ def test_torch_backend_is_the_reference():
     assert backend.permute.__name__ == "permute_reference"
 
 
-def test_auto_picks_triton_only_on_cuda():
-    assert select_backend("auto").name == ("triton" if torch.cuda.is_available() else "torch")
+# (kernels, triton installed, CUDA, TRITON_INTERPRET) -> backend, or the error's text
+DECISIONS = [
+    ("auto", True, True, False, "triton"),
+    ("auto", True, True, True, "triton"),
+    ("auto", True, False, True, "torch"),  # the interpreter is a test tool: never chosen by auto
+    ("auto", True, False, False, "torch"),
+    ("auto", False, True, False, "torch"),
+    ("auto", False, False, False, "torch"),
+    ("triton", True, True, False, "triton"),
+    ("triton", True, False, True, "triton"),
+    ("triton", True, False, False, "there is no CUDA device"),
+    ("triton", False, True, False, "the triton package is not installed"),
+    ("torch", True, True, False, "torch"),
+    ("torch", False, False, False, "torch"),
+]
+
+
+@pytest.mark.parametrize("name,has_triton,has_cuda,interpreter,expected", DECISIONS)
+def test_backend_decision_table(name, has_triton, has_cuda, interpreter, expected):
+    if expected in ("triton", "torch"):
+        assert resolve_backend(name, has_triton, has_cuda, interpreter) == expected
+    else:
+        with pytest.raises(RuntimeError, match=expected):
+            resolve_backend(name, has_triton, has_cuda, interpreter)
 
 
 @requires_triton

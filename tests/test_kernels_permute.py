@@ -137,12 +137,30 @@ def test_permute_unpermute_wide_rows(capacity, dtype):
 
 
 @requires_triton
-def test_unpermute_is_deterministic():
-    ids_TK = make_expert_ids(200, 8, 2, "zipf")
+def test_unpermute_sums_each_token_in_slot_order():
+    """Determinism that can break in the interpreter too: the combine adds a token's k rows in slot
+    order, in fp32, one program per token (no atomics). A scatter-add over the permuted rows would add
+    them in expert order instead: with terms of very different magnitudes the bits differ.
+
+    fp32 only: the order is the same in every dtype, and Triton's interpreter rounds fp32 -> bf16 by
+    truncation where the GPU rounds to nearest even, so a bf16 output is not bitwise comparable here."""
+    dtype = torch.float32
+    ids_TK = make_expert_ids(200, 8, 4, "uniform")
     rows_TK, _ = routing_map(ids_TK, 8)
-    y_ND = torch.randn(400, 96)
-    gates_TK = torch.rand(200, 2)
-    assert torch.equal(unpermute(y_ND, rows_TK, gates_TK), unpermute(y_ND, rows_TK, gates_TK))
+    g = torch.Generator().manual_seed(5)
+    y_ND = (torch.randn(800, 96, generator=g) * 10.0 ** torch.randint(-6, 7, (800, 1), generator=g)).to(dtype)
+    gates_TK = torch.rand(200, 4, generator=g)
+    acc_TD = torch.zeros(200, 96)
+    for j in range(4):  # the promised order: slot 0, 1, 2, 3, each term and sum rounded in fp32
+        acc_TD = acc_TD + y_ND[rows_TK[:, j]].float() * gates_TK[:, j : j + 1]
+    got = unpermute(y_ND, rows_TK, gates_TK)
+    assert torch.equal(got, acc_TD.to(dtype))
+    in_expert_order = torch.zeros(200, 96)
+    slots = rows_TK.argsort(dim=1)  # the order of the rows in the permuted buffer: by expert
+    for j in range(4):
+        r = rows_TK.gather(1, slots[:, j : j + 1])[:, 0]
+        in_expert_order = in_expert_order + y_ND[r].float() * gates_TK.gather(1, slots[:, j : j + 1])
+    assert not torch.equal(in_expert_order.to(dtype), acc_TD.to(dtype))  # the order is observable here
 
 
 def test_no_tokens():

@@ -108,22 +108,32 @@ def test_slurm_plan_writes_script_and_resolved_config(workdir, capsys):
     assert frozen.model_copy(update={"run_dir": None}) == cfg
 
 
-def test_prepare_array_job_runs_before_training(workdir, monkeypatch, capsys):
+def _fake_sbatch(folder: Path, first_id: int = 101) -> Path:
+    """An ``sbatch`` on PATH that records its arguments (one line each, tab-separated) and prints job
+    ids from ``first_id`` on: the launcher's real submission code runs, on a machine without SLURM too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "calls.txt"
+    script = folder / "sbatch"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'n=$(wc -l < "{log}" 2>/dev/null || echo 0)\n'
+        f'(IFS="$(printf "\\t")"; echo "$*") >> "{log}"\n'
+        f"echo $(({first_id} + n))\n"
+    )
+    script.chmod(0o755)
+    return log
+
+
+def test_prepare_array_job_runs_before_training(workdir, monkeypatch, capsys, tmp_path):
     """--prepare: the array job is submitted first; training waits for it (afterok)."""
-    from moetrain.launch import slurm
-
-    calls = []
-
-    def fake_sbatch(command):
-        calls.append(command)
-        return str(100 + len(calls))
-
-    monkeypatch.setattr(slurm, "_sbatch", fake_sbatch)
+    log = _fake_sbatch(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     assert launch(*CASES["slurm_prepare_mixture"]) == 0
     run_dir = workdir / "runs" / "tiny"
+    calls = [line.split("\t") for line in log.read_text().splitlines()]
     assert calls == [
-        ["sbatch", "--parsable", str(run_dir / "prepare.sbatch")],
-        ["sbatch", "--parsable", "--dependency=afterok:101", str(run_dir / "job.sbatch")],
+        ["--parsable", str(run_dir / "prepare.sbatch")],
+        ["--parsable", "--dependency=afterok:101", str(run_dir / "job.sbatch")],
     ]
     out = capsys.readouterr().out
     assert "submitted data preparation array job 101" in out and "submitted batch job 102 (starts after job 101" in out

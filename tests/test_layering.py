@@ -9,6 +9,7 @@ is still a dependency on it).
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,11 +135,11 @@ LAYERS = [
     ["moetrain.errors", "moetrain.config"],  # config: pure models, imports nothing that runs
     ["moetrain.kernels"],
     ["moetrain.moe", "moetrain.backbone", "moetrain.model"],  # the model side, built for one process
-    ["moetrain.data", "moetrain.logging", "moetrain.report"],
+    ["moetrain.data", "moetrain.checkpoint", "moetrain.run_logging", "moetrain.report"],  # data, the checkpoint format
     ["moetrain.parallel"],  # applied to a built model
     ["moetrain.training"],
-    ["moetrain.inference", "moetrain.export"],  # use what training saved
-    ["moetrain.launch", "moetrain.cli"],  # entry points
+    ["moetrain.inference", "moetrain.export", "moetrain.hf"],  # use what training saved; Hugging Face in and out
+    ["moetrain.launch", "moetrain.commands", "moetrain.cli"],  # entry points
 ]
 # parallelism takes plain values (a layout, groups), never the job config
 EXTRA = {"moetrain.parallel": ["moetrain.config.job", "moetrain.config.loading"]}
@@ -181,3 +182,52 @@ def test_a_planted_layer_violation_is_found():
 def test_the_config_tree_imports_no_torch():
     code = "import sys, moetrain.config; bad = [m for m in ('torch', 'deepspeed') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_no_module_imports_tests_or_bench_or_shadows_the_standard_library():
+    """Test utilities and benchmarks never ship in the runtime package, and a module named like a
+    standard-library one (``moetrain/logging.py`` once) cannot be confused with it."""
+    files = module_files(ROOTS)
+    bad = []
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                mods = [node.module or ""]
+            bad += [f"{name} imports {m}" for m in mods if m.split(".")[0] in ("tests", "bench", "conftest")]
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in sys.stdlib_module_names and name not in ROOTS:
+            bad.append(f"{name} shadows the standard library's {leaf}")
+    assert bad == []
+
+
+def test_checkpoint_format_inference_and_export_import_no_deepspeed():
+    """eval, generate, export and import read checkpoints without DeepSpeed (it starts an accelerator
+    probe and pulls in its whole runtime): the checkpoint format lives below training."""
+    code = (
+        "import sys, moetrain.checkpoint, moetrain.inference, moetrain.inference.loading, moetrain.export, "
+        "moetrain.hf; bad = [m for m in sys.modules if m == 'deepspeed' or m.startswith('deepspeed.')]; "
+        "assert not bad, bad[:5]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_every_module_imports_first_in_a_fresh_process():
+    """Each module imported before any other moetrain module: an import cycle through a package's
+    ``__init__`` (which the AST graph above does not model) fails here."""
+    names = sorted(n for n in module_files(ROOTS) if not n.endswith("modeling_moetrain"))
+    code = (
+        "import importlib, sys, torch\n"
+        f"names = {names!r}\n"
+        "bad = []\n"
+        "for n in names:\n"
+        "    for m in [m for m in sys.modules if m == 'moetrain' or m.startswith('moetrain.')]:\n"
+        "        del sys.modules[m]\n"
+        "    try:\n"
+        "        importlib.import_module(n)\n"
+        "    except Exception as exc:\n"
+        "        bad.append(f'{n}: {exc!r}')\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"})

@@ -205,8 +205,9 @@ def test_data_parallel_reduction_equals_one_process():
 def test_moe_layer_with_the_router_makes_no_host_sync_in_either_stage(router):
     """The stage is read from a host mirror, never from the device buffer (BASE's balanced assignment,
     by contrast, runs on the host by design)."""
+    from host_sync import HostSyncCounter
+
     from moetrain.config.model import MoEConfig
-    from moetrain.kernels.host_sync import HostSyncCounter
     from moetrain.moe.layer import MoELayer
 
     torch.manual_seed(0)

@@ -15,7 +15,6 @@ distilled router per step 1, 2, ...:
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,12 +25,12 @@ from moetrain.config.model import ModelConfig, MoEConfig
 from moetrain.config.routers import StableMoERouterConfig
 from moetrain.model import MoETransformer
 from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.hooks import StepReport
 from moetrain.moe.metrics import LayerStats, MoEMetrics
-from moetrain.moe.routers.stablemoe import RouterStage, SwitchReason
-from moetrain.moe.routing import RoutingDecision
-from moetrain.training.callbacks import StepResult
-from moetrain.training.optim import isolate_distilled_params, param_groups
-from moetrain.training.routing import StableRoutingSchedule, stable_routers
+from moetrain.moe.routers.base import RoutingDecision
+from moetrain.moe.routers.stablemoe import RouterStage, StableMoERouter, SwitchReason
+from moetrain.moe.routers.stablemoe_schedule import StableRoutingSchedule
+from moetrain.training.optim import freeze_groups, isolate_tagged_params, param_groups
 
 # --- gate statistics ---------------------------------------------------------------------------------
 
@@ -62,27 +61,38 @@ def tiny_model(**router) -> MoETransformer:
     return MoETransformer(cfg, moe)
 
 
-class FakeLogger:
-    def __init__(self) -> None:
+class FakeContext:
+    """The trainer's side of the hooks (moetrain.moe.hooks.HookContext) over a plain optimizer."""
+
+    def __init__(self, model: MoETransformer, step: int = 0) -> None:
+        groups = isolate_tagged_params(model, param_groups(model, 0.0))
+        self.optimizer = torch.optim.AdamW(groups, lr=1e-3)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+        self.step, self.total_steps = step, 100
         self.records: list[tuple[int, dict]] = []
         self.lines: list[str] = []
 
     def log(self, step: int, metrics: dict) -> None:
         self.records.append((step, metrics))
 
-    def write(self, text: str) -> None:
+    def say(self, text: str) -> None:
         self.lines.append(text)
 
-
-def fake_trainer(model: MoETransformer, step: int = 0) -> SimpleNamespace:
-    groups = isolate_distilled_params(model, param_groups(model, 0.0))
-    optimizer = torch.optim.AdamW(groups, lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    engine = SimpleNamespace(lr_scheduler=scheduler, optimizer=optimizer)
-    return SimpleNamespace(model=model, engine=engine, logger=FakeLogger(), state=SimpleNamespace(step=step))
+    def freeze_group(self, tag: str) -> int:
+        return freeze_groups(self.optimizer, self.scheduler, tag)
 
 
-def scripted_result(step: int, agreement: float, distilled_load: list[float]) -> StepResult:
+def stable_routers(model: MoETransformer) -> list[StableMoERouter]:
+    return [m for m in model.modules() if isinstance(m, StableMoERouter)]
+
+
+def schedule_of(model: MoETransformer) -> StableRoutingSchedule:
+    """The hook the model's StableMoE routers declare (the one the trainer would run)."""
+    (schedule,) = StableMoERouter.declare_hooks(stable_routers(model))
+    return schedule
+
+
+def scripted_result(step: int, agreement: float, distilled_load: list[float]) -> StepReport:
     layers = []
     for _ in range(2):  # replace_ffn in both blocks: 2 MoE layers
         terms = {
@@ -91,20 +101,20 @@ def scripted_result(step: int, agreement: float, distilled_load: list[float]) ->
             "distilled_load": torch.tensor(distilled_load),
         }
         layers.append(LayerStats(torch.full((4,), 4.0), torch.zeros(()), torch.zeros(()), torch.tensor(16.0), terms))
-    return StepResult(step, torch.zeros(()), torch.zeros(()), [layers], 16)
+    return StepReport(step, [layers])
 
 
 AGREEMENT = [0.1, 0.5, 0.9, 0.9, 0.85, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95]
 ADAPTIVE = {"switch": "adaptive", "stage1_steps": 12, "adaptive": {"window": 3, "min_agreement": 0.8, "max_load": 2}}
 
 
-def drive(trainer, schedule, first: int, last: int, load: list[float]) -> int | None:
+def drive(ctx, schedule, first: int, last: int, load: list[float]) -> int | None:
     """Steps first..last (1-based counts of updates done); returns the step the switch happened at."""
     for step in range(first, last + 1):
-        schedule.on_step_start(trainer, step - 1)
+        schedule.before_step(ctx, step - 1)
         if schedule.frozen:
             return step - 1
-        schedule.on_step_end(trainer, scripted_result(step, AGREEMENT[step - 1], load))
+        schedule.after_step(ctx, scripted_result(step, AGREEMENT[step - 1], load))
         if schedule.frozen:
             return step
     return None
@@ -112,39 +122,39 @@ def drive(trainer, schedule, first: int, last: int, load: list[float]) -> int | 
 
 def test_adaptive_switch_fires_when_the_window_meets_the_criteria():
     model = tiny_model(**ADAPTIVE)
-    trainer = fake_trainer(model)
-    schedule = StableRoutingSchedule(model.moe_layers()[0].router.cfg, 12)
+    trainer = FakeContext(model)
+    schedule = schedule_of(model)
     schedule.on_train_start(trainer)
     assert drive(trainer, schedule, 1, 12, [4.0, 4.0, 4.0, 4.0]) == 5
     routers = stable_routers(model)
     assert all(r.stage is RouterStage.FROZEN for r in routers)
     assert all(r.switch_buf.tolist() == [5, int(SwitchReason.CRITERIA)] for r in routers)
-    step, logged = trainer.logger.records[-1]
+    step, logged = trainer.records[-1]
     assert step == 5 and logged["moe/switch_step"] == 5 and logged["moe/switch_reason"] == SwitchReason.CRITERIA
     assert logged["moe/layer1/switch_distill_acc"] == pytest.approx((0.9 + 0.9 + 0.85) / 3)
     assert logged["moe/layer0/switch_distill"] == pytest.approx(1 - (0.9 + 0.9 + 0.85) / 3)
     assert logged["moe/layer0/switch_distilled_load_max_over_mean"] == pytest.approx(1.0)
-    assert "criteria" in trainer.logger.lines[-1]
+    assert "criteria" in trainer.lines[-1]
 
 
 def test_adaptive_switch_waits_for_a_balanced_distilled_router_then_times_out():
     model = tiny_model(**ADAPTIVE)
-    trainer = fake_trainer(model)
-    schedule = StableRoutingSchedule(model.moe_layers()[0].router.cfg, 12)
+    trainer = FakeContext(model)
+    schedule = schedule_of(model)
     schedule.on_train_start(trainer)
     assert drive(trainer, schedule, 1, 14, [13.0, 1.0, 1.0, 1.0]) == 12  # agreement high, load 3.25 > 2
-    step, logged = trainer.logger.records[-1]
+    step, logged = trainer.records[-1]
     assert (step, logged["moe/switch_reason"]) == (12, SwitchReason.MAX_STEPS)
     assert logged["moe/layer0/switch_distilled_load_max_over_mean"] == pytest.approx(13 / 4)
 
 
 def test_fixed_switch_records_the_window_at_the_switch():
     model = tiny_model(stage1_steps=4, adaptive={"window": 2})
-    trainer = fake_trainer(model)
-    schedule = StableRoutingSchedule(model.moe_layers()[0].router.cfg, 4)
+    trainer = FakeContext(model)
+    schedule = schedule_of(model)
     schedule.on_train_start(trainer)
     assert drive(trainer, schedule, 1, 10, [4.0, 4.0, 4.0, 4.0]) == 4  # agreement 0.9 at step 3 does not matter
-    step, logged = trainer.logger.records[-1]
+    step, logged = trainer.records[-1]
     assert (step, logged["moe/switch_reason"]) == (4, SwitchReason.STEPS)
     assert logged["moe/layer0/switch_distill_acc"] == pytest.approx((0.9 + 0.9) / 2)  # steps 3 and 4
 
@@ -153,29 +163,29 @@ def test_adaptive_switch_state_is_checkpointed_and_survives_resume():
     """Interrupt at step 4 (mid-window), resume from the state dict: the switch still fires at step 5;
     a run resumed after the switch starts frozen with the recorded step and reason, and logs nothing."""
     model = tiny_model(**ADAPTIVE)
-    trainer = fake_trainer(model)
-    schedule = StableRoutingSchedule(model.moe_layers()[0].router.cfg, 12)
+    trainer = FakeContext(model)
+    schedule = schedule_of(model)
     schedule.on_train_start(trainer)
     assert drive(trainer, schedule, 1, 4, [4.0] * 4) is None
     saved = {k: v.clone() for k, v in model.state_dict().items()}
 
     resumed = tiny_model(**ADAPTIVE)
     resumed.load_state_dict(saved)
-    trainer2 = fake_trainer(resumed, step=4)
-    schedule2 = StableRoutingSchedule(resumed.moe_layers()[0].router.cfg, 12)
+    trainer2 = FakeContext(resumed, step=4)
+    schedule2 = schedule_of(resumed)
     schedule2.on_train_start(trainer2)
     assert not schedule2.frozen
     assert drive(trainer2, schedule2, 5, 12, [4.0] * 4) == 5
 
     after = tiny_model(**ADAPTIVE)
-    trainer3 = fake_trainer(after, step=7)  # the trainer builds the optimizer, then loads the checkpoint
+    trainer3 = FakeContext(after, step=7)  # the trainer builds the optimizer, then loads the checkpoint
     after.load_state_dict(resumed.state_dict())
     assert all(r.stage is RouterStage.FROZEN for r in stable_routers(after))
     assert all(r.switch_buf.tolist() == [5, int(SwitchReason.CRITERIA)] for r in stable_routers(after))
-    schedule3 = StableRoutingSchedule(after.moe_layers()[0].router.cfg, 12)
+    schedule3 = schedule_of(after)
     schedule3.on_train_start(trainer3)
-    assert schedule3.frozen and trainer3.logger.records == []
-    groups = [g for g in trainer3.engine.optimizer.param_groups if g["name"].startswith("distilled_router")]
+    assert schedule3.frozen and trainer3.records == []
+    groups = [g for g in trainer3.optimizer.param_groups if g["name"].startswith("distilled_router")]
     assert groups and all(g["lr"] == 0.0 for g in groups)
 
 

@@ -27,9 +27,9 @@ RECORDER = r"""
 import hashlib, json, sys
 import torch
 from moetrain.training.callbacks import Callback
-from moetrain.cli import _prepare_process_env
+from moetrain.commands.train import _prepare_process_env
 from moetrain.config import load_config
-from moetrain.training.routing import stable_routers
+from moetrain.moe.routers.stablemoe import StableMoERouter
 from moetrain.parallel.layout import ParallelLayout
 from moetrain.training.trainer import Trainer
 
@@ -42,7 +42,7 @@ def digest(*tensors):
 class Recorder(Callback):
     def on_train_start(self, trainer):
         self.rows, self.e_grad = [], 0.0
-        self.router = stable_routers(trainer.model)[0]
+        self.router = next(m for m in trainer.model.modules() if isinstance(m, StableMoERouter))
         def hook(g):
             self.e_grad += float(g.float().norm())
         self.router.centroids_ED.register_hook(hook)
@@ -146,7 +146,7 @@ def test_resume_across_the_switch_equals_uninterrupted(tmp_path, data_cache, zer
 
 
 def _module_digest(folder):
-    from moetrain.training.checkpoint import consolidated_state_dict
+    from moetrain.checkpoint import consolidated_state_dict
 
     module = consolidated_state_dict(folder)
     h = hashlib.sha256()

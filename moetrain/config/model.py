@@ -144,7 +144,7 @@ class MoEConfig(StrictModel):
     kernels: Literal["auto", "triton", "torch"] = "auto"
     router: RouterConfig = TopKRouterConfig()
     fluctuation: FluctuationConfig = Field(
-        FluctuationConfig(), description="routing-fluctuation probe (moetrain/training/fluctuation.py)"
+        FluctuationConfig(), description="routing-fluctuation probe (moetrain/moe/fluctuation.py)"
     )
 
     @model_validator(mode="after")

@@ -2,7 +2,7 @@
 
 Accepts a ``step_NNNNNN`` folder or a run directory (its newest checkpoint that verifies). Tensors come
 from safetensors, everything else from JSON: loading never executes code. The experts are reassembled
-by global id (:func:`moetrain.training.checkpoint.consolidated_state_dict`), so a checkpoint saved under
+by global id (:func:`moetrain.checkpoint.consolidated_state_dict`), so a checkpoint saved under
 any world size or expert-parallel size loads here.
 """
 
@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from moetrain.checkpoint import FORMAT, consolidated_state_dict, read_buffers, read_state, step_folders, verify
 from moetrain.config import JobConfig, parse_overrides, validate_dict
 from moetrain.errors import UserError
 from moetrain.model import MoETransformer
-from moetrain.training.checkpoint import FORMAT, consolidated_state_dict, read_state, step_folders
-from moetrain.training.manifest import verify
 
 INFERENCE_SECTIONS = ("name", "seed", "model", "moe", "data", "train")
 
@@ -87,7 +85,7 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Loa
     with torch.random.fork_rng(devices=[]):  # building draws initial weights; leave the caller's RNG alone
         model = MoETransformer(cfg.model, moe_cfg)
     weights = consolidated_state_dict(folder)
-    buffers = _buffers(folder / "shared.safetensors")
+    buffers = read_buffers(folder)
     missing = [n for n, _ in model.named_parameters() if n not in weights]
     if missing:
         raise UserError(f"{folder}: holds no parameter {missing[0]}; it was saved from another model version")
@@ -108,11 +106,3 @@ def _weights_shape(cfg: JobConfig) -> tuple:
             moe.pop(key)
         moe["router"].pop("eval_routing", None)
     return cfg.model.model_dump(mode="json"), moe
-
-
-def _buffers(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file ({exc})") from None
-    return {k[len("buffer/") :]: handle.get_tensor(k) for k in handle.keys() if k.startswith("buffer/")}

@@ -19,12 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from moetrain.kernels import KernelBackend
-from moetrain.moe.routing import RoutingDecision
+
+if TYPE_CHECKING:  # a type only: importing the routers package here would import every router
+    from moetrain.moe.routers.base import RoutingDecision
 
 
 def expert_capacity(num_slots: int, num_experts: int, capacity_factor: float | None) -> int | None:

@@ -17,6 +17,8 @@ from moetrain.config.model import MoEConfig
 from moetrain.kernels import select_backend
 from moetrain.moe.dispatch import Dispatcher, LocalDispatcher
 from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.fluctuation import FluctuationProbe
+from moetrain.moe.hooks import TrainingHooks
 from moetrain.moe.metrics import LayerStats
 from moetrain.moe.routers import build_router
 from moetrain.moe.routers.expert_choice import ExpertChoiceRouter
@@ -36,6 +38,7 @@ class MoELayer(nn.Module):
         self.num_experts = cfg.num_experts
         self.null_experts = cfg.null_experts  # AdaMoE: router choices with no compute (ids E .. E+M-1)
         self.capacity_factor = cfg.capacity_factor
+        self.fluctuation = cfg.fluctuation  # the routing-fluctuation probe this layer declares (declare_hooks)
         self.ep_overlap = cfg.ep_overlap  # used by parallelize() when the experts are sharded
         self.backend = select_backend(cfg.kernels)
         self.router = build_router(
@@ -61,6 +64,12 @@ class MoELayer(nn.Module):
         if cfg.shared_experts:
             width = cfg.shared_experts * (cfg.shared_expert_hidden or d_hidden)
             self.shared = SharedExperts(cfg.expert_type, d_model, width)
+
+    @classmethod
+    def declare_hooks(cls, layers: list[MoELayer]) -> list[TrainingHooks]:
+        """The routing-fluctuation probe over every MoE layer, when ``moe.fluctuation.interval`` is set."""
+        cfg = layers[0].fluctuation
+        return [FluctuationProbe(layers, cfg)] if cfg.interval else []
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor, group_size: int | None = None) -> MoEOutput:
         """1. route; 2. dispatch to (local) experts; 3. grouped experts; 4. weighted combine; 5. + shared.

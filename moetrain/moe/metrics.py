@@ -15,11 +15,14 @@ reduces them over the ranks once per log line (the only host sync).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from moetrain.moe.routing import RoutingDecision
+if TYPE_CHECKING:  # a type only: importing the routers package here would import every router
+    from moetrain.moe.routers.base import RoutingDecision
+
 
 GATE_LOW = 0.1  # a gate below this counts in gate_low_frac
 

@@ -17,8 +17,10 @@ With ``overlap`` (``moe.ep_overlap``) the layer's :meth:`AllToAllDispatcher.run`
 rows last in step 1 and computes them beside the exchanges instead of 4.-5. and their reverse
 (``moetrain/parallel/overlap.py``).
 
-``dispatcher.phases`` (a :class:`PhaseTimes`, off by default) records the wall time of each step;
-``bench/ep_phases.py`` reports them.
+Measurement is not the dispatcher's business: ``dispatcher.observer`` (None by default) is a hook a
+benchmark or test attaches (:class:`DispatchObserver`: a context manager around each named phase, and
+the token bytes each forward exchange sends to other ranks). ``bench/ep_phases.py`` times the phases
+with one; the C5 byte count of tests/test_all_to_all.py is another.
 
 NOTE: every rank calls both all-to-alls in forward and, through autograd, in backward, even when it
 sends or receives zero rows: skipping one would hang the ranks that did call it.
@@ -26,9 +28,9 @@ sends or receives zero rows: skipping one would hang the ranks that did call it.
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -36,7 +38,7 @@ from torch import nn
 
 from moetrain.kernels import KernelBackend
 from moetrain.moe.dispatch import expert_capacity, route_rows, run_in_sequence
-from moetrain.moe.routing import RoutingDecision
+from moetrain.moe.routers.base import RoutingDecision
 from moetrain.parallel.overlap import ExchangePlan, overlapped_experts, split_own
 
 
@@ -79,31 +81,22 @@ class AllToAllMeta:
     dropped: torch.Tensor
 
 
-@dataclass
-class PhaseTimes:
-    """Seconds spent in each named phase of dispatch/combine, summed over calls (a benchmark aid).
+class DispatchObserver(Protocol):
+    """What a benchmark or test attaches as ``AllToAllDispatcher.observer``."""
 
-    CPU wall time; on CUDA each phase is bracketed by a device synchronize, which serialises the
-    overlap it measures, so use it to find the expensive phase, not for end-to-end time."""
+    def phase(self, name: str, device: torch.device) -> AbstractContextManager:
+        """Around each named phase of dispatch / combine (forward)."""
 
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def __call__(self, name: str, device: torch.device):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+    def exchanged(self, nbytes: int) -> None:
+        """Token bytes this rank sends to *other* ranks in one forward exchange (called once per
+        dispatch, also when a recompute in backward dispatches again)."""
 
 
-_NO_TIMER = nullcontext()  # reusable: no generator built per phase on the hot path
+_NO_PHASE = nullcontext()  # reusable: nothing built per phase on the hot path
 
 
-def _untimed(name: str, device: torch.device) -> nullcontext:
-    return _NO_TIMER
+def _unobserved(name: str, device: torch.device) -> nullcontext:
+    return _NO_PHASE
 
 
 class AllToAllDispatcher:
@@ -130,8 +123,7 @@ class AllToAllDispatcher:
         self.pads_rows = False  # only the rows actually sent arrive
         self.backend = backend
         self.group = group
-        self.bytes_sent = 0  # token bytes this rank sent to *other* ranks in forward (the C5 count)
-        self.phases: PhaseTimes | None = None  # set to time each phase (bench/ep_phases.py)
+        self.observer: DispatchObserver | None = None  # attached by benchmarks and tests, never by training
         self.overlap = overlap
         self._keys: torch.Tensor | None = None  # _own_last_keys, built on first use
 
@@ -141,7 +133,7 @@ class AllToAllDispatcher:
         ``own_last``: this rank's own experts sort after every other rank's (the overlapped path), so
         the send buffer is [rows for the other ranks, in rank order][own rows]."""
         P, L = self.ep_size, self.num_local_experts
-        phase, dev = self.phases or _untimed, x_TD.device
+        phase, dev = self._phase(), x_TD.device
         ids_TK = decision.expert_ids_TK
         capacity = expert_capacity(ids_TK.numel(), self.num_experts, self.capacity_factor)
         with phase("routing map", dev):  # 1.
@@ -162,6 +154,9 @@ class AllToAllDispatcher:
             send_PL, recv_PL = torch.stack([counts_E.view(P, L), recv_counts_PL]).tolist()
         dropped = (rows_TK < 0).sum() - null
         return rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped
+
+    def _phase(self):
+        return self.observer.phase if self.observer is not None else _unobserved
 
     def _own_last_keys(self, device: torch.device) -> torch.Tensor:
         """Sort key of each expert id (E + 1 entries; the null id E keeps E): the other ranks' experts
@@ -186,12 +181,13 @@ class AllToAllDispatcher:
         return torch.sort(local_ids_R, stable=True).indices
 
     def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision):
-        phase, dev = self.phases or _untimed, x_TD.device
+        phase, dev = self._phase(), x_TD.device
         rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped = self._route(x_TD, decision, own_last=False)
         send_splits = [sum(r) for r in send_PL]
         recv_splits = [sum(r) for r in recv_PL]
         n_send = sum(send_splits)
-        self.bytes_sent += (n_send - send_splits[self.ep_rank]) * x_ND.shape[-1] * x_ND.element_size()
+        if self.observer is not None:
+            self.observer.exchanged((n_send - send_splits[self.ep_rank]) * x_ND.shape[-1] * x_ND.element_size())
         with phase("token all-to-all", dev):  # 4.
             x_RD = all_to_all(x_ND[:n_send], recv_splits, send_splits, self.group)
         with phase("regroup", dev):  # 5.
@@ -207,7 +203,7 @@ class AllToAllDispatcher:
         return None
 
     def combine(self, y_RD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
-        phase, dev = self.phases or _untimed, y_RD.device
+        phase, dev = self._phase(), y_RD.device
         with phase("regroup", dev):  # undo 5.
             y_back_RD = torch.empty_like(y_RD).index_copy(0, meta.regroup_R, y_RD)
         with phase("return all-to-all", dev):  # undo 4.
@@ -224,12 +220,13 @@ class AllToAllDispatcher:
         if not self.overlap:
             return run_in_sequence(self, x_TD, decision, experts)
         P, me, dev = self.ep_size, self.ep_rank, x_TD.device
-        phase = self.phases or _untimed
+        phase = self._phase()
         rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped = self._route(x_TD, decision, own_last=True)
         send_splits = [0 if p == me else sum(send_PL[p]) for p in range(P)]
         recv_splits = [0 if p == me else sum(recv_PL[p]) for p in range(P)]
         n_send, own = sum(send_splits), send_PL[me]
-        self.bytes_sent += n_send * x_ND.shape[-1] * x_ND.element_size()
+        if self.observer is not None:
+            self.observer.exchanged(n_send * x_ND.shape[-1] * x_ND.element_size())
         own_a, own_b = split_own(own)
         received = recv_counts_PL.clone()
         received[me] = 0  # the own rows stay

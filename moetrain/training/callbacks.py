@@ -1,7 +1,11 @@
 """Side concerns of training as callbacks: metrics, evaluation, checkpoints.
 
 The loop in ``training/trainer.py`` calls ``on_train_start``, then per optimizer step ``on_step_start`` (before
-the first forward: the place for routing-state changes) and ``on_step_end``, then ``on_train_end``.
+the first forward: the place for routing-state changes) and ``on_step_end``, then ``on_train_end``; a rerun
+of a finished run calls only ``on_nothing_to_do``. A checkpoint save reports its phases through
+``on_checkpoint`` (``written``: this rank's files are on disk, not yet committed; ``committed``: rank 0
+renamed the folder into place, before pruning older ones). Callers add their own callbacks through
+``moetrain.cli.main(argv, callbacks=[...])`` (the tests' failpoints do, ``tests/faults.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class Callback:
     def on_step_end(self, trainer: "Trainer", result: StepResult) -> None: ...
 
     def on_train_end(self, trainer: "Trainer") -> None: ...
+
+    def on_checkpoint(self, trainer: "Trainer", step: int, phase: str) -> None: ...
+
+    def on_nothing_to_do(self, trainer: "Trainer") -> None: ...
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
@@ -148,6 +156,11 @@ class CheckpointCallback(Callback):
 
     def save(self, trainer: "Trainer") -> None:
         step = trainer.state.step
+
+        def on_phase(phase: str) -> None:
+            for cb in trainer.callbacks:
+                cb.on_checkpoint(trainer, step, phase)
+
         folder = checkpoint.save(
             trainer.engine,
             trainer.model,
@@ -156,6 +169,7 @@ class CheckpointCallback(Callback):
             trainer.layout,
             trainer.run_state(),
             trainer.cfg.checkpoint.keep_last,
+            on_phase,
         )
         self.last_saved = step
         trainer.logger.write(f"saved checkpoint {folder}")

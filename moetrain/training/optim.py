@@ -2,9 +2,9 @@
 
 - :func:`param_groups`: no weight decay on norms, biases and positions; experts in their own groups
   (expert parallelism reduces their gradients over the expert-data-parallel group only);
-- :func:`isolate_distilled_params` / :func:`freeze_distilled_groups`: StableMoE's distilled router in
-  groups of its own whose learning rate and weight decay the stage switch sets to 0 (why:
-  ``moetrain/training/routing.py``);
+- :func:`isolate_tagged_params` / :func:`freeze_groups`: parameters a module tags
+  (``optimizer_group_tags``, e.g. StableMoE's distilled router) in groups of their own, whose learning
+  rate and weight decay a between-steps hook can set to 0 (why: ``moetrain/moe/routers/stablemoe_schedule.py``);
 - :func:`lr_lambda`: linear warmup, then cosine / linear decay.
 """
 
@@ -17,10 +17,8 @@ from torch import nn
 
 from moetrain.config.training import OptimConfig
 from moetrain.moe.experts import is_expert_param
-from moetrain.moe.routers.stablemoe import StableMoERouter
+from moetrain.moe.hooks import optimizer_group_tags
 from moetrain.parallel.deepspeed_moe import expert_group_name
-
-DISTILLED_GROUP = "distilled_router"
 
 
 def param_groups(model: nn.Module, weight_decay: float, ep_size: int = 1) -> list[dict[str, Any]]:
@@ -50,25 +48,27 @@ def param_groups(model: nn.Module, weight_decay: float, ep_size: int = 1) -> lis
     return out
 
 
-def isolate_distilled_params(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Move StableMoE's distilled-router parameters into their own groups (same hyperparameters, name
-    ``distilled_router/<group>``, appended last) so that the stage switch can zero their learning rate."""
-    distilled = {id(p) for r in model.modules() if isinstance(r, StableMoERouter) for p in r.distilled_parameters()}
-    if not distilled:
+def isolate_tagged_params(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Move the parameters modules tag (``optimizer_group_tags``) into groups of their own: same
+    hyperparameters, name ``<tag>/<group>``, appended last, so that :func:`freeze_groups` can freeze
+    them without touching the others."""
+    tags = optimizer_group_tags(model)
+    if not tags:
         return groups
     kept, moved = [], []
     for group in groups:
-        rest = [p for p in group["params"] if id(p) not in distilled]
-        mine = [p for p in group["params"] if id(p) in distilled]
+        rest = [p for p in group["params"] if id(p) not in tags]
         if rest:
             kept.append({**group, "params": rest})
-        if mine:
-            moved.append({**group, "params": mine, "name": f"{DISTILLED_GROUP}/{group.get('name', 'params')}"})
+        for tag in dict.fromkeys(tags[id(p)] for p in group["params"] if id(p) in tags):
+            mine = [p for p in group["params"] if tags.get(id(p)) == tag]
+            moved.append({**group, "params": mine, "name": f"{tag}/{group.get('name', 'params')}"})
     return kept + moved
 
 
-def freeze_distilled_groups(optimizer, lr_scheduler) -> int:
-    """Set lr and weight decay of the distilled-router groups to 0 (and their scheduler base lr).
+def freeze_groups(optimizer, lr_scheduler, tag: str) -> int:
+    """Set lr and weight decay of the groups of parameters tagged ``tag`` to 0 (and their scheduler
+    base lr).
 
     ``optimizer`` is the torch optimizer whose param-group dicts the steps read (DeepSpeed's ZeRO and
     bf16 wrappers keep the client optimizer's dicts and swap only their ``params`` for flat
@@ -76,7 +76,7 @@ def freeze_distilled_groups(optimizer, lr_scheduler) -> int:
     """
     changed = 0
     for i, group in enumerate(optimizer.param_groups):
-        if str(group.get("name", "")).startswith(DISTILLED_GROUP):
+        if str(group.get("name", "")).startswith(f"{tag}/"):
             group["lr"] = 0.0
             group["weight_decay"] = 0.0
             if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):

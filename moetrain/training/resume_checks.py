@@ -64,16 +64,21 @@ def _allowed(path: str) -> bool:
 
 
 def config_differences(
-    saved: dict, current: dict, current_model: BaseModel | None = None
+    saved: dict, current: dict, current_model: BaseModel | None = None, saved_resolved: dict | None = None
 ) -> tuple[list[str], list[str]]:
     """(refused, allowed) differences as ``"path: old -> new"`` lines. ``current_model``: the validated
-    config ``current`` dumps, to look up the defaults of fields that ``saved`` lacks."""
+    config ``current`` dumps, to look up the defaults of fields that ``saved`` lacks; ``saved_resolved``:
+    the saved config as this release resolves it (:func:`resolved_saved_config`), for fields whose value
+    follows from others."""
     old, new = flatten(saved), flatten(current)
+    resolved = flatten(saved_resolved) if saved_resolved is not None else {}
     refused, allowed = [], []
     for path in sorted(set(old) | set(new)):
         a, b = old.get(path, "<unset>"), new.get(path, "<unset>")
         if a == "<unset>" and current_model is not None and _is_default(current_model, path, b):
             continue  # a field newer than the checkpoint, left at its default
+        if a == "<unset>" and path in resolved and resolved[path] == b:
+            continue  # a newer field whose value follows from the saved ones (the arch's norm and biases)
         if a != b:
             (allowed if _allowed(path) else refused).append(f"{path}: {a!r} -> {b!r}")
     return refused, allowed
@@ -111,8 +116,8 @@ def resolved_saved_config(saved: dict, current_model: BaseModel) -> dict:
 
 def check_resume(folder, state: dict, current_model: BaseModel, world_size: int) -> list[str]:
     """Raise UserError naming every refused difference; return the allowed ones (to be reported)."""
-    saved, current = resolved_saved_config(state["config"], current_model), current_model.model_dump(mode="json")
-    refused, allowed = config_differences(saved, current, current_model)
+    saved, current = state["config"], current_model.model_dump(mode="json")
+    refused, allowed = config_differences(saved, current, current_model, resolved_saved_config(saved, current_model))
     old_batch, new_batch = global_batch(saved, state["world_size"]), global_batch(current, world_size)
     if old_batch != new_batch:
         refused.append(

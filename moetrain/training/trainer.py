@@ -12,14 +12,14 @@ from moetrain import data
 from moetrain.config.job import JobConfig
 from moetrain.config.loading import dump_config
 from moetrain.errors import UserError
-from moetrain.logging import NullLogger, RunLogger
 from moetrain.model import MoETransformer
+from moetrain.moe.hooks import collect_hooks
 from moetrain.parallel.deepspeed_moe import register_expert_parallel
 from moetrain.parallel.grad_norm import clip_grad_norm
 from moetrain.parallel.layout import ParallelLayout
 from moetrain.parallel.parallelize import parallelize
-from moetrain.training import checkpoint, engine, faults, state_io
-from moetrain.training.balancing import balancing_callbacks
+from moetrain.run_logging import NullLogger, RunLogger
+from moetrain.training import checkpoint, engine, state_io
 from moetrain.training.callbacks import (
     Callback,
     CheckpointCallback,
@@ -30,10 +30,10 @@ from moetrain.training.callbacks import (
 )
 from moetrain.training.determinism import apply_determinism
 from moetrain.training.host_memory import bound_kernel_caches, retain_freed_memory
+from moetrain.training.moe_hooks import MoEHooksCallback
 from moetrain.training.nonfinite import NonFiniteGuard
-from moetrain.training.optim import isolate_distilled_params, lr_lambda, param_groups
+from moetrain.training.optim import isolate_tagged_params, lr_lambda, param_groups
 from moetrain.training.resume_checks import check_resume
-from moetrain.training.routing import routing_callbacks
 
 
 @dataclass
@@ -43,6 +43,9 @@ class TrainState:
 
 
 class Trainer:
+    """The generic loop. What routing needs between steps comes from the model's declared hooks
+    (:mod:`moetrain.moe.hooks`); ``extra_callbacks`` are the caller's (``moetrain.cli.main``'s)."""
+
     def __init__(self, cfg: JobConfig, layout: ParallelLayout, extra_callbacks: list[Callback] | None = None) -> None:
         self.cfg = cfg
         self.layout = layout
@@ -51,14 +54,8 @@ class Trainer:
         self.logger = NullLogger()
         self.finished = False  # a rerun of a run that already reached its last step
         self.guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max_skips)
-        self.callbacks: list[Callback] = [
-            MetricsCallback(cfg.logging.interval),
-            EvalCallback(cfg.train.eval_interval),
-            *balancing_callbacks(cfg),  # aux-loss-free bias updates: first, after the optimizer step
-            *routing_callbacks(cfg),  # StableMoE stage switch, routing-fluctuation probe, ...
-            *(extra_callbacks or []),
-            CheckpointCallback(cfg.checkpoint.interval, cfg.checkpoint.save_at_end),
-        ]
+        self.extra_callbacks = list(extra_callbacks or [])
+        self.callbacks: list[Callback] = []  # built in setup, once the model (and its hooks) exist
 
     @property
     def last_step(self) -> int:
@@ -71,30 +68,61 @@ class Trainer:
         """Validate everything that can fail on user input before anything is written to the run dir.
 
         1. choose the checkpoint to resume (rank 0 verifies, all ranks agree); a finished run stops here;
-        2. data; the saved job must match this one (resume_checks); 3. model, parallelized; 4. engine;
-        5. load the checkpoint; 6. only then write to the run dir.
+        2. data; the saved job must match this one (resume_checks); 3. model, parallelized, and the
+        callbacks (the model's hooks among them); 4. engine; 5. load the checkpoint; 6. only then write
+        to the run dir.
         """
         cfg, layout = self.cfg, self.layout
-        apply_determinism(cfg.train.deterministic)
-        if not torch.cuda.is_available():  # CPU training
-            if cfg.train.retain_host_memory:
-                retain_freed_memory()
-            if cfg.train.cpu_kernel_cache is not None:
-                bound_kernel_caches(cfg.train.cpu_kernel_cache)
+        self._apply_process_settings()
         choice = checkpoint.choose_resume(self.run_dir, cfg.checkpoint.resume, layout)  # 1.
         for note in choice.notes:
             self._say(note)
         saved = checkpoint.read_state(choice.folder) if choice.folder is not None else None
         if saved is not None and saved["step"] >= self.last_step:
             self.finished = True
+            self.state = TrainState(saved["step"], saved["tokens"])
             self._say(
                 f"nothing to do: {choice.folder} is at step {saved['step']} and this run ends at step "
                 f"{self.last_step} (raise train.steps to continue); nothing was changed"
             )
-            faults.kill_if("kill_after_finish_check", saved["step"], layout.rank)
+            self.callbacks = self.extra_callbacks
             return
-        data.check_data_reachable(cfg.data)  # 2. rank 0 opens (or prepares) the store; the others wait for it
-        cache = data.prepare_data(cfg.data, log=self._say) if layout.rank == 0 else data.wait_for_data(cfg.data)
+        cache = self._setup_data()  # 2.
+        if saved is not None:
+            self._check_resume(choice.folder, saved, cache.fingerprint)
+        self.model = self._build_model()  # 3.
+        self.callbacks = [
+            MetricsCallback(cfg.logging.interval),
+            EvalCallback(cfg.train.eval_interval),
+            MoEHooksCallback(collect_hooks(self.model)),  # routing state between steps, declared by the model
+            *self.extra_callbacks,
+            CheckpointCallback(cfg.checkpoint.interval, cfg.checkpoint.save_at_end),
+        ]
+        self._build_engine()  # 4.
+        self.data_fingerprint = cache.fingerprint
+        if saved is not None:  # 5.
+            for note in checkpoint.load(self.engine, self.model, choice.folder, layout, saved):
+                self._say(note)
+            self.state = TrainState(saved["step"], saved["tokens"])
+            self._say(f"resumed from {choice.folder} at step {self.state.step}")
+        if layout.rank == 0:  # 6.
+            self._open_run_dir(saved is not None)
+
+    def _apply_process_settings(self) -> None:
+        """Determinism, and on the CPU the allocator and kernel-cache settings (train.*)."""
+        cfg = self.cfg
+        apply_determinism(cfg.train.deterministic)
+        if not torch.cuda.is_available():  # CPU training
+            if cfg.train.retain_host_memory:
+                retain_freed_memory()
+            if cfg.train.cpu_kernel_cache is not None:
+                bound_kernel_caches(cfg.train.cpu_kernel_cache)
+
+    def _setup_data(self) -> data.PreparedData:
+        """Rank 0 opens (or prepares) the token store, the others wait for it; the model's vocabulary."""
+        cfg = self.cfg
+        data.check_data_reachable(cfg.data)
+        cache = data.prepare_data(cfg.data, log=self._say) if self.layout.rank == 0 else data.wait_for_data(cfg.data)
         self._build_data(cache)
         vocab = cfg.model.vocab_size or cache.vocab_size
         if vocab < cache.vocab_size:
@@ -103,9 +131,12 @@ class Trainer:
             )
         self.model_cfg = cfg.model.model_copy(update={"vocab_size": vocab})
         self.resolved = cfg.model_copy(update={"model": self.model_cfg})
-        if saved is not None:
-            self._check_resume(choice.folder, saved, cache.fingerprint)
-        torch.manual_seed(cfg.seed)  # 3.
+        return cache
+
+    def _build_model(self) -> MoETransformer:
+        """The model for one process, then parallelized over the layout (torchtitan's pattern)."""
+        cfg, layout = self.cfg, self.layout
+        torch.manual_seed(cfg.seed)
         model = MoETransformer(self.model_cfg, cfg.moe, cfg.train.activation_checkpointing)
         moe, recompute = cfg.moe, cfg.train.activation_checkpointing
         if moe is not None and moe.ep_overlap and moe.expert_parallel_size > 1 and recompute != "none":
@@ -114,36 +145,38 @@ class Trainer:
             )
         if cfg.train.compile:
             model.compile_dense()
-        self.model = parallelize(model, layout)
-        register_expert_parallel(self.model, layout)
+        model = parallelize(model, layout)
+        register_expert_parallel(model, layout)
+        return model
+
+    def _build_engine(self) -> None:
+        """AdamW over moetrain's parameter groups, the LR schedule, and the DeepSpeed engine."""
+        cfg, layout = self.cfg, self.layout
         groups = param_groups(self.model, cfg.optim.weight_decay, layout.ep_size)
-        groups = isolate_distilled_params(self.model, groups)  # StableMoE: frozen at the switch
+        groups = isolate_tagged_params(self.model, groups)  # groups a hook may freeze (StableMoE's switch)
         optimizer = torch.optim.AdamW(
             groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=cfg.optim.fused
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
         ds_config = engine.build_ds_config(cfg, layout.world_size)
-        self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config, layout.world_size)  # 4.
+        self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config, layout.world_size)
         state_io.check_supported(self.model, self.engine.optimizer)
         self.own_clipping = engine.moetrain_clips(ds_config)
         self._grad_norm = None
-        self.data_fingerprint = cache.fingerprint
-        if saved is not None:  # 5.
-            for note in checkpoint.load(self.engine, self.model, choice.folder, layout, saved):
-                self._say(note)
-            self.state = TrainState(saved["step"], saved["tokens"])
-            self._say(f"resumed from {choice.folder} at step {self.state.step}")
-        if layout.rank == 0:  # 6.
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if saved is not None:
-                for name in checkpoint.set_aside_newer(self.run_dir, self.state.step):
-                    self._say(f"set aside unverified checkpoint {name} (newer than the one resumed)")
-            elif cfg.checkpoint.resume == "none" and (moved := checkpoint.set_aside_history(self.run_dir)):
-                self._say(f"fresh run (checkpoint.resume=none): the earlier run's files are in {moved}")
-            (self.run_dir / "config.yaml").write_text(dump_config(self.resolved))
-            self.logger = RunLogger(
-                cfg.logging, self.run_dir, self.last_step, self.state.step, self.resolved.model_dump(mode="json")
-            )
+
+    def _open_run_dir(self, resumed: bool) -> None:
+        """Rank 0: set aside what this run replaces, write the resolved config, open the logger."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            for name in checkpoint.set_aside_newer(self.run_dir, self.state.step):
+                self._say(f"set aside unverified checkpoint {name} (newer than the one resumed)")
+        elif cfg.checkpoint.resume == "none" and (moved := checkpoint.set_aside_history(self.run_dir)):
+            self._say(f"fresh run (checkpoint.resume=none): the earlier run's files are in {moved}")
+        (self.run_dir / "config.yaml").write_text(dump_config(self.resolved))
+        self.logger = RunLogger(
+            cfg.logging, self.run_dir, self.last_step, self.state.step, self.resolved.model_dump(mode="json")
+        )
 
     def _check_resume(self, folder: Path, saved: dict, fingerprint: str) -> None:
         """Refuse a checkpoint of another job (exit 2, every difference listed); report allowed changes."""
@@ -178,45 +211,50 @@ class Trainer:
 
     def train(self) -> TrainState:
         if self.finished:
+            for cb in self.callbacks:
+                cb.on_nothing_to_do(self)
             return self.state
-        cfg, engine = self.cfg, self.engine
-        device = engine.device
-        tokens_per_step = self.stream.global_batch * cfg.data.seq_len
         for cb in self.callbacks:
             cb.on_train_start(self)
         for step in range(self.state.step, self.last_step):
             for cb in self.callbacks:
                 cb.on_step_start(self, step)
-            faults.hang_if("hang", step + 1, self.layout.rank)
-            lm_sum = aux_sum = loss_sum = torch.zeros((), device=device)
-            stats, skip = [], False
-            for micro in range(cfg.train.grad_accum_steps):
-                x, y = self.stream.batch(step, micro)
-                out = engine(x.to(device), y.to(device))
-                loss = out.loss * float("nan") if faults.active("nan_loss", step + 1, self.layout.rank) else out.loss
-                engine.backward(loss)
-                lm_sum = lm_sum + out.lm_loss.detach()
-                aux_sum = aux_sum + out.aux_loss.detach()
-                loss_sum = loss_sum + loss.detach()
-                stats.append(out.moe_stats)
-                if micro == cfg.train.grad_accum_steps - 1:  # before the update: the non-finite policy
-                    if self.own_clipping:
-                        self._grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip, self.layout.ep_group)
-                    skip = self.guard.check(step + 1, loss_sum, self._grad_norm if self.own_clipping else None)
-                    if skip and self.own_clipping:
-                        self.guard.skip_update(engine, self.model)
-                engine.step()
-            skip = self.guard.after_step(engine, step + 1, self.own_clipping, skip)
+            result = self._train_step(step)
             self.state.step = step + 1
-            self.state.tokens += tokens_per_step
-            ga = cfg.train.grad_accum_steps
-            result = StepResult(step + 1, lm_sum / ga, aux_sum / ga, stats, tokens_per_step, skip)
+            self.state.tokens += result.tokens
             for cb in self.callbacks:
                 cb.on_step_end(self, result)
         for cb in self.callbacks:
             cb.on_train_end(self)
         self.logger.close()
         return self.state
+
+    def _train_step(self, step: int) -> StepResult:
+        """One optimizer step (0-based ``step``): the micro-batches' forward and backward, the
+        non-finite policy before the update (collective), the update."""
+        cfg, engine = self.cfg, self.engine
+        device = engine.device
+        lm_sum = aux_sum = loss_sum = torch.zeros((), device=device)
+        stats, skip = [], False
+        ga = cfg.train.grad_accum_steps
+        for micro in range(ga):
+            x, y = self.stream.batch(step, micro)
+            out = engine(x.to(device), y.to(device))
+            engine.backward(out.loss)
+            lm_sum = lm_sum + out.lm_loss.detach()
+            aux_sum = aux_sum + out.aux_loss.detach()
+            loss_sum = loss_sum + out.loss.detach()
+            stats.append(out.moe_stats)
+            if micro == ga - 1:  # before the update: the non-finite policy
+                if self.own_clipping:
+                    self._grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip, self.layout.ep_group)
+                skip = self.guard.check(step + 1, loss_sum, self._grad_norm if self.own_clipping else None)
+                if skip and self.own_clipping:
+                    self.guard.skip_update(engine, self.model)
+            engine.step()
+        skip = self.guard.after_step(engine, step + 1, self.own_clipping, skip)
+        tokens = self.stream.global_batch * cfg.data.seq_len
+        return StepResult(step + 1, lm_sum / ga, aux_sum / ga, stats, tokens, skip)
 
     # --- helpers used by callbacks -------------------------------------------------------------------
 

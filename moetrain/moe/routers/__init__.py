@@ -1,10 +1,15 @@
 """Router registry: one builder from a router config (``moetrain.config.routers``) to its router.
 
-Add a router by writing ``routers/<name>.py`` (a :class:`~moetrain.moe.routing.Router` subclass), its
-config in ``moetrain/config/routers.py``, and a branch below.
+Add a router by writing ``routers/<name>.py`` (a :class:`~moetrain.moe.routers.base.Router` subclass), its
+config in ``moetrain/config/routers.py``, and an entry in ``BUILDERS``. A router defined outside the
+package registers itself with :func:`register_router` (see docs/routers.md, "Adding a router"); what it
+needs between optimizer steps it declares itself (``declare_hooks``, :mod:`moetrain.moe.hooks`), so
+nothing under ``moetrain/training/`` changes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from moetrain.config.routers import (
     BaseLayerRouterConfig,
@@ -13,28 +18,52 @@ from moetrain.config.routers import (
     RouterConfig,
     StableMoERouterConfig,
     TopKRouterConfig,
+    register_router_config,
 )
 from moetrain.kernels import KernelBackend
+from moetrain.moe.routers.base import Router
 from moetrain.moe.routers.base_layer import BaseLayerRouter
 from moetrain.moe.routers.expert_choice import ExpertChoiceRouter
 from moetrain.moe.routers.hash import HashRouter
 from moetrain.moe.routers.stablemoe import StableMoERouter
 from moetrain.moe.routers.topk import TopKRouter
-from moetrain.moe.routing import Router
+
+# config class -> builder(cfg, *, d_model, num_experts, vocab_size, backend) -> Router
+RouterBuilder = Callable[..., Router]
+BUILDERS: dict[type, RouterBuilder] = {
+    TopKRouterConfig: lambda cfg, *, d_model, num_experts, vocab_size, backend: TopKRouter(
+        cfg, d_model, num_experts, backend
+    ),
+    StableMoERouterConfig: lambda cfg, *, d_model, num_experts, vocab_size, backend: StableMoERouter(
+        cfg, d_model, num_experts, vocab_size, backend
+    ),
+    BaseLayerRouterConfig: lambda cfg, *, d_model, num_experts, vocab_size, backend: BaseLayerRouter(
+        cfg, d_model, num_experts, backend
+    ),
+    HashRouterConfig: lambda cfg, *, d_model, num_experts, vocab_size, backend: HashRouter(
+        cfg, num_experts, vocab_size
+    ),
+    ExpertChoiceRouterConfig: lambda cfg, *, d_model, num_experts, vocab_size, backend: ExpertChoiceRouter(
+        cfg, d_model, num_experts
+    ),
+}
+
+
+def register_router(config: type, build: RouterBuilder) -> None:
+    """Make ``moe.router: {kind: ...}`` of ``config`` build a router with ``build`` (this process).
+
+    ``config``: a ``moetrain.config.schema.StrictModel`` with ``kind: Literal["name"]`` and the router's
+    fields; ``build(cfg, *, d_model, num_experts, vocab_size, backend)`` returns a
+    :class:`~moetrain.moe.routers.base.Router`."""
+    register_router_config(config)
+    BUILDERS[config] = build
 
 
 def build_router(
     cfg: RouterConfig, *, d_model: int, num_experts: int, vocab_size: int, backend: KernelBackend
 ) -> Router:
     """The router for ``cfg``, for one process; ``parallelize`` sets its ``stats_group`` later."""
-    if isinstance(cfg, TopKRouterConfig):
-        return TopKRouter(cfg, d_model, num_experts, backend)
-    if isinstance(cfg, StableMoERouterConfig):
-        return StableMoERouter(cfg, d_model, num_experts, vocab_size, backend)
-    if isinstance(cfg, BaseLayerRouterConfig):
-        return BaseLayerRouter(cfg, d_model, num_experts, backend)
-    if isinstance(cfg, HashRouterConfig):
-        return HashRouter(cfg, num_experts, vocab_size)
-    if isinstance(cfg, ExpertChoiceRouterConfig):
-        return ExpertChoiceRouter(cfg, d_model, num_experts)
-    raise TypeError(f"no router for config {type(cfg).__name__}")
+    build = BUILDERS.get(type(cfg))
+    if build is None:
+        raise TypeError(f"no router for config {type(cfg).__name__}: register it with register_router")
+    return build(cfg, d_model=d_model, num_experts=num_experts, vocab_size=vocab_size, backend=backend)

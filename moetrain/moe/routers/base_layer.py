@@ -20,8 +20,8 @@ from torch import nn
 from moetrain.config.routers import BaseLayerRouterConfig
 from moetrain.kernels import KernelBackend
 from moetrain.moe.routers.balanced_assignment import balanced_assignment
+from moetrain.moe.routers.base import Router, RoutingDecision, zero_loss
 from moetrain.moe.routers.init import orthogonal_, private_generator
-from moetrain.moe.routing import Router, RoutingDecision, zero_loss
 
 
 class BaseLayerRouter(Router):

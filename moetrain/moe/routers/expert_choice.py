@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from moetrain.config.routers import ExpertChoiceRouterConfig
-from moetrain.moe.routing import Router, RoutingDecision, zero_loss
+from moetrain.moe.routers.base import Router, RoutingDecision, zero_loss
 
 
 def expert_choice_capacity(group: int, num_experts: int, top_k: int, capacity_factor: float) -> int:

@@ -10,7 +10,8 @@ The table is a persistent buffer (saved in every checkpoint). The StableMoE pape
 - ``balanced``: Roller et al.'s frequency-balanced hash: token ids by descending training frequency,
   each to the expert with the least total frequency so far (ties: fewest ids, then lowest expert id).
   It needs the training data's token counts, so the table starts as ``random`` and is rebuilt once at
-  the start of a fresh run (``moetrain/training/routing.py``); resumed runs load it from the checkpoint.
+  the start of a fresh run (:class:`HashTableFromFrequencies`, a hook the router declares); resumed runs
+  load it from the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 import torch
 
 from moetrain.config.routers import HashRouterConfig
+from moetrain.moe.hooks import HookContext, TrainingHooks
+from moetrain.moe.routers.base import Router, RoutingDecision, zero_loss
 from moetrain.moe.routers.init import private_generator
-from moetrain.moe.routing import Router, RoutingDecision, zero_loss
 
 
 def random_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
@@ -55,8 +57,41 @@ class HashRouter(Router):
     def set_table(self, table_V: torch.Tensor) -> None:
         self.table_V.copy_(table_V.to(self.table_V))
 
+    @classmethod
+    def declare_hooks(cls, routers: list[HashRouter]) -> list[TrainingHooks]:
+        """``table: balanced``: the table is built from the training data's token frequencies."""
+        if routers[0].cfg.table != "balanced":
+            return []
+        return [HashTableFromFrequencies(routers, routers[0].cfg.balance_tokens)]
+
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor, group_size: int | None = None) -> RoutingDecision:
         """The expert is ``table[token id]``; the gate is 1 (the expert output is added unscaled)."""
         expert_ids_TK = self.table_V[token_ids_T][:, None]
         gates_TK = torch.ones(expert_ids_TK.shape, dtype=torch.float32, device=x_TD.device)
         return RoutingDecision(expert_ids_TK, gates_TK, zero_loss(x_TD), {}, None)
+
+
+class HashTableFromFrequencies(TrainingHooks):
+    """Frequency-balanced Hash table from the first ``max_tokens`` training tokens (fresh runs only:
+    a resumed run has the table in its checkpoint). Every rank computes the same table. With a data
+    mixture the tokens are taken from the sources in order, ``max_tokens`` in all."""
+
+    def __init__(self, routers: list[HashRouter], max_tokens: int) -> None:
+        self.routers = routers
+        self.max_tokens = max_tokens
+
+    def on_train_start(self, ctx: HookContext) -> None:
+        if ctx.step > 0:
+            return
+        vocab = self.routers[0].table_V.numel()
+        freq = np.zeros(vocab, dtype=np.int64)
+        left = self.max_tokens
+        for tokens in ctx.training_tokens():
+            end = min(len(tokens), left)
+            for start in range(0, end, 1 << 24):
+                chunk = np.asarray(tokens[start : min(end, start + (1 << 24))])
+                freq += np.bincount(chunk, minlength=vocab)[:vocab]
+            left -= end
+        table = balanced_table(freq, self.routers[0].num_experts)
+        for router in self.routers:
+            router.set_table(table)

@@ -14,15 +14,14 @@ Spec: ``docs/stablemoe.md``. Per token t with layer input h_t and token id X_t::
                              router (the official code) or the backbone argmax
 
 The stage is an explicit enum held in a buffer (so DeepSpeed's module checkpoint stores it) and
-changed only by :meth:`StableMoERouter.set_stage`, which the trainer's schedule callback calls between
-optimizer steps (``moetrain/training/routing.py``); ``forward`` only reads it. The same callback
-keeps the switch record in buffers of the router (so it is checkpointed too): the switch step and
-reason, and a ring of per-step routing statistics over the last ``adaptive.window`` steps of stage 1.
+changed only by :meth:`StableMoERouter.set_stage`, which the router's schedule hook calls between
+optimizer steps (:meth:`StableMoERouter.declare_hooks`, ``moetrain/moe/routers/stablemoe_schedule.py``);
+``forward`` only reads it. The same hook keeps the switch record in buffers of the router (so it is
+checkpointed too): the switch step and reason, and a ring of per-step routing statistics over the last
+``adaptive.window`` steps of stage 1.
 """
 
 from __future__ import annotations
-
-import enum
 
 import torch
 import torch.distributed as dist
@@ -32,29 +31,15 @@ from torch import nn
 from moetrain.config.routers import StableMoERouterConfig
 from moetrain.kernels import KernelBackend
 from moetrain.moe import aux
+from moetrain.moe.routers.base import Router, RoutingDecision
 from moetrain.moe.routers.init import orthogonal_, private_generator
-from moetrain.moe.routing import Router, RoutingDecision
-
-
-class RouterStage(enum.IntEnum):
-    LEARN = 0  # stage 1: backbone routing, balance + distillation losses
-    FROZEN = 1  # stage 2: frozen distilled routing, no routing losses
-
-
-class SwitchReason(enum.IntEnum):
-    """Why stage 1 ended (logged as ``moe/switch_reason``)."""
-
-    NONE = 0  # not switched yet
-    STEPS = 1  # switch: steps -- stage1_steps reached
-    CRITERIA = 2  # switch: adaptive -- agreement and load met the thresholds over the window
-    MAX_STEPS = 3  # switch: adaptive -- the criteria were not met by stage1_steps
-
-
-# A row of the switch-statistics ring: [valid, agreement, distillation loss, load_E, distilled_load_E].
-# NOTE: int64 (agreement and loss in millionths, loads as counts) so that a bf16/fp16 engine, which
-# casts floating buffers, cannot round them.
-WINDOW_STATS = 3
-WINDOW_SCALE = 1_000_000
+from moetrain.moe.routers.stablemoe_schedule import StableRoutingSchedule
+from moetrain.moe.routers.stablemoe_stage import (  # noqa: F401 - RouterStage, SwitchReason: part of this API
+    DISTILLED_GROUP,
+    WINDOW_STATS,
+    RouterStage,
+    SwitchReason,
+)
 
 
 class StableMoERouter(Router):
@@ -85,7 +70,7 @@ class StableMoERouter(Router):
             self.distill_embed_VR.copy_(torch.randn(self.distill_embed_VR.shape, generator=gen))
         self.register_buffer("stage_buf", torch.tensor(int(RouterStage.LEARN), dtype=torch.int64))
         self._stage = RouterStage.LEARN  # host mirror of stage_buf: forward never reads the device
-        # The switch record, written only by moetrain/training/routing.py between optimizer steps:
+        # The switch record, written only by the schedule hook between optimizer steps:
         # [switch step (-1: not yet), SwitchReason] and the ring of per-step stage-1 statistics.
         self.register_buffer("switch_buf", torch.tensor([-1, int(SwitchReason.NONE)], dtype=torch.int64))
         row = WINDOW_STATS + 2 * num_experts
@@ -106,8 +91,8 @@ class StableMoERouter(Router):
         """Switch the stage (call between optimizer steps). FROZEN stops D and Ê producing gradients.
 
         NOTE: this alone does not keep an optimizer from moving D and Ê (weight decay, momentum, or
-        ZeRO's flat partitions stepping on zero gradients); ``moetrain/training/routing.py`` also sets their
-        parameter group's learning rate to 0.
+        ZeRO's flat partitions stepping on zero gradients); the schedule hook also freezes their optimizer
+        group (``moetrain/moe/routers/stablemoe_schedule.py``).
         """
         self._stage = RouterStage(stage)
         self.stage_buf.fill_(int(stage))
@@ -116,6 +101,15 @@ class StableMoERouter(Router):
             p.requires_grad_(not frozen)
             if frozen:
                 p.grad = None
+
+    def optimizer_group_tags(self) -> dict[str, list[nn.Parameter]]:
+        """D and Ê in an optimizer group of their own, which the switch freezes."""
+        return {DISTILLED_GROUP: self.distilled_parameters()}
+
+    @classmethod
+    def declare_hooks(cls, routers: list[StableMoERouter]) -> list[StableRoutingSchedule]:
+        """The stage schedule, over every StableMoE router of the model at once."""
+        return [StableRoutingSchedule(routers, routers[0].cfg)]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -2,8 +2,8 @@
 
 Auxiliary-loss-free balancing (``bias_update_rate > 0``, DeepSeek-V3): a per-expert bias is added to
 the scores to *choose* the k experts and never enters the gates. Each forward in training adds its
-counts to ``pending_load_E`` (on the device: no host sync); after the optimizer step
-:meth:`TopKRouter.update_bias` all-reduces them over the data-parallel group (one all-reduce) and moves
+counts to ``pending_load_E`` (on the device: no host sync); after the optimizer step (the
+:class:`BiasBalancing` hook the router declares) :meth:`TopKRouter.update_bias` all-reduces them over the data-parallel group (one all-reduce) and moves
 the bias by ``+rate`` for experts below the mean load and ``-rate`` for those above it, the same on
 every rank. The bias is kept as an integer count of net steps (``bias_steps_E``, int64, checkpointed)
 times the rate: exact, and untouched when the model is cast to bf16 (a bf16 bias near 1 would round
@@ -21,8 +21,9 @@ from torch import nn
 from moetrain.config.routers import TopKRouterConfig
 from moetrain.kernels import KernelBackend
 from moetrain.moe import aux
+from moetrain.moe.hooks import HookContext, StepReport, TrainingHooks
+from moetrain.moe.routers.base import Router, RoutingDecision
 from moetrain.moe.routers.init import orthogonal_, private_generator
-from moetrain.moe.routing import Router, RoutingDecision
 
 
 class TopKRouter(Router):
@@ -96,3 +97,19 @@ class TopKRouter(Router):
         # sign(mean - load) with mean = sum / E, in integers: sign(sum - E * load)
         self.bias_steps_E += torch.sign(load_E.sum() - load_E * load_E.numel())
         load_E.zero_()
+
+    @classmethod
+    def declare_hooks(cls, routers: list[TopKRouter]) -> list[TrainingHooks]:
+        balancing = [r for r in routers if r.balances_by_bias]
+        return [BiasBalancing(balancing)] if balancing else []
+
+
+class BiasBalancing(TrainingHooks):
+    """Auxiliary-loss-free balancing: after each optimizer step, every biased router moves its bias."""
+
+    def __init__(self, routers: list[TopKRouter]) -> None:
+        self.routers = routers
+
+    def after_step(self, ctx: HookContext, report: StepReport) -> None:
+        for router in self.routers:
+            router.update_bias()
