@@ -47,6 +47,8 @@ setup(
         "moetrain.backbone",
         "moetrain.inference",
         "moetrain.export",
+        "moetrain.hf",
+        "moetrain.hf.families",
         "moetrain.moe",
         "moetrain.moe.routers",
         "moetrain.parallel",

@@ -137,7 +137,7 @@ LAYERS = [
     ["moetrain.data", "moetrain.logging", "moetrain.report"],
     ["moetrain.parallel"],  # applied to a built model
     ["moetrain.training"],
-    ["moetrain.inference", "moetrain.export"],  # use what training saved
+    ["moetrain.inference", "moetrain.export", "moetrain.hf"],  # use what training saved; Hugging Face in and out
     ["moetrain.launch", "moetrain.cli"],  # entry points
 ]
 # parallelism takes plain values (a layout, groups), never the job config
@@ -176,6 +176,14 @@ def test_a_planted_layer_violation_is_found():
     graph = import_graph(ROOTS, type_checking=True)
     graph["moetrain.moe.layer"] = graph["moetrain.moe.layer"] | {"moetrain.training.trainer"}
     assert layer_violations(graph) == ["moetrain.moe.layer imports moetrain.training.trainer"]
+
+
+def test_the_hf_families_import_no_deepspeed():
+    code = (
+        "import sys, moetrain.hf.families.deepseek_v3, moetrain.hf.families.rope; "
+        "bad = [m for m in sys.modules if m == 'deepspeed' or m.startswith('moetrain.training')]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_the_config_tree_imports_no_torch():
