@@ -52,7 +52,9 @@ def build_state(rules: list[TensorRule], read: Reader, model: MoETransformer) ->
             assert state[rule.target].dtype == value.dtype, (rule.target, value.dtype)
             state[rule.target] = value
         else:
-            state[rule.target][:, rule.expert] = value[0] if value.shape[0] == 1 else value
+            state[rule.target][:, rule.expert] = value  # [S, D, F]: the stacked slice of one global expert
+    if model.cfg.tie_embeddings:  # one tensor under two names: the output head is the embedding
+        state["lm_head.weight"] = state["embed.weight"]
     return state
 
 
