@@ -285,9 +285,7 @@ class _TopKGatingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, k, score_func, renormalize, bias_E, allowed_TE):  # type: ignore[override]
         sigmoid = score_func == "sigmoid"
-        ids_TK, gates_TK, scores_TE, counts_E = _gating_forward(
-            logits_TE, k, sigmoid, renormalize, bias_E, allowed_TE
-        )
+        ids_TK, gates_TK, scores_TE, counts_E = _gating_forward(logits_TE, k, sigmoid, renormalize, bias_E, allowed_TE)
         ctx.save_for_backward(scores_TE, ids_TK)
         ctx.mark_non_differentiable(ids_TK, counts_E)
         ctx.set_materialize_grads(False)

@@ -59,7 +59,10 @@ BASE = dict(
 VARIANTS = {
     "dense1-shared1-yarn": {},
     "shared2-qlora-null": {"n_shared_experts": 2, "q_lora_rank": None},
-    "plain-rope-no-renorm": {"rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}, "norm_topk_prob": False},
+    "plain-rope-no-renorm": {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0},
+        "norm_topk_prob": False,
+    },
     "no-dense-no-interleave-tied": {"first_k_dense_replace": 0, "rope_interleave": False, "tie_word_embeddings": True},
 }
 
@@ -134,13 +137,23 @@ def test_hub_layout_with_an_mtp_layer_in_two_shards(tmp_path):
     hf.save_pretrained(tmp_path / "saved")
     saved = SafetensorsReader(tmp_path / "saved")
     tensors = {name: saved(name, None) for name in saved.names()}
-    mtp = {f"model.layers.3.{k.split('.', 3)[3]}": v.clone() for k, v in tensors.items() if k.startswith("model.layers.2.")}
+    mtp = {
+        f"model.layers.3.{k.split('.', 3)[3]}": v.clone() for k, v in tensors.items() if k.startswith("model.layers.2.")
+    }
     mtp.update({"model.layers.3.enorm.weight": torch.ones(32), "model.layers.3.eh_proj.weight": torch.zeros(32, 64)})
     names = sorted(tensors)
     save_file({k: tensors[k] for k in names[: len(names) // 2]}, str(tmp_path / "model-00001-of-00002.safetensors"))
-    save_file({**{k: tensors[k] for k in names[len(names) // 2 :]}, **mtp}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    save_file(
+        {**{k: tensors[k] for k in names[len(names) // 2 :]}, **mtp}, str(tmp_path / "model-00002-of-00002.safetensors")
+    )
     reader = SafetensorsReader(tmp_path)
-    hub = {**hc, "num_nextn_predict_layers": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1}
+    hub = {
+        **hc,
+        "num_nextn_predict_layers": 1,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "moe_layer_freq": 1,
+    }
     rules = deepseek_v3.rules(hub, reader.names())
     skipped = deepseek_v3.skipped_tensors(hub, reader.names())
     assert set(skipped) == set(mtp)

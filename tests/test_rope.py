@@ -159,7 +159,10 @@ def model_scaling(fields: dict):
         ({"rope_type": "linear", "factor": 2.0, "mscale_all_dim": 1.0}, "rope_parameters.mscale_all_dim"),
         ({"rope_type": "linear"}, "rope_parameters.factor"),
         ({"rope_type": "llama3", "factor": 8.0}, "rope_parameters.low_freq_factor"),
-        ({"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "default"}}, "rope_parameters"),
+        (
+            {"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "default"}},
+            "rope_parameters",
+        ),
     ],
 )
 def test_what_is_not_computed_exactly_is_refused_by_name(params, field):

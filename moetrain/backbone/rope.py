@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moetrain.config.rope import Llama3RopeScaling, LinearRopeScaling, RopeScaling, YarnRopeScaling
+from moetrain.config.rope import LinearRopeScaling, Llama3RopeScaling, RopeScaling, YarnRopeScaling
 
 
 @dataclass(frozen=True)

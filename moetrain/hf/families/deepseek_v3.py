@@ -238,7 +238,9 @@ def _attention_rules(hf_config: dict, ours: str, theirs: str) -> list[TensorRule
     c, order = hf_config, _rotary_order(hf_config)
     heads, nope = c["num_attention_heads"], c["qk_nope_head_dim"]
     rules = [
-        _rotary_rows_rule(f"{ours}.kv_a_proj.weight", f"{theirs}.kv_a_proj_with_mqa.weight", 1, c["kv_lora_rank"], order),
+        _rotary_rows_rule(
+            f"{ours}.kv_a_proj.weight", f"{theirs}.kv_a_proj_with_mqa.weight", 1, c["kv_lora_rank"], order
+        ),
         copy_rule(f"{ours}.kv_a_norm.weight", f"{theirs}.kv_a_layernorm.weight"),
         linear_rule(f"{ours}.kv_b_proj.weight", f"{theirs}.kv_b_proj.weight"),
         linear_rule(f"{ours}.proj.weight", f"{theirs}.o_proj.weight"),
