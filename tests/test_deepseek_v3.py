@@ -248,11 +248,30 @@ def test_check_refuses_by_field(change, field):
     assert err.value.field == field and str(err.value).startswith(f"config.json field {field} = ")
 
 
-def test_export_refuses_a_model_that_is_no_longer_deepseek():
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"router": {"score_func": "softmax"}}, "moe.router.score_func is 'softmax'"),
+        ({"layers": [0, 2]}, "the MoE blocks is \\[0, 2\\]"),
+        ({"layers": None, "every": 2}, "the MoE blocks is \\[1\\]"),
+        ({"shared_expert_hidden": 8}, "moe.shared_expert_hidden is 8"),
+    ],
+)
+def test_export_refuses_a_model_that_is_no_longer_deepseek(change, message):
     sections = deepseek_v3.to_moetrain(DeepseekV3Config(**BASE).to_dict())
-    moe = {**sections["moe"], "router": {**sections["moe"]["router"], "score_func": "softmax"}}
-    with pytest.raises(UnsupportedConfigError, match="moe.router.score_func is 'softmax'"):
+    moe = {**sections["moe"], **change, "router": {**sections["moe"]["router"], **change.get("router", {})}}
+    with pytest.raises(UnsupportedConfigError, match=message):
         deepseek_v3.to_hf_config({}, sections["model"], moe)
+
+
+def test_export_of_a_moetrain_native_model_with_every_block_moe():
+    """moe.layers unset (every block routed) and widths left to their defaults: a valid DeepSeek-V3."""
+    sections = deepseek_v3.to_moetrain(DeepseekV3Config(**BASE).to_dict())
+    moe = {**sections["moe"], "layers": None, "expert_hidden": None, "shared_expert_hidden": None}
+    out = deepseek_v3.to_hf_config({}, sections["model"], moe)
+    assert out["first_k_dense_replace"] == 0 and out["moe_intermediate_size"] == BASE["intermediate_size"]
+    back = deepseek_v3.to_moetrain(DeepseekV3Config(**out).to_dict())
+    assert back["model"] == sections["model"] and back["moe"]["layers"] == [0, 1, 2]
 
 
 def test_rules_cover_every_moetrain_tensor():

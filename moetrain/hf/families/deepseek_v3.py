@@ -355,9 +355,9 @@ def to_hf_config(hf_config: dict, model: dict, moe: dict | None) -> dict:
         return out
     r = moe["router"]
     out.update(
-        first_k_dense_replace=min(moe["layers"]),
+        first_k_dense_replace=_moe_blocks_of(moe, n)[0],
         n_routed_experts=moe["num_experts"],
-        moe_intermediate_size=moe["expert_hidden"],
+        moe_intermediate_size=moe.get("expert_hidden") or model["d_ff"],
         n_shared_experts=moe["shared_experts"],
         num_experts_per_tok=r["top_k"],
         norm_topk_prob=r["renormalize"],
@@ -366,6 +366,13 @@ def to_hf_config(hf_config: dict, model: dict, moe: dict | None) -> dict:
         topk_group=r["topk_groups"] or r["num_groups"],
     )
     return out
+
+
+def _moe_blocks_of(moe: dict, n_layers: int) -> list[int]:
+    """moetrain's MoE blocks (``MoEConfig.moe_blocks``) from the plain dict."""
+    if moe.get("layers") is not None:
+        return sorted(moe["layers"])
+    return [i for i in range(n_layers) if (i + 1) % moe.get("every", 1) == 0]
 
 
 def _check_still_deepseek(model: dict, moe: dict | None) -> None:
@@ -381,12 +388,14 @@ def _check_still_deepseek(model: dict, moe: dict | None) -> None:
     }
     if moe is not None:
         r, n = moe["router"], model["n_layers"]
+        blocks = _moe_blocks_of(moe, n)
+        width = moe.get("expert_hidden") or model["d_ff"]
         want.update(
             {
                 "moe.placement": (moe["placement"], "replace_ffn"),
-                "moe.layers": (sorted(moe.get("layers") or []), list(range(min(moe.get("layers") or [n]), n))),
+                "the MoE blocks": (blocks, list(range(blocks[0] if blocks else n, n))),
                 "moe.expert_type": (moe["expert_type"], "swiglu"),
-                "moe.shared_expert_hidden": (moe.get("shared_expert_hidden"), moe.get("expert_hidden")),
+                "moe.shared_expert_hidden": (moe.get("shared_expert_hidden") or width, width),
                 "moe.shared_experts >= 1": (moe.get("shared_experts", 0) >= 1, True),
                 "moe.null_experts": (moe.get("null_experts", 0), 0),
                 "moe.residual": (moe.get("residual", False), False),
