@@ -239,11 +239,14 @@ class Router(nn.Module):
         if self.kind == "topk":
             logits = x.float() @ self.weight_ED.float().t()
             scores = torch.softmax(logits, dim=-1) if self.r["score_func"] == "softmax" else torch.sigmoid(logits)
-            key = scores
-            if hasattr(self, "bias_base_E"):  # the bias chooses, the gate stays the score
-                key = key + self.bias_base_E.view(torch.float32)
+            key, bias = scores, None  # the bias chooses, the gate stays the score
             if hasattr(self, "bias_steps_E"):
-                key = key + self.r["bias_update_rate"] * self.bias_steps_E.float()
+                bias = self.r["bias_update_rate"] * self.bias_steps_E.float()
+            if hasattr(self, "bias_base_E"):  # an imported bias, as fp32 bits: base + rate * steps
+                base = self.bias_base_E.view(torch.float32)
+                bias = base if bias is None else base + bias
+            if bias is not None:
+                key = key + bias
             groups = self.r.get("num_groups", 1)
             if groups > 1:  # keep the experts of the topk_groups groups with the best top-2 sums
                 T, E = key.shape
