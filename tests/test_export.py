@@ -207,7 +207,11 @@ def test_mixtral_mismatches_name_each_difference():
         ("model.embed_scale=sqrt_d", "model.embed_scale is sqrt_d"),
         ("moe.router.renormalize=false", "moe.router.renormalize is false"),
         ("moe.capacity_factor=1.25", "moe.capacity_factor is 1.25"),
-        ("moe.every=2", "MoE layers in some blocks only (moe.every 2)"),
+        ("moe.every=2", "MoE layers in some blocks only (blocks [1, 3])"),
+        ("model.rope_scaling={kind: linear, factor: 2}", "model.rope_scaling is linear"),
+        ("moe.router.correction_bias=true", "moe.router.correction_bias is true"),
+        ("moe.router.num_groups=2", "moe.router.num_groups is 2"),
+        ("moe.router.gate_scale=2.5", "moe.router.gate_scale is 2.5"),
         ("moe.expert_type=gelu", "moe.expert_type is gelu"),
         ("moe.router.score_func=sigmoid", "moe.router.score_func is sigmoid"),
     ]:
