@@ -5,7 +5,9 @@ Shape suffixes: the legend in ``moetrain/moe/__init__.py``; here B counts token 
 Three things side by side: the plain PyTorch :func:`topk_gating_reference` (the CPU path and the test
 oracle), the Triton kernels with their launchers, and :class:`_TopKGatingFn`, the autograd op that
 :func:`topk_gating` (the Triton entry point) applies. StableMoE's routing (argmax, then the sigmoid of
-the chosen score) is ``score_func="sigmoid", k=1``.
+the chosen score) is ``score_func="sigmoid", k=1``. DeepSeek-V3's group-limited routing (``groups``,
+``topk_groups``) is a torch pre-pass on both paths (:func:`group_limited_mask`): it masks the experts of
+the groups a token may not use, and the kernel takes the mask.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from moetrain.kernels.runtime import runs_on_triton, tl, triton
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 
-_RENORM_EPS = 1e-20  # the reference's clamp on the sum of a token's gates
+# Added to the sum of a token's gates before renormalising (DeepSeek-V3's and transformers' form): it
+# keeps an all-zero sum finite, and below ~1e-13 it changes nothing in fp32.
+_RENORM_EPS = 1e-20
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,16 @@ def topk_gating_reference(
     score_func: ScoreFunc = "softmax",
     renormalize: bool = False,
     bias_E: torch.Tensor | None = None,
+    groups: int = 1,
+    topk_groups: int | None = None,
 ) -> GatingOutput:
     """Pick the k best experts per token and their gates, in fp32.
 
     1. scores = softmax(logits) or sigmoid(logits), fp32.
-    2. selection key = scores (+ bias, which moves the choice but not the gate, DeepSeek-V3 style).
+    2. selection key = scores (+ bias, which moves the choice but not the gate, DeepSeek-V3 style);
+       with ``groups`` > 1 only the experts of the token's ``topk_groups`` best groups stay eligible.
     3. top-k, best first; equal keys pick the lower expert id (deterministic): :func:`topk_ids`.
-    4. gates = scores of the chosen experts, optionally renormalised to sum to 1 per token.
+    4. gates = scores of the chosen experts, optionally renormalised: g / (sum g + 1e-20).
     5. counts = number of (token, slot) pairs per expert, computed without a host sync.
     """
     logits_TE = logits_TE.float()
@@ -52,13 +59,30 @@ def topk_gating_reference(
     else:
         scores_TE = torch.sigmoid(logits_TE)
     key_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E.float()
+    if groups > 1:
+        key_TE = key_TE.masked_fill(~group_limited_mask(key_TE, groups, topk_groups), float("-inf"))
     expert_ids_TK = topk_ids(key_TE, k)
     gates_TK = scores_TE.gather(1, expert_ids_TK)
     if renormalize:
-        gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True).clamp_min(_RENORM_EPS)
+        gates_TK = gates_TK / (gates_TK.sum(dim=-1, keepdim=True) + _RENORM_EPS)
     counts_E = torch.zeros(num_experts, dtype=torch.int64, device=logits_TE.device)
     counts_E.scatter_add_(0, expert_ids_TK.reshape(-1), torch.ones_like(expert_ids_TK.reshape(-1)))
     return GatingOutput(expert_ids_TK, gates_TK, scores_TE, counts_E)
+
+
+def group_limited_mask(key_TE: torch.Tensor, groups: int, topk_groups: int | None) -> torch.Tensor:
+    """Which experts a token may choose under group-limited routing (DeepSeek-V3's ``noaux_tc``), bool [T, E].
+
+    The E experts form ``groups`` groups of consecutive ids (G = E / groups each). A group's score is the
+    sum of its two largest keys (the biased scores); each token keeps its ``topk_groups`` best groups
+    (equal scores: the lower group id, as :func:`topk_ids`) and may choose only their experts.
+    """
+    T, E = key_TE.shape
+    key_TgG = key_TE.view(T, groups, E // groups)
+    group_score_Tg = key_TgG.topk(2, dim=-1).values.sum(dim=-1)
+    kept_Tk = topk_ids(group_score_Tg, topk_groups or groups)
+    kept_Tg = torch.zeros(T, groups, dtype=torch.bool, device=key_TE.device).scatter_(1, kept_Tk, True)
+    return kept_Tg[:, :, None].expand(T, groups, E // groups).reshape(T, E)
 
 
 def topk_ids(key_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -66,7 +90,8 @@ def topk_ids(key_TE: torch.Tensor, k: int) -> torch.Tensor:
     descending sort. For k small against E, k passes of ``argmax`` (which returns the first maximum)
     instead of sorting all E keys: 0.15 ms instead of 4.4 ms for T=1024, E=128, k=1 on one CPU core,
     where the sort was a fifth of the MoE layer's time outside the expert GEMMs. Keys are finite
-    (scores plus a finite bias), so a taken key set to -inf is never picked again.
+    (scores plus a finite bias) or -inf for experts that group-limited routing excludes, of which there
+    are at most E - k (config validation), so a taken key set to -inf is never picked again.
     """
     if k > 8 or 4 * k > key_TE.shape[-1]:  # there one sort costs less than k passes
         return torch.sort(key_TE, dim=-1, descending=True, stable=True).indices[:, :k]
@@ -89,6 +114,7 @@ def topk_ids(key_TE: torch.Tensor, k: int) -> torch.Tensor:
 def _gating_fwd_kernel(
     logits_ptr,  # [T, E], any float dtype, row stride stride_t
     bias_ptr,  # [E] fp32 (read only when HAS_BIAS)
+    allowed_ptr,  # [T, E] int8, contiguous: 1 where the token may choose the expert (read only when HAS_GROUPS)
     ids_ptr,  # out [T, K] int64
     gates_ptr,  # out [T, K] fp32
     scores_ptr,  # out [T, E] fp32, contiguous
@@ -100,6 +126,7 @@ def _gating_fwd_kernel(
     SIGMOID: tl.constexpr,
     RENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -127,6 +154,9 @@ def _gating_fwd_kernel(
     key_TE = s_TE
     if HAS_BIAS:
         key_TE = key_TE + tl.load(bias_ptr + e_E, mask=e_ok_E, other=0.0)[None, :]
+    if HAS_GROUPS:
+        allowed_TE = tl.load(allowed_ptr + row_T[:, None] * E + e_E[None, :], mask=ok_TE, other=0)
+        key_TE = tl.where(allowed_TE != 0, key_TE, float("-inf"))
     key_TE = tl.where(e_ok_E[None, :], key_TE, float("-inf"))
 
     # Top-k as K rounds of argmax; NOTE: tie_break_left makes equal keys pick the lower expert id,
@@ -143,7 +173,7 @@ def _gating_fwd_kernel(
         counts_E += tl.sum((hit_TE & t_ok_T[:, None]).to(tl.int32), axis=0)
         key_TE = tl.where(hit_TE, float("-inf"), key_TE)
     if RENORM:
-        sum_T = tl.maximum(tl.sum(gates_TK, axis=1), 1e-20)
+        sum_T = tl.sum(gates_TK, axis=1) + 1e-20
         gates_TK = gates_TK / sum_T[:, None]
 
     ok_TK = t_ok_T[:, None] & (k_K[None, :] < K)
@@ -178,7 +208,7 @@ def _gating_bwd_kernel(
     s_TE = tl.load(scores_ptr + row_T[:, None] * E + e_E[None, :], mask=ok_TE, other=0.0)
 
     # 1. d loss / d scores: the direct gradient plus the gates' gradient scattered to the chosen
-    #    experts (through the renormalisation g_j = s_j / S when enabled).
+    #    experts (through the renormalisation g_j = s_j / (S + 1e-20) when enabled).
     if HAS_GRAD_SCORES:
         ds_TE = tl.load(grad_scores_ptr + row_T[:, None] * E + e_E[None, :], mask=ok_TE, other=0.0)
     else:
@@ -193,10 +223,8 @@ def _gating_bwd_kernel(
                 s_T = tl.sum(tl.where(e_E[None, :] == id_T[:, None], s_TE, 0.0), axis=1)
                 sum_T += s_T
                 dot_T += dg_T * s_T
-            # NOTE: the reference clamps S at 1e-20; below the clamp S is a constant (no S term).
-            active_T = sum_T >= 1e-20
-            sum_T = tl.maximum(sum_T, 1e-20)
-            dot_T = tl.where(active_T, dot_T / (sum_T * sum_T), 0.0)
+            sum_T = sum_T + 1e-20
+            dot_T = dot_T / (sum_T * sum_T)
         for j in tl.static_range(K):
             id_T = tl.load(ids_ptr + row_T * K + j, mask=t_ok_T, other=-1)
             dg_T = tl.load(grad_gates_ptr + row_T * K + j, mask=t_ok_T, other=0.0)
@@ -220,7 +248,12 @@ def _blocks(num_experts: int) -> tuple[int, int]:
 
 
 def _gating_forward(
-    logits_TE: torch.Tensor, k: int, sigmoid: bool, renormalize: bool, bias_E: torch.Tensor | None
+    logits_TE: torch.Tensor,
+    k: int,
+    sigmoid: bool,
+    renormalize: bool,
+    bias_E: torch.Tensor | None,
+    allowed_TE: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_tokens, num_experts = logits_TE.shape
     block_t, block_e = _blocks(num_experts)
@@ -232,10 +265,12 @@ def _gating_forward(
     partial_BE = torch.empty(grid[0], num_experts, dtype=torch.int32, device=dev)
     has_bias = bias_E is not None
     bias_E = bias_E.float().contiguous() if has_bias else scores_TE  # unread dummy pointer
+    has_groups = allowed_TE is not None
+    allowed_TE = allowed_TE.to(torch.int8).contiguous() if has_groups else scores_TE
     _gating_fwd_kernel[grid](
-        logits_TE, bias_E, ids_TK, gates_TK, scores_TE, partial_BE,
+        logits_TE, bias_E, allowed_TE, ids_TK, gates_TK, scores_TE, partial_BE,
         num_tokens, num_experts, logits_TE.stride(0),
-        K=k, SIGMOID=sigmoid, RENORM=renormalize, HAS_BIAS=has_bias,
+        K=k, SIGMOID=sigmoid, RENORM=renormalize, HAS_BIAS=has_bias, HAS_GROUPS=has_groups,
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k),
     )  # fmt: skip
     # NOTE: per-block counts summed by one small reduction instead of atomics: deterministic, and
@@ -248,9 +283,9 @@ class _TopKGatingFn(torch.autograd.Function):
     """logits -> (ids, gates, scores, counts); gradients flow from gates and scores to the logits."""
 
     @staticmethod
-    def forward(ctx, logits_TE, k, score_func, renormalize, bias_E):  # type: ignore[override]
+    def forward(ctx, logits_TE, k, score_func, renormalize, bias_E, allowed_TE):  # type: ignore[override]
         sigmoid = score_func == "sigmoid"
-        ids_TK, gates_TK, scores_TE, counts_E = _gating_forward(logits_TE, k, sigmoid, renormalize, bias_E)
+        ids_TK, gates_TK, scores_TE, counts_E = _gating_forward(logits_TE, k, sigmoid, renormalize, bias_E, allowed_TE)
         ctx.save_for_backward(scores_TE, ids_TK)
         ctx.mark_non_differentiable(ids_TK, counts_E)
         ctx.set_materialize_grads(False)
@@ -264,7 +299,7 @@ class _TopKGatingFn(torch.autograd.Function):
         num_tokens, num_experts = scores_TE.shape
         grad_logits_TE = torch.empty(num_tokens, num_experts, dtype=dtype, device=scores_TE.device)
         if grad_gates_TK is None and grad_scores_TE is None:
-            return grad_logits_TE.zero_(), None, None, None, None
+            return grad_logits_TE.zero_(), None, None, None, None, None
         block_t, block_e = _blocks(num_experts)
         dummy = scores_TE
         _gating_bwd_kernel[(triton.cdiv(num_tokens, block_t),)](
@@ -276,7 +311,7 @@ class _TopKGatingFn(torch.autograd.Function):
             HAS_GRAD_GATES=grad_gates_TK is not None, HAS_GRAD_SCORES=grad_scores_TE is not None,
             BLOCK_T=block_t, BLOCK_E=block_e,
         )  # fmt: skip
-        return grad_logits_TE, None, None, None, None
+        return grad_logits_TE, None, None, None, None, None
 
 
 def topk_gating(
@@ -285,9 +320,13 @@ def topk_gating(
     score_func: ScoreFunc = "softmax",
     renormalize: bool = False,
     bias_E: torch.Tensor | None = None,
+    groups: int = 1,
+    topk_groups: int | None = None,
 ) -> GatingOutput:
     """Triton entry point, same contract as :func:`topk_gating_reference`.
 
+    0. group-limited routing (``groups`` > 1): the eligible experts from a torch pre-pass over the
+       biased scores (:func:`group_limited_mask`; a few small ops, not worth a kernel).
     1. one fused kernel: fp32 scores, K rounds of argmax (ties -> lower id), gates, per-block counts.
     2. counts = sum of the per-block counts (on the device).
     3. backward: one kernel from the gates' and scores' gradients to the logits' gradient.
@@ -295,8 +334,17 @@ def topk_gating(
     if not 1 <= k <= logits_TE.shape[-1]:
         raise ValueError(f"top-k ({k}) must be between 1 and the number of experts ({logits_TE.shape[-1]})")
     if not runs_on_triton(logits_TE) or logits_TE.shape[0] == 0:
-        return topk_gating_reference(logits_TE, k, score_func, renormalize, bias_E)
+        return topk_gating_reference(logits_TE, k, score_func, renormalize, bias_E, groups, topk_groups)
     if logits_TE.stride(-1) != 1:
         logits_TE = logits_TE.contiguous()
-    ids_TK, gates_TK, scores_TE, counts_E = _TopKGatingFn.apply(logits_TE, k, score_func, renormalize, bias_E)
+    allowed_TE = None
+    if groups > 1:
+        with torch.no_grad():
+            logits32_TE = logits_TE.float()
+            scores_TE = torch.sigmoid(logits32_TE) if score_func == "sigmoid" else torch.softmax(logits32_TE, -1)
+            key_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
+            allowed_TE = group_limited_mask(key_TE, groups, topk_groups)
+    ids_TK, gates_TK, scores_TE, counts_E = _TopKGatingFn.apply(
+        logits_TE, k, score_func, renormalize, bias_E, allowed_TE
+    )
     return GatingOutput(ids_TK, gates_TK, scores_TE, counts_E)

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moetrain.backbone.attention import Attention, Rotary
 from moetrain.backbone.kv_cache import KVCache
+from moetrain.backbone.mla import MLAttention
 from moetrain.backbone.norm import make_norm
 from moetrain.config.model import ModelConfig, MoEConfig
 from moetrain.config.training import ActivationCheckpointing
@@ -118,7 +119,10 @@ class Block(nn.Module):
         self.recompute_moe = recompute_moe  # train.activation_checkpointing: moe
         bias = cfg.bias
         self.ln1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, bias, cfg.dropout, layer_idx)
+        if cfg.mla is not None:  # model.attention: mla
+            self.attn = MLAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.rope_scaling, cfg.dropout, layer_idx)
+        else:
+            self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, bias, cfg.dropout, layer_idx)
         self.ln2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.ffn = moe if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff, cfg.ffn_type, bias)
         self.drop = nn.Dropout(cfg.dropout)
@@ -172,7 +176,7 @@ class MoETransformer(nn.Module):
         if cfg.arch == "gpt2":
             self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         else:
-            self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_theta)
+            self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
         self.drop = nn.Dropout(cfg.dropout)
         moe_at = set(moe_cfg.moe_blocks(cfg.n_layers)) if moe_cfg else set()
 

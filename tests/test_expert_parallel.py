@@ -96,6 +96,20 @@ SHARED = ["moe.shared_experts=2", "moe.shared_expert_hidden=16", "moe.expert_typ
 RESIDUAL = ["moe.residual=true", "moe.expert_type=gelu", "moe.placement=replace_ffn"]
 PYRAMID = ["moe.num_experts_per_layer=[2, 4]"]  # PR-MoE: 2 experts in block 0, 4 in block 1
 STABLE = ["moe.router={kind: stablemoe, stage1_steps: 2}", "moe.placement=insert", "moe.expert_type=stacked"]
+# DeepSeek-V3's arrangement: MLA + yarn, a dense first block, a shared expert, sigmoid routing limited to
+# 1 of 2 groups (of 2 experts, one group per rank), a correction bias moved by the aux-free rate, scaled gates.
+DEEPSEEK = [
+    "model.arch=llama",
+    "model.attention=mla",
+    "model.mla={q_lora_rank: 16, kv_lora_rank: 12, qk_nope_head_dim: 8, qk_rope_head_dim: 8, v_head_dim: 8}",
+    "model.rope_scaling={kind: yarn, factor: 4, original_max_position_embeddings: 16, mscale: 1, mscale_all_dim: 1}",
+    "moe.placement=replace_ffn",
+    "moe.expert_type=swiglu",
+    "moe.layers=[1]",
+    "moe.shared_experts=1",
+    "moe.router={kind: topk, top_k: 2, score_func: sigmoid, renormalize: true, num_groups: 2, topk_groups: 1, "
+    "gate_scale: 2.5, correction_bias: true, bias_update_rate: 0.05, load_balance_coeff: 0}",
+]
 
 CASES = {
     # id: (world, ep, overrides)
@@ -115,6 +129,7 @@ CASES = {
         [*AUX_FREE, "moe.router.seq_aux_coeff=0.01", "moe.router.top_k=2", "deepspeed.zero_optimization.stage=1"],
     ),
     "auxfree-top1-ep4-zero0": (4, 4, [*AUX_FREE, "moe.router.top_k=1", "moe.router.score_func=sigmoid"]),
+    "deepseek-groups-ep2-zero1": (2, 2, [*DEEPSEEK, "deepspeed.zero_optimization.stage=1"]),
     # Shared experts: replicated, data-parallel, beside the sharded routed experts.
     "shared-top2-ep2-zero2": (2, 2, [*SHARED, "moe.router.top_k=2", "deepspeed.zero_optimization.stage=2"]),
     # Null experts: slots routed to them are never sent; top-1 and top-2.

@@ -42,6 +42,17 @@ REMOTE = {  # every kind of model MixtralForCausalLM cannot compute
     "llama-dense-embed-scale": [*LLAMA[:4], "moe=null", "model.embed_scale=sqrt_d"],
     "llama-deepseek-auxfree-shared-null": [*LLAMA, "moe.router.top_k=3", "moe.router.bias_update_rate=0.05",
                                            "moe.shared_experts=1", "moe.null_experts=2"],
+    "llama-deepseek-mla-yarn-groups": [  # DeepSeek-V3's attention, rotary scaling and routing, as trained here
+        "model.arch=llama", "moe.placement=replace_ffn", "moe.expert_type=swiglu", "model.attention=mla",
+        "model.mla={q_lora_rank: 16, kv_lora_rank: 12, qk_nope_head_dim: 8, qk_rope_head_dim: 8, v_head_dim: 8}",
+        "model.rope_scaling={kind: yarn, factor: 4, original_max_position_embeddings: 16, mscale_all_dim: 1}",
+        "moe.layers=[1]", "moe.shared_experts=1",
+        "moe.router={kind: topk, top_k: 2, score_func: sigmoid, renormalize: true, num_groups: 2, topk_groups: 1, "
+        "gate_scale: 2.5, correction_bias: true, bias_update_rate: 0.05, load_balance_coeff: 0}"],
+    "llama-rope-llama3-linear-q": [*LLAMA, "model.attention=mla", "model.n_kv_heads=null",
+        "model.mla={kv_lora_rank: 12, qk_nope_head_dim: 4, qk_rope_head_dim: 8, v_head_dim: 8}",
+        "model.rope_scaling={kind: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4, "
+        "original_max_position_embeddings: 8}"],
     "gpt2-expert-choice": ["moe.placement=replace_ffn", "moe.expert_type=gelu",
                            "moe.router={kind: expert_choice, top_k: 2}"],
     "gpt2-pr-moe": ["moe.placement=replace_ffn", "moe.expert_type=gelu", "moe.router.kind=topk",
@@ -196,7 +207,11 @@ def test_mixtral_mismatches_name_each_difference():
         ("model.embed_scale=sqrt_d", "model.embed_scale is sqrt_d"),
         ("moe.router.renormalize=false", "moe.router.renormalize is false"),
         ("moe.capacity_factor=1.25", "moe.capacity_factor is 1.25"),
-        ("moe.every=2", "MoE layers in some blocks only (moe.every 2)"),
+        ("moe.every=2", "MoE layers in some blocks only (blocks [1, 3])"),
+        ("model.rope_scaling={kind: linear, factor: 2}", "model.rope_scaling is linear"),
+        ("moe.router.correction_bias=true", "moe.router.correction_bias is true"),
+        ("moe.router.num_groups=2", "moe.router.num_groups is 2"),
+        ("moe.router.gate_scale=2.5", "moe.router.gate_scale is 2.5"),
         ("moe.expert_type=gelu", "moe.expert_type is gelu"),
         ("moe.router.score_func=sigmoid", "moe.router.score_func is sigmoid"),
     ]:

@@ -179,6 +179,14 @@ def test_a_planted_layer_violation_is_found():
     assert layer_violations(graph) == ["moetrain.moe.layer imports moetrain.training.trainer"]
 
 
+def test_the_hf_families_import_no_deepspeed():
+    code = (
+        "import sys, moetrain.hf.families.deepseek_v3, moetrain.hf.families.rope; "
+        "bad = [m for m in sys.modules if m == 'deepspeed' or m.startswith('moetrain.training')]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
 def test_the_config_tree_imports_no_torch():
     code = "import sys, moetrain.config; bad = [m for m in ('torch', 'deepspeed') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

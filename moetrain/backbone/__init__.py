@@ -3,7 +3,9 @@
 - :mod:`.norm`: LayerNorm (gpt2) or RMSNorm (llama), chosen once by :func:`make_norm`;
 - :mod:`.attention`: causal self-attention with fused QKV, optional rotary positions and grouped-query
   attention, and an optional KV cache;
-- :mod:`.kv_cache`: the cache that ``moetrain generate`` carries from one new token to the next.
+- :mod:`.kv_cache`: the cache that ``moetrain generate`` carries from one new token to the next;
+- :mod:`.rope`: rotary frequencies, plain or scaled (``model.rope_scaling``: linear, yarn, llama3);
+- :mod:`.mla`: multi-head latent attention (``model.attention: mla``, DeepSeek-V2/V3).
 
 The llama variant follows Hugging Face's ``LlamaForCausalLM`` / ``MixtralForCausalLM`` math exactly
 (RMSNorm in fp32, the ``rotate_half`` rotary convention, key/value head ``i // (H / Hkv)`` for query

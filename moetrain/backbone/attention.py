@@ -12,26 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.backbone.kv_cache import KVCache
+from moetrain.backbone.rope import rope_frequencies, rotary_cos_sin
+from moetrain.config.rope import RopeScaling
 
 
 class Rotary(nn.Module):
     """Rotary position embedding, Hugging Face's ``rotate_half`` convention (first half / second half of
-    each head's dims form the pairs)."""
+    each head's dims form the pairs); the frequencies, scaled or not, come from ``backbone/rope.py``."""
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None) -> None:
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
 
     def forward(self, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, [S, A], fp32.
-
-        NOTE: the frequencies are computed here, not kept in a buffer: a buffer would be cast with the
-        model (bf16 rounds them) and would land in checkpoints although the config determines it."""
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions_S.device).float()
-        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))
-        freqs_SA2 = positions_S.float()[:, None] * inv_freq[None, :]
-        emb_SA = torch.cat([freqs_SA2, freqs_SA2], dim=-1)
-        return emb_SA.cos(), emb_SA.sin()
+        """cos and sin, [S, A], fp32 (times yarn's attention factor)."""
+        freqs = rope_frequencies(self.head_dim, self.theta, self.scaling, positions_S.device)
+        return rotary_cos_sin(positions_S, freqs)
 
 
 def apply_rotary(x_BHSA: torch.Tensor, cos_SA: torch.Tensor, sin_SA: torch.Tensor) -> torch.Tensor:

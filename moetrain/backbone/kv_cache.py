@@ -4,6 +4,9 @@ One :class:`KVCache` per generated batch. Each attention layer appends the keys 
 positions (after rotary positions are applied, so cached keys never change) and attends over all of
 them. ``length`` counts the positions already cached; the model advances it once per forward, after
 every layer has appended, so all layers agree on where the new tokens start.
+
+Multi-head latent attention (``backbone/mla.py``) stores its normalised key/value latent [B, 1, P, R] as
+the "keys" and its rotated shared rotary key [B, 1, P, P2] as the "values", and expands them each step.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from moetrain.config.mla import MLAConfig
+from moetrain.config.rope import RopeScaling
 from moetrain.config.routers import RouterConfig, TopKRouterConfig
 from moetrain.config.schema import StrictModel
 
@@ -34,6 +36,15 @@ class ModelConfig(StrictModel):
         None, ge=1, description="llama: key/value heads (grouped-query attention); null = n_heads"
     )
     rope_theta: float = Field(10000.0, gt=0.0, description="llama: base of the rotary position frequencies")
+    rope_scaling: RopeScaling | None = Field(
+        None, description="llama: scaled rotary frequencies (linear, yarn, llama3; transformers' rope types)"
+    )
+    attention: Literal["mha", "mla"] = Field(
+        "mha",
+        description="mha: multi-head attention (grouped-query with n_kv_heads); mla: multi-head latent attention "
+        "(DeepSeek-V2/V3; llama arch, no biases, dims in model.mla)",
+    )
+    mla: MLAConfig | None = Field(None, description="attention: mla -- its ranks and head dims")
     norm_eps: float = Field(1e-5, gt=0.0, description="epsilon of every LayerNorm (gpt2) or RMSNorm (llama)")
     d_ff: int = Field(512, ge=1)
     ffn_type: Literal["gelu", "swiglu"] | None = Field(None, description="null: gelu for gpt2, swiglu for llama")
@@ -60,7 +71,8 @@ class ModelConfig(StrictModel):
         for name, value in ARCH_DEFAULTS[self.arch].items():
             if getattr(self, name) is None:
                 self.__dict__[name] = value
-        if self.d_model % self.n_heads:
+        self._check_attention()
+        if self.attention == "mha" and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         if self.arch == "gpt2" and self.n_kv_heads is not None:
             raise ValueError("model.n_kv_heads (grouped-query attention) needs model.arch: llama")
@@ -68,16 +80,42 @@ class ModelConfig(StrictModel):
             raise ValueError(
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})"
             )
-        if self.arch == "llama" and (self.d_model // self.n_heads) % 2:
+        if self.arch == "llama" and self.attention == "mha" and (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"model.arch llama: the head dim d_model / n_heads ({self.d_model // self.n_heads}) must be even "
                 "for rotary positions"
             )
         return self
 
+    def _check_attention(self) -> None:
+        if self.rope_scaling is not None and self.arch != "llama":
+            raise ValueError("model.rope_scaling scales rotary positions, which need model.arch: llama")
+        if (self.attention == "mla") != (self.mla is not None):
+            raise ValueError(
+                f"model.attention is {self.attention} but model.mla is {'set' if self.mla else 'null'}; "
+                "set both (attention: mla with its model.mla section) or neither"
+            )
+        if self.attention != "mla":
+            return
+        if self.arch != "llama" or self.bias:
+            raise ValueError(
+                f"model.attention mla needs model.arch: llama (rotary positions) and model.bias: false (got arch "
+                f"{self.arch}, bias {self.bias}); set them"
+            )
+        if self.n_kv_heads is not None and self.n_kv_heads != self.n_heads:
+            raise ValueError(
+                f"model.n_kv_heads ({self.n_kv_heads}) does not apply to model.attention mla (every head has its "
+                "own keys and values from the shared latent); remove it"
+            )
+
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims each rotary rotation covers: the head dim, or MLA's rotary part of it."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.d_model // self.n_heads
 
 
 class FluctuationConfig(StrictModel):
@@ -191,6 +229,14 @@ class MoEConfig(StrictModel):
                 f"moe.null_experts ({self.null_experts}) needs moe.router.kind: topk (got {self.router.kind}: it "
                 "sends every token to exactly one real expert); set moe.null_experts: 0"
             )
+        if isinstance(self.router, TopKRouterConfig) and self.router.num_groups > 1:
+            if self.null_experts:
+                raise ValueError(
+                    f"moe.router.num_groups ({self.router.num_groups}) groups the real experts; it does not combine "
+                    f"with moe.null_experts ({self.null_experts}); set one of them back (1 / 0)"
+                )
+            for n in sorted({self.num_experts, *(self.num_experts_per_layer or [])}):
+                self.router.check_groups(n)
         top_k = getattr(self.router, "top_k", 1)
         fewest = min([self.num_experts, *(self.num_experts_per_layer or [])])
         if self.num_experts_per_layer is not None and top_k > fewest + self.null_experts:

@@ -41,6 +41,51 @@ class TopKRouterConfig(StrictModel):
         "experts (never to the gates), moved by +-rate * sign(mean load - load) after each optimizer step from "
         "the global counts; 0 = off (DeepSeek-V3: 0.001; set load_balance_coeff: 0 to drop the aux loss)",
     )
+    correction_bias: bool = Field(
+        False,
+        description="a fixed per-expert selection bias besides the learned steps (DeepSeek-V3's "
+        "e_score_correction_bias, set by import; kept as fp32 bits so a bf16 cast cannot round it); "
+        "bias_update_rate > 0 moves the bias from there",
+    )
+    num_groups: int = Field(
+        1,
+        ge=1,
+        description="group-limited routing (DeepSeek-V3's n_group): the experts form num_groups equal groups of "
+        "consecutive ids; a token chooses its top_k among the topk_groups groups with the largest sum of their "
+        "two best (biased) scores; 1 = no groups",
+    )
+    topk_groups: int | None = Field(
+        None, ge=1, description="groups a token may choose from (DeepSeek-V3's topk_group); null = num_groups"
+    )
+    gate_scale: float = Field(
+        1.0, gt=0.0, description="multiplies every gate, after renormalize (DeepSeek-V3's routed_scaling_factor)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TopKRouterConfig:
+        if self.topk_groups is not None and self.topk_groups > self.num_groups:
+            raise ValueError(
+                f"moe.router.topk_groups ({self.topk_groups}) must be <= moe.router.num_groups ({self.num_groups})"
+            )
+        return self
+
+    def check_groups(self, num_experts: int) -> None:
+        """Group-limited routing needs equal groups of at least 2 experts (the group score sums the best two)
+        holding at least top_k experts in the groups a token may use."""
+        if self.num_groups == 1:
+            return
+        per_group, rem = divmod(num_experts, self.num_groups)
+        if rem or per_group < 2:
+            raise ValueError(
+                f"moe.router.num_groups ({self.num_groups}) must divide the experts of a layer ({num_experts}) into "
+                "groups of at least 2 (a group's score is the sum of its two best scores)"
+            )
+        usable = (self.topk_groups or self.num_groups) * per_group
+        if self.top_k > usable:
+            raise ValueError(
+                f"moe.router.top_k ({self.top_k}) must be <= the experts of the topk_groups "
+                f"({self.topk_groups}) groups a token may use ({usable})"
+            )
 
 
 class AdaptiveSwitchConfig(StrictModel):

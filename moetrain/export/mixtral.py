@@ -27,6 +27,12 @@ def mismatches(model: ModelConfig, moe: MoEConfig | None) -> list[str]:
         why.append("model.bias is true (Mixtral has no biases)")
     if model.embed_scale != "none":
         why.append(f"model.embed_scale is {model.embed_scale} (Mixtral does not scale its token embeddings)")
+    if model.attention != "mha":
+        why.append(f"model.attention is {model.attention} (Mixtral: grouped-query multi-head attention)")
+    if model.rope_scaling is not None:
+        why.append(
+            f"model.rope_scaling is {model.rope_scaling.kind} (the Mixtral export writes plain rotary positions)"
+        )
     if moe is None:
         return [*why, "moe is null (a dense model; Mixtral has experts in every block)"]
     if moe.placement != "replace_ffn" or moe.moe_blocks(model.n_layers) != list(range(model.n_layers)):
@@ -60,6 +66,12 @@ def mismatches(model: ModelConfig, moe: MoEConfig | None) -> list[str]:
             why.append(
                 f"moe.router.bias_update_rate is {r.bias_update_rate} (a selection bias; Mixtral chooses by the scores)"
             )
+        if r.correction_bias:
+            why.append("moe.router.correction_bias is true (a selection bias; Mixtral chooses by the scores)")
+        if r.num_groups > 1:
+            why.append(f"moe.router.num_groups is {r.num_groups} (Mixtral's top-k is not group-limited)")
+        if r.gate_scale != 1.0:
+            why.append(f"moe.router.gate_scale is {r.gate_scale} (Mixtral does not scale its gates)")
     return why
 
 

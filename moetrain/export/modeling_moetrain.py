@@ -5,10 +5,11 @@
 model without moetrain installed. It recomputes moetrain's evaluation forward pass exactly (fp32):
 
 - backbone ``gpt2`` (LayerNorm, learned positions, biases) or ``llama`` (RMSNorm, rotary positions,
-  no biases, grouped-query attention); dense FFN ``gelu`` or ``swiglu``; token embeddings optionally
+  no biases, grouped-query attention or multi-head latent attention, ``model.attention: mla``; rotary
+  scaling linear / yarn / llama3); dense FFN ``gelu`` or ``swiglu``; token embeddings optionally
   scaled by sqrt(d_model) (``embed_scale: sqrt_d``);
 - MoE layers replacing block FFNs or inserted after blocks; routers ``topk`` (softmax / sigmoid,
-  optional renormalisation), ``stablemoe`` (the frozen distilled router, or the backbone scores during
+  optional renormalisation, selection bias, group-limited choice, gate scale), ``stablemoe`` (the frozen distilled router, or the backbone scores during
   stage 1 when ``eval_routing`` is ``backbone``), ``base`` (greedy), ``hash`` (a token-id table);
   experts ``gelu``, ``swiglu`` or ``stacked`` (residual FFN sublayers with their own LayerNorms);
   dropless, or capacity-limited where earlier tokens win the slots.
@@ -67,12 +68,52 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
 
 
-def _rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
-    inv_freq = 1.0 / (theta ** (exponent / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+def _inv_freq(dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin factor (moetrain/backbone/rope.py, transformers' formulas)."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = (scaling or {}).get("kind")
+    if kind == "linear":
+        return inv / scaling["factor"], 1.0
+    if kind == "llama3":
+        s, old = scaling, scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / s["low_freq_factor"], inv / s["factor"], inv)
+        smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+        medium = ~(wavelen < old / s["high_freq_factor"]) * ~(wavelen > old / s["low_freq_factor"])
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind != "yarn":
+        return inv, 1.0
+    s, factor = scaling, scaling["factor"]
+    factor_attn = s.get("attention_factor")
+    if factor_attn is None:
+        ms, ms_all = s.get("mscale"), s.get("mscale_all_dim")
+        factor_attn = float(_mscale(factor, ms) / _mscale(factor, ms_all)) if ms and ms_all else _mscale(factor)
+
+    def corr(rot: float) -> float:
+        return (dim * math.log(s["original_max_position_embeddings"] / (rot * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = corr(s.get("beta_fast") or 32), corr(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    extra = 1 - torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos = theta ** (torch.arange(0, dim, 2).float() / dim)
+    return (1.0 / (factor * pos)) * (1 - extra) + (1.0 / pos) * extra, factor_attn
+
+
+def _mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _rotary(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict | None = None):
+    inv_freq, factor = _inv_freq(head_dim, theta, scaling)
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    if factor == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * factor, emb.sin() * factor
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -105,6 +146,44 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, S, self.h * self.a))
 
 
+class MLAttention(nn.Module):
+    """Multi-head latent attention (moetrain/backbone/mla.py), without a cache."""
+
+    def __init__(self, m: dict) -> None:
+        super().__init__()
+        c, d, self.h = m["mla"], m["d_model"], m["n_heads"]
+        self.c = c
+        qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+        if c["q_lora_rank"] is None:
+            self.q_proj = nn.Linear(d, self.h * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, c["q_lora_rank"], bias=False)
+            self.q_a_norm = RMSNorm(c["q_lora_rank"], c["latent_norm_eps"])
+            self.q_b_proj = nn.Linear(c["q_lora_rank"], self.h * qk, bias=False)
+        self.kv_a_proj = nn.Linear(d, c["kv_lora_rank"] + c["qk_rope_head_dim"], bias=False)
+        self.kv_a_norm = RMSNorm(c["kv_lora_rank"], c["latent_norm_eps"])
+        self.kv_b_proj = nn.Linear(c["kv_lora_rank"], self.h * (c["qk_nope_head_dim"] + c["v_head_dim"]), bias=False)
+        self.proj = nn.Linear(self.h * c["v_head_dim"], d, bias=False)
+        self.scale = qk**-0.5
+        sc = m.get("rope_scaling") or {}
+        if sc.get("kind") == "yarn" and sc.get("mscale_all_dim"):
+            ms = _mscale(sc["factor"], sc["mscale_all_dim"])
+            self.scale = self.scale * ms * ms
+
+    def forward(self, x: torch.Tensor, rotary) -> torch.Tensor:
+        B, S, _ = x.shape
+        c, H = self.c, self.h
+        N, P2, W, R = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+        q = self.q_proj(x) if c["q_lora_rank"] is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q_nope, q_rot = q.view(B, S, H, N + P2).transpose(1, 2).split([N, P2], dim=-1)
+        latent, k_rot = self.kv_a_proj(x).split([R, P2], dim=-1)
+        q_rot, k_rot = _rotate(q_rot, *rotary), _rotate(k_rot[:, None], *rotary)
+        k_nope, v = self.kv_b_proj(self.kv_a_norm(latent)).view(B, S, H, N + W).transpose(1, 2).split([N, W], dim=-1)
+        k = torch.cat([k_nope, k_rot.expand(B, H, S, P2)], dim=-1)
+        y = F.scaled_dot_product_attention(torch.cat([q_nope, q_rot], -1), k, v, is_causal=S > 1, scale=self.scale)
+        return self.proj(y.transpose(1, 2).reshape(B, S, H * W))
+
+
 class DenseFFN(nn.Module):
     def __init__(self, m: dict) -> None:
         super().__init__()
@@ -132,6 +211,8 @@ class Router(nn.Module):
             self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
         if self.kind == "topk" and r.get("bias_update_rate", 0.0) > 0:  # aux-loss-free balancing
             self.register_buffer("bias_steps_E", torch.zeros(num_experts, dtype=torch.int64))
+        if self.kind == "topk" and r.get("correction_bias", False):  # an imported bias: its fp32 bits
+            self.register_buffer("bias_base_E", torch.zeros(num_experts, dtype=torch.int32))
         if self.kind in ("stablemoe", "base"):
             self.centroids_ED = nn.Parameter(torch.empty(num_experts, d_model))
         if self.kind == "stablemoe":
@@ -158,14 +239,28 @@ class Router(nn.Module):
         if self.kind == "topk":
             logits = x.float() @ self.weight_ED.float().t()
             scores = torch.softmax(logits, dim=-1) if self.r["score_func"] == "softmax" else torch.sigmoid(logits)
-            key = scores
-            if hasattr(self, "bias_steps_E"):  # the bias chooses, the gate stays the score
-                key = scores + self.r["bias_update_rate"] * self.bias_steps_E.float()
+            key, bias = scores, None  # the bias chooses, the gate stays the score
+            if hasattr(self, "bias_steps_E"):
+                bias = self.r["bias_update_rate"] * self.bias_steps_E.float()
+            if hasattr(self, "bias_base_E"):  # an imported bias, as fp32 bits: base + rate * steps
+                base = self.bias_base_E.view(torch.float32)
+                bias = base if bias is None else base + bias
+            if bias is not None:
+                key = key + bias
+            groups = self.r.get("num_groups", 1)
+            if groups > 1:  # keep the experts of the topk_groups groups with the best top-2 sums
+                T, E = key.shape
+                best = key.view(T, groups, E // groups).topk(2, dim=-1).values.sum(-1)
+                kept = torch.sort(best, dim=-1, descending=True, stable=True).indices[
+                    :, : self.r["topk_groups"] or groups
+                ]
+                allowed = torch.zeros_like(best, dtype=torch.bool).scatter_(1, kept, True)
+                key = key.masked_fill(~allowed.repeat_interleave(E // groups, dim=1), float("-inf"))
             ids = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, : self.r["top_k"]]
             gates = scores.gather(1, ids)
             if self.r["renormalize"]:
-                gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-            return ids, gates
+                gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+            return ids, gates * self.r.get("gate_scale", 1.0)
         scores = x.float() @ self.centroids_ED.float().t()
         distilled = self.kind == "stablemoe" and (int(self.stage_buf) == 1 or self.r["eval_routing"] == "distilled")
         if distilled:
@@ -270,7 +365,7 @@ class Block(nn.Module):
     def __init__(self, m: dict, moe: dict | None) -> None:
         super().__init__()
         self.ln1 = _norm(m, m["d_model"])
-        self.attn = Attention(m)
+        self.attn = MLAttention(m) if m.get("attention", "mha") == "mla" else Attention(m)
         self.ln2 = _norm(m, m["d_model"])
         self.ffn = MoELayer(m, moe) if moe is not None else DenseFFN(m)
 
@@ -346,7 +441,8 @@ class MoetrainForCausalLM(PreTrainedModel, GenerationMixin):
         if self.m["arch"] == "gpt2":
             h = h + self.pos(positions)
         else:
-            rotary = _rotary(positions, self.m["d_model"] // self.m["n_heads"], self.m["rope_theta"])
+            dim = self.m["mla"]["qk_rope_head_dim"] if self.m.get("mla") else self.m["d_model"] // self.m["n_heads"]
+            rotary = _rotary(positions, dim, self.m["rope_theta"], self.m.get("rope_scaling"))
         token_ids = input_ids.reshape(-1)
         for layer in self.layers:
             h = layer(h, token_ids, rotary)
