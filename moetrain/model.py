@@ -120,11 +120,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: MoELayer | None, layer_idx: int = 0, recompute_moe: bool = False):
         super().__init__()
         self.recompute_moe = recompute_moe  # train.activation_checkpointing: moe
-        bias = cfg.bias
         self.ln1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, bias, cfg.dropout, layer_idx)
+        self.attn = Attention(cfg, layer_idx)
         self.ln2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.ffn = moe if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff, cfg.ffn_type, bias)
+        self.ffn = moe if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff, cfg.ffn_type, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -176,7 +175,7 @@ class MoETransformer(nn.Module):
         if cfg.arch == "gpt2":
             self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         else:
-            self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_theta)
+            self.rotary = Rotary(cfg.resolved_head_dim, cfg.rope_theta)
         self.drop = nn.Dropout(cfg.dropout)
         moe_at = set(moe_cfg.moe_blocks(cfg.n_layers)) if moe_cfg else set()
 
