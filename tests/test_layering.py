@@ -137,7 +137,7 @@ LAYERS = [
     ["moetrain.data", "moetrain.logging", "moetrain.report"],
     ["moetrain.parallel"],  # applied to a built model
     ["moetrain.training"],
-    ["moetrain.inference", "moetrain.export"],  # use what training saved
+    ["moetrain.inference", "moetrain.export", "moetrain.hf"],  # use what training saved; Hugging Face in and out
     ["moetrain.launch", "moetrain.cli"],  # entry points
 ]
 # parallelism takes plain values (a layout, groups), never the job config
