@@ -55,6 +55,23 @@ def test_kv_cache_greedy_decode_equals_transformers_generate(variant):
     assert mine == theirs and len(set(mine)) > 2  # a real sequence, not one token repeated
 
 
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe-mlp_only", "qwen2_moe-renorm-sparse_step2-window"])
+def test_the_router_picks_and_weighs_as_transformers(variant):
+    """Over 4096 tokens (4 or 8 experts, top 2): the same experts in the same order and the same weights,
+    softmax over all experts in fp32, renormalised for Mixtral always and for Qwen2-MoE with norm_topk_prob."""
+    hf = hf_model(variant)
+    ours = converted(hf)
+    block = next(i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts"))
+    x_TD = torch.randn(4096, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, weights_TK, ids_TK = hf.model.layers[block].mlp.gate(x_TD)
+        decision = ours.layers[block].ffn.router(x_TD, torch.zeros(4096, dtype=torch.long))
+    assert torch.equal(decision.expert_ids_TK, ids_TK)
+    torch.testing.assert_close(decision.gates_TK, weights_TK.float(), rtol=0, atol=1e-7)
+    renormalised = torch.allclose(weights_TK.sum(-1), torch.ones(4096))
+    assert renormalised == (variant != "qwen2_moe-mlp_only")
+
+
 @pytest.mark.parametrize(
     "variant, wrong",
     [
