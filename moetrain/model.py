@@ -117,14 +117,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: MoELayer | None, layer_idx: int = 0, recompute_moe: bool = False):
         super().__init__()
         self.recompute_moe = recompute_moe  # train.activation_checkpointing: moe
-        bias = cfg.bias
         self.ln1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         if cfg.mla is not None:  # model.attention: mla
             self.attn = MLAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.rope_scaling, cfg.dropout, layer_idx)
         else:
-            self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, bias, cfg.dropout, layer_idx)
+            self.attn = Attention(cfg, layer_idx)
         self.ln2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.ffn = moe if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff, cfg.ffn_type, bias)
+        self.ffn = moe if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff, cfg.ffn_type, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(

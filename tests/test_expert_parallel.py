@@ -93,6 +93,9 @@ def assert_same_run(a, b):
 
 AUX_FREE = ["moe.router.bias_update_rate=0.05", "moe.router.load_balance_coeff=0"]
 SHARED = ["moe.shared_experts=2", "moe.shared_expert_hidden=16", "moe.expert_type=swiglu", "moe.placement=replace_ffn"]
+HF_OPTIONS = ["model.arch=llama", "model.head_dim=8", "model.qk_norm=head", "model.qkv_bias=true", "model.clip_qkv=8.0",
+              "moe.shared_experts=1", "moe.shared_expert_gate=true", "moe.layers=[1]", "moe.expert_type=swiglu",
+              "moe.placement=replace_ffn"]  # fmt: skip
 RESIDUAL = ["moe.residual=true", "moe.expert_type=gelu", "moe.placement=replace_ffn"]
 PYRAMID = ["moe.num_experts_per_layer=[2, 4]"]  # PR-MoE: 2 experts in block 0, 4 in block 1
 STABLE = ["moe.router={kind: stablemoe, stage1_steps: 2}", "moe.placement=insert", "moe.expert_type=stacked"]
@@ -132,6 +135,9 @@ CASES = {
     "deepseek-groups-ep2-zero1": (2, 2, [*DEEPSEEK, "deepspeed.zero_optimization.stage=1"]),
     # Shared experts: replicated, data-parallel, beside the sharded routed experts.
     "shared-top2-ep2-zero2": (2, 2, [*SHARED, "moe.router.top_k=2", "deepspeed.zero_optimization.stage=2"]),
+    # The Hugging Face families' options: q/k norm, q/k/v biases, head dim, clamp, a gated shared expert, a
+    # dense block (their parameters replicated beside the sharded experts).
+    "hf-options-top2-ep2-zero2": (2, 2, [*HF_OPTIONS, "moe.router.top_k=2", "deepspeed.zero_optimization.stage=2"]),
     # Null experts: slots routed to them are never sent; top-1 and top-2.
     "null-top2-ep2-zero1": (2, 2, ["moe.null_experts=2", "moe.router.top_k=2", "deepspeed.zero_optimization.stage=1"]),
     "null-top1-ep4-zero0": (4, 4, ["moe.null_experts=4", "moe.router.top_k=1"]),

@@ -57,6 +57,14 @@ REMOTE = {  # every kind of model MixtralForCausalLM cannot compute
                            "moe.router={kind: expert_choice, top_k: 2}"],
     "gpt2-pr-moe": ["moe.placement=replace_ffn", "moe.expert_type=gelu", "moe.router.kind=topk",
                     "moe.residual=true", "moe.num_experts_per_layer=[2, 4]"],
+    # the Hugging Face families' options: Qwen3-MoE's per-head q/k norm and head dim, Qwen2-MoE's q/k/v
+    # biases and gated shared expert with dense blocks; OLMoE's whole-projection norm and clamp (on gpt2:
+    # LayerNorms, learned positions)
+    "llama-qk-head-qkv-bias-gated-shared-dense": [*LLAMA, "model.head_dim=8", "model.qk_norm=head",
+        "model.qkv_bias=true", "moe.router.top_k=2", "moe.shared_experts=1", "moe.shared_expert_gate=true",
+        "moe.layers=[1]"],
+    "gpt2-qk-full-clip-out-bias": ["moe.placement=replace_ffn", "moe.expert_type=gelu", "moe.router.kind=topk",
+        "model.qk_norm=full", "model.clip_qkv=1.0", "model.qkv_bias=false", "model.attn_out_bias=true"],
 }  # fmt: skip
 
 
@@ -214,6 +222,9 @@ def test_mixtral_mismatches_name_each_difference():
         ("moe.router.gate_scale=2.5", "moe.router.gate_scale is 2.5"),
         ("moe.expert_type=gelu", "moe.expert_type is gelu"),
         ("moe.router.score_func=sigmoid", "moe.router.score_func is sigmoid"),
+        ("model.qkv_bias=true", "model.qkv_bias is true"),
+        ("model.qk_norm=head", "model.qk_norm is head"),
+        ("model.clip_qkv=2.0", "model.clip_qkv is 2.0"),
     ]:
         cfg = load_config(None, [*MIXTRAL, extra])
         assert [w for w in mismatches(cfg.model, cfg.moe) if w.startswith(reason)], extra

@@ -2,7 +2,11 @@
 
 gpt2: fused QKV with bias, positions come from the learned embedding (outside). llama: fused QKV
 without bias (query rows, then key rows, then value rows), rotary positions on queries and keys,
-``n_kv_heads`` key/value heads shared by groups of query heads.
+``n_kv_heads`` key/value heads shared by groups of query heads. Either backbone may set the head dim
+(``model.head_dim``), the projections' biases (``model.qkv_bias``, ``model.attn_out_bias``), query/key
+norms (``model.qk_norm``) and a clamp of queries, keys and values (``model.clip_qkv``): what Qwen2-MoE,
+Qwen3-MoE and OLMoE compute. Norms and the clamp come before rotary positions, so the KV cache holds
+the keys exactly as attention reads them.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.backbone.kv_cache import KVCache
+from moetrain.backbone.norm import make_norm
 from moetrain.backbone.rope import rope_frequencies, rotary_cos_sin
+from moetrain.config.model import ModelConfig
 from moetrain.config.rope import RopeScaling
 
 
@@ -37,22 +43,34 @@ def apply_rotary(x_BHSA: torch.Tensor, cos_SA: torch.Tensor, sin_SA: torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_kv_heads: int,
-        bias: bool,
-        dropout: float,
-        layer_idx: int,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        H, G, A = cfg.n_heads, cfg.kv_heads, cfg.resolved_head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = H, G, A
         self.layer_idx = layer_idx  # this layer's slot in a KVCache
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
-        self.dropout = dropout
+        self.qkv = nn.Linear(cfg.d_model, (H + 2 * G) * A, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(H * A, cfg.d_model, bias=cfg.attn_out_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":  # head: one norm of A dims for every head; full: over all heads at once
+            self.q_norm = make_norm(cfg.norm, A if cfg.qk_norm == "head" else H * A, cfg.norm_eps)
+            self.k_norm = make_norm(cfg.norm, A if cfg.qk_norm == "head" else G * A, cfg.norm_eps)
+        self.clip_qkv = cfg.clip_qkv
+        self.dropout = cfg.dropout
+
+    def queries_keys_values(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project, normalise (``qk_norm``) and clamp (``clip_qkv``); rows per head, before rotary."""
+        B, S, _ = x_BSD.shape
+        H, G, A = self.n_heads, self.n_kv_heads, self.head_dim
+        q_BSX, k_BSX, v_BSX = self.qkv(x_BSD).split([H * A, G * A, G * A], dim=-1)
+        if self.qk_norm == "full":
+            q_BSX, k_BSX = self.q_norm(q_BSX), self.k_norm(k_BSX)
+        q_BSHA, k_BSGA, v_BSGA = q_BSX.view(B, S, H, A), k_BSX.view(B, S, G, A), v_BSX.view(B, S, G, A)
+        if self.qk_norm == "head":
+            q_BSHA, k_BSGA = self.q_norm(q_BSHA), self.k_norm(k_BSGA)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q_BSHA, k_BSGA, v_BSGA = q_BSHA.clamp(-c, c), k_BSGA.clamp(-c, c), v_BSGA.clamp(-c, c)
+        return q_BSHA.transpose(1, 2), k_BSGA.transpose(1, 2), v_BSGA.transpose(1, 2)
 
     def forward(
         self,
@@ -60,14 +78,11 @@ class Attention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """1. project to queries, keys, values; 2. rotate (llama); 3. append to the cache;
-        4. causal attention (each new position sees every cached one and the new ones up to itself)."""
+        """1. project to queries, keys, values (normalised, clamped); 2. rotate (llama); 3. append to the
+        cache; 4. causal attention (each new position sees every cached one and the new ones up to itself)."""
         B, S, _ = x_BSD.shape
         H, G, A = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x_BSD).split([H * A, G * A, G * A], dim=-1)
-        q_BHSA = q.view(B, S, H, A).transpose(1, 2)
-        k_BGSA = k.view(B, S, G, A).transpose(1, 2)
-        v_BGSA = v.view(B, S, G, A).transpose(1, 2)
+        q_BHSA, k_BGSA, v_BGSA = self.queries_keys_values(x_BSD)
         if rotary is not None:
             q_BHSA = apply_rotary(q_BHSA, *rotary)
             k_BGSA = apply_rotary(k_BGSA, *rotary)

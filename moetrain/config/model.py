@@ -35,6 +35,12 @@ class ModelConfig(StrictModel):
     n_kv_heads: int | None = Field(
         None, ge=1, description="llama: key/value heads (grouped-query attention); null = n_heads"
     )
+    head_dim: int | None = Field(
+        None,
+        ge=1,
+        description="dims of each attention head: queries, keys and values project to heads * head_dim, which "
+        "need not be d_model (Qwen3-MoE); null = d_model / n_heads",
+    )
     rope_theta: float = Field(10000.0, gt=0.0, description="llama: base of the rotary position frequencies")
     rope_scaling: RopeScaling | None = Field(
         None, description="llama: scaled rotary frequencies (linear, yarn, llama3; transformers' rope types)"
@@ -54,6 +60,22 @@ class ModelConfig(StrictModel):
     bias: bool | None = Field(
         None, description="biases in the attention and dense FFN projections; null: true for gpt2, false for llama"
     )
+    qkv_bias: bool | None = Field(
+        None, description="biases of the query, key and value projections (Qwen2-MoE: true, bias false); null = bias"
+    )
+    attn_out_bias: bool | None = Field(None, description="bias of the attention output projection; null = bias")
+    qk_norm: Literal["none", "head", "full"] = Field(
+        "none",
+        description="normalise queries and keys with model.norm (eps norm_eps) before rotary positions and the KV "
+        "cache: head = over each head's head_dim dims, one weight shared by the heads (Qwen3-MoE); full = over the "
+        "whole query projection (n_heads * head_dim) and key projection (kv heads * head_dim) (OLMoE)",
+    )
+    clip_qkv: float | None = Field(
+        None,
+        gt=0.0,
+        description="clamp queries, keys and values to [-clip_qkv, clip_qkv] after qk_norm, before rotary positions "
+        "(OLMoE's clip_qkv); null = no clamp",
+    )
     max_seq_len: int = Field(256, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tie_embeddings: bool = True
@@ -71,20 +93,24 @@ class ModelConfig(StrictModel):
         for name, value in ARCH_DEFAULTS[self.arch].items():
             if getattr(self, name) is None:
                 self.__dict__[name] = value
+        for name in ("qkv_bias", "attn_out_bias"):  # the attention's biases follow model.bias
+            if getattr(self, name) is None:
+                self.__dict__[name] = self.bias
         self._check_attention()
-        if self.attention == "mha" and self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.attention == "mha" and self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}), or set "
+                "model.head_dim"
+            )
         if self.arch == "gpt2" and self.n_kv_heads is not None:
             raise ValueError("model.n_kv_heads (grouped-query attention) needs model.arch: llama")
         if self.n_heads % self.kv_heads:
             raise ValueError(
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})"
             )
-        if self.arch == "llama" and self.attention == "mha" and (self.d_model // self.n_heads) % 2:
-            raise ValueError(
-                f"model.arch llama: the head dim d_model / n_heads ({self.d_model // self.n_heads}) must be even "
-                "for rotary positions"
-            )
+        if self.arch == "llama" and self.attention == "mha" and self.resolved_head_dim % 2:
+            which = "model.head_dim" if self.head_dim is not None else "the head dim d_model / n_heads"
+            raise ValueError(f"model.arch llama: {which} ({self.resolved_head_dim}) must be even for rotary positions")
         return self
 
     def _check_attention(self) -> None:
@@ -107,15 +133,34 @@ class ModelConfig(StrictModel):
                 f"model.n_kv_heads ({self.n_kv_heads}) does not apply to model.attention mla (every head has its "
                 "own keys and values from the shared latent); remove it"
             )
+        mha_only = {
+            "head_dim": self.head_dim is not None,
+            "qk_norm": self.qk_norm != "none",
+            "clip_qkv": self.clip_qkv is not None,
+            "qkv_bias": self.qkv_bias,
+            "attn_out_bias": self.attn_out_bias,
+        }
+        for name, set_ in mha_only.items():
+            if set_:
+                raise ValueError(
+                    f"model.{name} ({getattr(self, name)}) is an option of model.attention mha; model.attention mla "
+                    "takes its dims from model.mla and has no biases, norms or clamp of its own; remove it"
+                )
 
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     @property
+    def resolved_head_dim(self) -> int:
+        """``head_dim``, or d_model / n_heads when it is null (kept null in config.yaml, so an override of
+        d_model or n_heads moves it)."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
     def rotary_dim(self) -> int:
         """The dims each rotary rotation covers: the head dim, or MLA's rotary part of it."""
-        return self.mla.qk_rope_head_dim if self.mla is not None else self.d_model // self.n_heads
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.resolved_head_dim
 
 
 class FluctuationConfig(StrictModel):
@@ -163,6 +208,11 @@ class MoEConfig(StrictModel):
     )
     shared_expert_hidden: int | None = Field(
         None, ge=1, description="width of each shared expert; default moe.expert_hidden (docs/routers.md)"
+    )
+    shared_expert_gate: bool = Field(
+        False,
+        description="scale the shared experts' output by sigmoid(x w_gate), w_gate a learned [d_model, 1] per layer "
+        "(Qwen2-MoE's shared_expert_gate); needs moe.shared_experts >= 1",
     )
     expert_init: Literal["default", "fairseq"] = Field(
         "default",
@@ -217,6 +267,11 @@ class MoEConfig(StrictModel):
             raise ValueError(
                 f"moe.shared_experts ({self.shared_experts}) are gelu or swiglu FFNs, but moe.expert_type is "
                 "stacked; set moe.expert_type: gelu or swiglu, or moe.shared_experts: 0"
+            )
+        if self.shared_expert_gate and not self.shared_experts:
+            raise ValueError(
+                "moe.shared_expert_gate scales the shared experts' output, but moe.shared_experts is 0; set "
+                "moe.shared_experts: 1 (or more) or moe.shared_expert_gate: false"
             )
         if self.router.kind == "expert_choice" and self.capacity_factor is not None:
             raise ValueError(

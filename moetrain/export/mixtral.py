@@ -23,8 +23,13 @@ def mismatches(model: ModelConfig, moe: MoEConfig | None) -> list[str]:
         why.append(f"model.arch is {model.arch} (Mixtral is the llama backbone: rotary positions)")
     if model.norm != "rmsnorm":
         why.append(f"model.norm is {model.norm} (Mixtral: RMSNorm)")
-    if model.bias:
-        why.append("model.bias is true (Mixtral has no biases)")
+    for name in ("bias", "qkv_bias", "attn_out_bias"):
+        if getattr(model, name):
+            why.append(f"model.{name} is true (Mixtral has no biases)")
+    if model.qk_norm != "none":
+        why.append(f"model.qk_norm is {model.qk_norm} (Mixtral does not normalise queries and keys)")
+    if model.clip_qkv is not None:
+        why.append(f"model.clip_qkv is {model.clip_qkv} (Mixtral does not clamp queries, keys and values)")
     if model.embed_scale != "none":
         why.append(f"model.embed_scale is {model.embed_scale} (Mixtral does not scale its token embeddings)")
     if model.attention != "mha":
@@ -85,7 +90,7 @@ def config_json(model: ModelConfig, moe: MoEConfig, eos_id: int) -> dict:
         "num_hidden_layers": model.n_layers,
         "num_attention_heads": model.n_heads,
         "num_key_value_heads": model.kv_heads,
-        "head_dim": model.d_model // model.n_heads,
+        "head_dim": model.resolved_head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": model.norm_eps,
@@ -105,7 +110,7 @@ def config_json(model: ModelConfig, moe: MoEConfig, eos_id: int) -> dict:
 
 def state_dict(weights: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """moetrain names -> Mixtral's (``model.layers.N.self_attn.q_proj.weight`` ...), experts unstacked."""
-    H, G, A = model.n_heads, model.kv_heads, model.d_model // model.n_heads
+    H, G, A = model.n_heads, model.kv_heads, model.resolved_head_dim
     out = {"model.embed_tokens.weight": weights["embed.weight"], "model.norm.weight": weights["ln_f.weight"]}
     if not model.tie_embeddings:
         out["lm_head.weight"] = weights["lm_head.weight"]

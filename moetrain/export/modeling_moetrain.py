@@ -7,12 +7,15 @@ model without moetrain installed. It recomputes moetrain's evaluation forward pa
 - backbone ``gpt2`` (LayerNorm, learned positions, biases) or ``llama`` (RMSNorm, rotary positions,
   no biases, grouped-query attention or multi-head latent attention, ``model.attention: mla``; rotary
   scaling linear / yarn / llama3); dense FFN ``gelu`` or ``swiglu``; token embeddings optionally
-  scaled by sqrt(d_model) (``embed_scale: sqrt_d``);
+  scaled by sqrt(d_model) (``embed_scale: sqrt_d``); attention with its own head dim, query/key/value
+  and output biases set apart, query/key norms per head or over the whole projection, and a clamp of
+  queries, keys and values (``head_dim``, ``qkv_bias``, ``attn_out_bias``, ``qk_norm``, ``clip_qkv``);
 - MoE layers replacing block FFNs or inserted after blocks; routers ``topk`` (softmax / sigmoid,
   optional renormalisation, selection bias, group-limited choice, gate scale), ``stablemoe`` (the frozen distilled router, or the backbone scores during
   stage 1 when ``eval_routing`` is ``backbone``), ``base`` (greedy), ``hash`` (a token-id table);
   experts ``gelu``, ``swiglu`` or ``stacked`` (residual FFN sublayers with their own LayerNorms);
-  dropless, or capacity-limited where earlier tokens win the slots.
+  shared experts, optionally scaled by a sigmoid gate (``shared_expert_gate``); dropless, or
+  capacity-limited where earlier tokens win the slots.
 
 Weights keep moetrain's names; experts are stacked tensors ``[sublayers, experts, ...]``.
 No KV cache: ``generate`` recomputes the whole sequence each step (``use_cache=False``).
@@ -52,8 +55,15 @@ def _norm(m: dict, dim: int) -> nn.Module:
     return RMSNorm(dim, m["norm_eps"]) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=m["norm_eps"])
 
 
-def _bias(m: dict) -> bool:
+def _bias(m: dict, key: str = "bias") -> bool:
+    """``model.bias``, or ``qkv_bias`` / ``attn_out_bias``, which follow it when null."""
+    if m.get(key) is not None:
+        return m[key]
     return m["bias"] if m.get("bias") is not None else m["arch"] == "gpt2"
+
+
+def _head_dim(m: dict) -> int:
+    return m.get("head_dim") or m["d_model"] // m["n_heads"]
 
 
 class RMSNorm(nn.Module):
@@ -126,17 +136,26 @@ class Attention(nn.Module):
         super().__init__()
         self.h = m["n_heads"]
         self.g = m["n_kv_heads"] or m["n_heads"]
-        self.a = m["d_model"] // m["n_heads"]
-        bias = _bias(m)
-        self.qkv = nn.Linear(m["d_model"], (self.h + 2 * self.g) * self.a, bias=bias)
-        self.proj = nn.Linear(self.h * self.a, m["d_model"], bias=bias)
+        self.a = _head_dim(m)
+        self.qkv = nn.Linear(m["d_model"], (self.h + 2 * self.g) * self.a, bias=_bias(m, "qkv_bias"))
+        self.proj = nn.Linear(self.h * self.a, m["d_model"], bias=_bias(m, "attn_out_bias"))
+        self.qk_norm = m.get("qk_norm", "none")
+        if self.qk_norm != "none":  # head: one norm over each head's dims; full: over the whole projection
+            self.q_norm = _norm(m, self.a if self.qk_norm == "head" else self.h * self.a)
+            self.k_norm = _norm(m, self.a if self.qk_norm == "head" else self.g * self.a)
+        self.clip = m.get("clip_qkv")
 
     def forward(self, x: torch.Tensor, rotary) -> torch.Tensor:
         B, S, _ = x.shape
         q, k, v = self.qkv(x).split([self.h * self.a, self.g * self.a, self.g * self.a], dim=-1)
-        q = q.view(B, S, self.h, self.a).transpose(1, 2)
-        k = k.view(B, S, self.g, self.a).transpose(1, 2)
-        v = v.view(B, S, self.g, self.a).transpose(1, 2)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(B, S, self.h, self.a), k.view(B, S, self.g, self.a), v.view(B, S, self.g, self.a)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = q.clamp(-self.clip, self.clip), k.clamp(-self.clip, self.clip), v.clamp(-self.clip, self.clip)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rotary is not None:
             q, k = _rotate(q, *rotary), _rotate(k, *rotary)
         if self.g != self.h:
@@ -316,7 +335,7 @@ class MoELayer(nn.Module):
         self.shared = None
         if moe.get("shared_experts", 0):  # N always-on experts as one FFN of N times the width
             width = moe["shared_experts"] * (moe["shared_expert_hidden"] or moe["expert_hidden"] or m["d_ff"])
-            self.shared = SharedExperts(moe["expert_type"], m["d_model"], width)
+            self.shared = SharedExperts(moe["expert_type"], m["d_model"], width, moe.get("shared_expert_gate", False))
 
     def forward(self, x_TD: torch.Tensor, token_ids: torch.Tensor, group: int) -> torch.Tensor:
         """Each token's gated sum of its experts' outputs; with a capacity, an expert takes its first
@@ -347,18 +366,21 @@ class MoELayer(nn.Module):
 
 
 class SharedExperts(nn.Module):
-    def __init__(self, kind: str, d_model: int, width: int) -> None:
+    def __init__(self, kind: str, d_model: int, width: int, gated: bool = False) -> None:
         super().__init__()
         self.kind = kind
         self.w_in_DF = nn.Parameter(torch.empty(d_model, width * (2 if kind == "swiglu" else 1)))
         self.w_out_FD = nn.Parameter(torch.empty(width, d_model))
+        self.w_gate_D1 = nn.Parameter(torch.empty(d_model, 1)) if gated else None  # sigmoid(x w) scales the output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x @ self.w_in_DF
         if self.kind == "swiglu":
             a, b = h.chunk(2, dim=-1)
-            return (F.silu(a) * b) @ self.w_out_FD
-        return F.gelu(h) @ self.w_out_FD
+            y = (F.silu(a) * b) @ self.w_out_FD
+        else:
+            y = F.gelu(h) @ self.w_out_FD
+        return torch.sigmoid(x @ self.w_gate_D1) * y if self.w_gate_D1 is not None else y
 
 
 class Block(nn.Module):
@@ -441,7 +463,7 @@ class MoetrainForCausalLM(PreTrainedModel, GenerationMixin):
         if self.m["arch"] == "gpt2":
             h = h + self.pos(positions)
         else:
-            dim = self.m["mla"]["qk_rope_head_dim"] if self.m.get("mla") else self.m["d_model"] // self.m["n_heads"]
+            dim = self.m["mla"]["qk_rope_head_dim"] if self.m.get("mla") else _head_dim(self.m)
             rotary = _rotary(positions, dim, self.m["rope_theta"], self.m.get("rope_scaling"))
         token_ids = input_ids.reshape(-1)
         for layer in self.layers:

@@ -1,6 +1,6 @@
 """The MoE layer: router -> dispatcher -> grouped experts -> combine (shapes: moetrain/moe/__init__.py),
-plus the shared experts (``moe.shared_experts``) and the Residual-MoE dense branch (``moe.residual``) on
-every token.
+plus the shared experts (``moe.shared_experts``, optionally gated) and the Residual-MoE dense branch
+(``moe.residual``) on every token.
 
 It is built for one process: all experts, the local dispatcher. :func:`moetrain.parallel.parallelize`
 shards the experts and swaps in the all-to-all dispatcher afterwards.
@@ -63,7 +63,7 @@ class MoELayer(nn.Module):
         self.shared = None
         if cfg.shared_experts:
             width = cfg.shared_experts * (cfg.shared_expert_hidden or d_hidden)
-            self.shared = SharedExperts(cfg.expert_type, d_model, width)
+            self.shared = SharedExperts(cfg.expert_type, d_model, width, gated=cfg.shared_expert_gate)
 
     @classmethod
     def declare_hooks(cls, layers: list[MoELayer]) -> list[TrainingHooks]:

@@ -1,1 +1,28 @@
-"""One module per Hugging Face model family, each implementing :class:`~moetrain.hf.families.base.Family`."""
+"""One module per Hugging Face model family, each implementing :class:`~moetrain.hf.families.base.Family`.
+
+- :mod:`.mixtral`, :mod:`.qwen2_moe`, :mod:`.qwen3_moe`, :mod:`.olmoe`, :mod:`.deepseek_v3`: the families;
+- :mod:`.rope`: rotary positions of every family (plain and scaled);
+- :mod:`.decoder`: what those four Llama-style MoE decoders share;
+- :mod:`.base`: the contract (tensor rules, :class:`~moetrain.hf.families.base.UnsupportedConfigError`).
+
+:func:`family_for` picks a family by a ``config.json``'s ``model_type``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from moetrain.hf.families import deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moetrain.hf.families.base import UnsupportedConfigError
+
+FAMILIES: dict[str, ModuleType] = {
+    t: m for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3) for t in m.MODEL_TYPES
+}
+
+
+def family_for(model_type: str | None) -> ModuleType:
+    """The family module that maps ``model_type``; refuses any other, naming the supported ones."""
+    if model_type not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES))
+        raise UnsupportedConfigError("model_type", model_type, f"not a supported family; supported: {supported}")
+    return FAMILIES[model_type]

@@ -25,10 +25,12 @@ import torch
 
 
 class UnsupportedConfigError(ValueError):
-    """A Hugging Face config field whose value moetrain cannot represent exactly."""
+    """A Hugging Face config field whose value moetrain cannot represent exactly (``where``:
+    ``"config.json"``), or, on export, a moetrain field the family cannot represent
+    (``where``: ``"moetrain config"``)."""
 
-    def __init__(self, field: str, value: Any, why: str) -> None:
-        super().__init__(f"config.json field {field} = {value!r}: {why}")
+    def __init__(self, field: str, value: Any, why: str, where: str = "config.json") -> None:
+        super().__init__(f"{where} field {field} = {value!r}: {why}")
         self.field, self.value, self.why = field, value, why
 
 
@@ -42,8 +44,11 @@ class TensorRule:
     ``sources``: the Hugging Face tensor names, in the order ``to_moetrain`` takes them.
     ``index``: when set, each source is a fused per-expert tensor ``[E, ...]`` and the rule reads only
     ``source[index]`` (the reader takes that slice without loading the rest).
+    ``rows``: with ``index``, only rows ``rows[0]:rows[1]`` of that slice, ``source[index, a:b]``: one
+    part of a fused tensor that feeds two moetrain parameters (the gate half of ``gate_up_proj`` is
+    ``w1``, the up half ``w3``); the rules of one fused slice's parts cover it exactly once.
     ``to_moetrain(*sources) -> tensor``; ``to_hf(tensor) -> tuple`` of tensors in ``sources`` order
-    (with ``index``: the slices ``source[index]``).
+    (with ``index``: the slices ``source[index]``, or ``source[index, a:b]`` with ``rows``).
     """
 
     target: str
@@ -52,6 +57,7 @@ class TensorRule:
     to_hf: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     expert: int | None = None
     index: int | None = None
+    rows: tuple[int, int] | None = None
 
 
 def same(t: torch.Tensor) -> torch.Tensor:
@@ -72,11 +78,23 @@ def linear_rule(target: str, source: str) -> TensorRule:
     return copy_rule(target, source)
 
 
+def transpose_rule(target: str, source: str) -> TensorRule:
+    """An ``nn.Linear`` weight [out, in] that moetrain keeps as a matrix it multiplies by (``x @ w``, [in, out])."""
+    return TensorRule(target, (source,), lambda w: w.t().contiguous(), lambda t: (t.t().contiguous(),))
+
+
 def expert_rule(target: str, source: str, expert: int) -> TensorRule:
     """One expert's ``nn.Linear`` weight [out, in] -> moetrain's stacked slice [1, in, out] (x @ w)."""
     return TensorRule(
         target, (source,), lambda w: w.t().unsqueeze(0).contiguous(), lambda t: (t[0].t().contiguous(),), expert
     )
+
+
+def fused_expert_rule(target: str, source: str, expert: int, rows: tuple[int, int] | None = None) -> TensorRule:
+    """Expert ``expert``'s ``[out, in]`` slice of a fused ``[E, out, in]`` tensor (rows ``rows`` of it,
+    when it holds two weights) -> moetrain's stacked slice [1, in, out]: :func:`expert_rule`, read by index."""
+    by_name = expert_rule(target, source, expert)
+    return TensorRule(target, (source,), by_name.to_moetrain, by_name.to_hf, expert, index=expert, rows=rows)
 
 
 def concat_rule(target: str, sources: tuple[str, ...], sizes: list[int], dim: int = 0) -> TensorRule:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from moetrain.config.registry import register_router_config
 from moetrain.config.routers import (
     BaseLayerRouterConfig,
     ExpertChoiceRouterConfig,
@@ -18,7 +19,6 @@ from moetrain.config.routers import (
     RouterConfig,
     StableMoERouterConfig,
     TopKRouterConfig,
-    register_router_config,
 )
 from moetrain.kernels import KernelBackend
 from moetrain.moe.routers.base import Router
