@@ -121,7 +121,7 @@ def _in_sequence(layer, x_TD, decision, timer: PhaseTimes):
         x_ND, counts_L, meta = layer.dispatcher.dispatch(x_TD, decision)
     with timer("grouped GEMM", dev):  # as MoELayer.forward calls it
         recompute_x = layer.dispatcher.recompute(x_TD, meta)
-        y_ND = layer.experts(x_ND, counts_L, padded=layer.dispatcher.pads_rows, recompute_x=recompute_x)
+        y_ND = layer.experts(x_ND, counts_L, padded=layer.dispatcher.padded(meta), recompute_x=recompute_x)
     with timer("combine, all", dev):
         return layer.dispatcher.combine(y_ND, meta)
 

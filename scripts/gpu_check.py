@@ -17,6 +17,17 @@ Steps, each recorded as pass / fail with its numbers and its duration:
 5. ``e2e``: ``bench/e2e_lm.py --device cuda`` (moetrain's trainer vs the same LM on ``deepspeed.moe``,
    bf16, one process per side) at top-2 with 8 and 32 experts, on a model sized for a GPU
    (:data:`GPU_E2E_MODEL`); smoke: one CPU shape in bf16, a few steps.
+6. ``nccl_resume``: ``configs/gpu_swiglu_top2.yaml`` under ``torchrun --nproc-per-node 1`` with
+   ``MOETRAIN_FORCE_COLLECTIVES=1``: the all-to-all dispatcher over a group of one and every collective of
+   training and checkpointing run on NCCL at world size 1; a run stopped at half, checkpointed and resumed
+   gives exactly (``==``) the losses of the uninterrupted run, in fp32 and bf16 (smoke: gloo).
+7. ``uninitialised_rows``: capacity mode, null experts and expert choice in bf16 for a few steps under
+   ``train.deterministic`` (``torch.use_deterministic_algorithms(True)``, which fills fresh allocations with
+   NaN): every loss finite, the Triton kernels' losses equal the torch kernels' (3e-2 relative).
+
+The ``gpu_tests`` step fails when every selected test skipped (on the GPU the ``gpu``-marked tests; in the
+smoke run the host-sync tests); ``host_syncs`` reports the counted syncs and proves the counter is live by
+catching one deliberate sync.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out``; exits 1 if any step failed.
 """
@@ -25,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -92,11 +104,11 @@ class Check:
     # --- the steps ------------------------------------------------------------------------------
 
     def gpu_tests(self) -> dict:
-        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
-        cmd += ["tests/test_host_sync.py"] if self.smoke else ["tests"]
+        """The gpu-marked tests (smoke, on the CPU where they skip: the host-sync tests, unmarked)."""
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        cmd += ["tests/test_host_sync.py", "-m", "not gpu"] if self.smoke else ["tests", "-m", "gpu"]
         tail = self.run(cmd, timeout=900).strip().splitlines()[-1]
-        if not self.smoke and "skipped" in tail and "passed" not in tail:
-            raise RuntimeError(f"every gpu test was skipped: {tail}")
+        check_some_passed(tail)
         return {"summary": tail}
 
     def train(self, name: str) -> dict:
@@ -160,30 +172,72 @@ class Check:
             (out.y_TD.float().square().mean() + out.aux_loss).backward()
 
         fwd_bwd()  # warm-up: compile the kernels, allocate
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                fwd_bwd()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-            return {
-                "host_syncs": 0,
-                "checked_by": "torch.cuda.set_sync_debug_mode('error')",
-                "experts_loop": layer.experts.uses_loop,
-            }
-        sys.path.insert(0, str(REPO / "tests"))
-        from host_sync import HostSyncCounter  # a test utility, not in the package
+        count, calibration, how = cuda_syncs(fwd_bwd, x) if cuda else counter_syncs(fwd_bwd, x)
+        if calibration < 1:
+            raise RuntimeError(f"{how} did not see a deliberate host sync: it is not checking anything")
+        if count:
+            raise RuntimeError(f"{count} host syncs in the MoE layer's forward + backward ({how})")
+        return {"host_syncs": count, "calibration_syncs": calibration, "checked_by": how,
+                "experts_loop": layer.experts.uses_loop}  # fmt: skip
 
-        with HostSyncCounter() as syncs:
-            fwd_bwd()
-        if syncs.count:
-            raise RuntimeError(syncs.report())
-        return {
-            "host_syncs": 0,
-            "checked_by": "HostSyncCounter (CPU stand-in)",
-            "experts_loop": layer.experts.uses_loop,
+    def nccl_resume(self) -> dict:
+        out = {}
+        for precision in ("fp32", "bf16"):
+            full = self._torchrun_once(f"nccl_{precision}_full", precision)
+            self._torchrun_once(f"nccl_{precision}_split", precision, [f"train.stop_at_step={self.steps // 2}"])
+            split = self._torchrun_once(f"nccl_{precision}_split", precision, keep=True)
+            if split != full or len(full) != self.steps:
+                raise RuntimeError(f"{precision}: resumed losses {split} differ from the uninterrupted run's {full}")
+            out[precision] = {"losses": len(full), "final_loss": full[max(full)]}
+        out["backend"] = "nccl" if torch.cuda.is_available() and not self.smoke else "gloo"
+        return out
+
+    def _torchrun_once(self, name: str, precision: str, extra=(), keep: bool = False) -> dict[int, float]:
+        run_dir = self.out / "runs" / name
+        if not keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        overrides = [f"train.steps={self.steps}", f"train.precision={precision}", f"run_dir={run_dir}",
+                     f"data.cache_dir={self.cache}", f"checkpoint.interval={max(1, self.steps // 2)}",
+                     "logging.interval=1", "logging.progress=off", *extra]  # fmt: skip
+        if self.smoke:
+            overrides += SMOKE_MODEL
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+        cmd += ["-m", "moetrain.cli", "train", "configs/gpu_swiglu_top2.yaml", *overrides]
+        self.run(cmd, env={"MOETRAIN_FORCE_COLLECTIVES": "1"})
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    def uninitialised_rows(self) -> dict:
+        cases = {
+            "capacity": ["moe.capacity_factor=1.0"],
+            "null_experts": ["moe.null_experts=2", "moe.router.top_k=2"],
+            "expert_choice": ["moe.router={kind: expert_choice, top_k: 2}"],
         }
+        out = {}
+        for case, extra in cases.items():
+            losses = {}
+            for kernels in ("triton", "torch"):
+                run_dir = self.out / "runs" / f"uninit_{case}_{kernels}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                overrides = [f"train.steps={max(2, min(self.steps, 20))}", f"moe.kernels={kernels}",
+                             "train.precision=bf16", "train.deterministic=true", f"run_dir={run_dir}",
+                             f"data.cache_dir={self.cache}", "checkpoint.interval=0", "checkpoint.save_at_end=false",
+                             "logging.interval=1", "logging.progress=off", *extra]  # fmt: skip
+                if self.smoke:
+                    overrides += SMOKE_MODEL
+                env = {"TRITON_INTERPRET": "1"} if self.smoke and kernels == "triton" else {}
+                self.run([sys.executable, "-m", "moetrain.cli", "train", "configs/gpu_swiglu_top2.yaml", *overrides],
+                         env=env)  # fmt: skip
+                rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                losses[kernels] = {r["step"]: r["loss"] for r in rows if "loss" in r}
+            a, b = losses["triton"], losses["torch"]
+            if not a or sorted(a) != sorted(b) or not all(math.isfinite(v) for v in [*a.values(), *b.values()]):
+                raise RuntimeError(f"{case}: losses not finite or steps differ: {a} / {b}")
+            rel = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-6) for k in a)
+            if rel > 3e-2:
+                raise RuntimeError(f"{case}: Triton and torch kernels disagree: max relative loss difference {rel:.3g}")
+            out[case] = {"steps": len(a), "max_rel_loss_diff": rel}
+        return out
 
     def bench(self) -> dict:
         out = self.out / "gpu_tier.json"
@@ -216,6 +270,44 @@ class Check:
         (self.out / "gpu_check.json").write_text(json.dumps(self.record, indent=1))
         (self.out / "gpu_check.md").write_text(summary_markdown(self.record))
         return all(s["status"] == "pass" for s in self.record["steps"].values())
+
+
+def check_some_passed(pytest_tail: str) -> None:
+    """A test step whose selected tests all skipped (or none ran) checked nothing: fail it."""
+    if " passed" not in pytest_tail:
+        raise RuntimeError(f"no selected test ran (all skipped, or none collected): {pytest_tail}")
+
+
+def cuda_syncs(fwd_bwd, x) -> tuple[int, int, str]:
+    """(host syncs of ``fwd_bwd``, syncs seen in a deliberate ``.item()``) under CUDA's sync debug mode."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        try:
+            x.sum().item()
+            calibration = 0
+        except RuntimeError:
+            calibration = 1
+        try:
+            fwd_bwd()
+            count = 0
+        except RuntimeError:
+            count = 1
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return count, calibration, "torch.cuda.set_sync_debug_mode('error')"
+
+
+def counter_syncs(fwd_bwd, x) -> tuple[int, int, str]:
+    """The same with the CPU stand-in (tests/host_sync.py's HostSyncCounter)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from host_sync import HostSyncCounter  # a test utility, not in the package
+
+    with HostSyncCounter() as calibration:
+        x.sum().item()
+    with HostSyncCounter() as syncs:
+        fwd_bwd()
+    return syncs.count, calibration.count, "HostSyncCounter (CPU stand-in)"
 
 
 def environment() -> dict:
@@ -251,7 +343,15 @@ def summary_markdown(record: dict) -> str:
                       f"{t['grouped_gemm_fallback_layers']}")  # fmt: skip
         elif name == "host_syncs":
             result = "; ".join(
-                f"{k}: {v['host_syncs']} syncs ({v['checked_by']})" for k, v in s.items() if isinstance(v, dict)
+                f"{k}: {v['host_syncs']} syncs, {v['calibration_syncs']} in the deliberate one ({v['checked_by']})"
+                for k, v in s.items()
+                if isinstance(v, dict)
+            )
+        elif name == "nccl_resume":
+            result = f"{s['backend']}: resumed losses == uninterrupted, fp32 and bf16"
+        elif name == "uninitialised_rows":
+            result = "; ".join(
+                f"{k}: max rel diff {v['max_rel_loss_diff']:.2e}" for k, v in s.items() if isinstance(v, dict)
             )
         elif name == "gpu_tests":
             result = s["summary"]
@@ -285,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     check.step("host_syncs", check.host_syncs)
     check.step("bench", check.bench)
     check.step("e2e", check.e2e)
+    check.step("nccl_resume", check.nccl_resume)
+    check.step("uninitialised_rows", check.uninitialised_rows)
     check.record["total_seconds"] = round(time.perf_counter() - t0, 1)
     ok = check.write()
     print(

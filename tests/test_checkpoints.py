@@ -274,3 +274,29 @@ def test_a_checkpoint_older_than_a_new_field_resumes_while_the_field_keeps_its_d
     assert "moe.shared_experts: '<unset>' -> 1" in proc.stderr, proc.stderr
     proc = train(run, data_cache, "train.steps=4")
     assert "resumed from" in proc.stdout
+
+
+def test_moving_the_corpus_keeps_the_run_and_other_tokens_need_the_override(tmp_path, data_cache):
+    """Resume compares the tokens' content, not where they were read from: the same corpus copied to a new
+    disk (new path, new mtime) resumes; a changed corpus is refused, naming the override, which resumes
+    and says so."""
+    import shutil
+    import sysconfig
+
+    src = Path(sysconfig.get_paths()["stdlib"])
+    text = "".join((src / name).read_text() for name in ("argparse.py", "typing.py", "subprocess.py"))
+    old_disk, new_disk = tmp_path / "disk_a" / "corpus.txt", tmp_path / "disk_b" / "corpus.txt"
+    old_disk.parent.mkdir()
+    old_disk.write_text(text)
+    run = tmp_path / "run"
+    train(run, data_cache, "train.steps=4", "train.stop_at_step=2", f"data.paths=[{old_disk}]")
+    new_disk.parent.mkdir()
+    shutil.copyfile(old_disk, new_disk)  # a new path and a new mtime: another token store, the same tokens
+    old_disk.unlink()
+    proc = train(run, data_cache, "train.steps=4", "train.stop_at_step=3", f"data.paths=[{new_disk}]")
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout and "data.paths" in proc.stdout
+    new_disk.write_text(text.replace("def ", "fun "))
+    proc = train(run, data_cache, "train.steps=4", f"data.paths=[{new_disk}]", expect=2)
+    assert "was trained on other data" in proc.stderr and "checkpoint.allow_data_change=true" in proc.stderr
+    proc = train(run, data_cache, "train.steps=4", f"data.paths=[{new_disk}]", "checkpoint.allow_data_change=true")
+    assert "continuing on the new data (checkpoint.allow_data_change)" in proc.stdout and "at step 3" in proc.stdout

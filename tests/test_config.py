@@ -32,7 +32,9 @@ BAD = [
     (["deepspeed.bf16={enabled: true}"], ["deepspeed.bf16.enabled (true) conflicts with train.precision ('fp32')"]),
     (["deepspeed.zero_optimization={stage: 3}"], ["deepspeed.zero_optimization.stage (3) must be 0, 1 or 2"]),
     (["moe.capacity_factor=0"], ["moe.capacity_factor: Input should be greater than 0 (got 0)"]),
-    (["train.precision=fp8"], ["train.precision: Input should be 'fp32', 'bf16' or 'fp16' (got 'fp8')"]),
+    (["train.precision=fp8"], ["train.precision: Input should be 'fp32' or 'bf16' (got 'fp8')"]),
+    (["train.precision=fp16"], ["train.precision: 'fp16' is not supported", "use bf16"]),
+    (["deepspeed.fp16={enabled: true}"], ["deepspeed.fp16.enabled (true): fp16 training is not supported"]),
 ]
 
 

@@ -8,6 +8,8 @@ the name of what changed, not as a wrong gradient deep inside a training run.
 
 from __future__ import annotations
 
+import inspect
+
 import deepspeed
 import pytest
 import torch
@@ -66,3 +68,20 @@ def _registered(rank: int, world: int) -> None:
 @pytest.mark.timeout(120)
 def test_deepspeed_sees_moetrains_expert_groups_and_parameters():
     run_distributed(_registered, 2)
+
+
+def test_deepspeed_still_builds_its_shared_memory_op_where_moetrain_skips_it():
+    """moetrain replaces ``deepspeed.comm.torch.build_shm_op`` (moetrain/parallel/layout.py) so that no start
+    JIT-compiles DeepSpeed's inference all-reduce; a DeepSpeed that renames it would build it again."""
+    import importlib
+
+    # NOTE: not ``import deepspeed.comm.torch``: deepspeed.comm's own ``torch`` attribute (the torch module)
+    # shadows the submodule of that name
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+
+    from moetrain.parallel.layout import skip_shared_memory_comm_build
+
+    assert callable(getattr(ds_torch, "build_shm_op", None))
+    assert "build_shm_op()" in inspect.getsource(ds_torch.TorchBackend.__init__)
+    skip_shared_memory_comm_build()
+    assert ds_torch.build_shm_op() is None

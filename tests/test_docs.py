@@ -52,3 +52,39 @@ def test_no_reference_points_at_a_file_that_does_not_exist():
             if not any((REPO / base / ref).exists() for base in ("moetrain", "moetrain/moe")):
                 missing.append(f"{rel}: {ref}")
     assert not missing, "dangling references:\n" + "\n".join(missing)
+
+
+def _readme_gpu_commands():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## On a GPU node", 1)[1].split("\n## ", 1)[0]
+    return [b.split("```")[0].strip() for b in section.split("```bash")[1:]]
+
+
+def test_the_gpu_node_commands_validate_on_an_install_without_extras(tmp_path):
+    """The README's GPU commands: the torchrun one validates for 8 processes, the SLURM one for 4 x 8, in a
+    process where transformers and wandb cannot be imported (an install without extras), and the config
+    needs no network (no hub tokenizer or dataset)."""
+    import shlex
+    import subprocess
+    import sys
+
+    torchrun, slurm = _readme_gpu_commands()
+    args = shlex.split(torchrun)
+    assert args[:4] == ["torchrun", "--standalone", "--nproc-per-node", "8"] and args[6] == "train"
+    config, overrides = args[7], [a for a in args[8:] if not a.startswith("run_dir=")]
+    code = (
+        "import sys; sys.modules['transformers'] = None; sys.modules['wandb'] = None\n"
+        "from moetrain.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    for world, extra in ((8, []), (32, ["launch.nodes=4", "launch.gpus_per_node=8"])):
+        cmd = [sys.executable, "-c", code, "validate", config, *overrides, *extra, "--world-size", str(world)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        assert f"config ok for world size {world}" in proc.stdout
+    from moetrain.config import load_config
+
+    cfg = load_config(REPO / config, overrides)
+    assert not isinstance(cfg.data.tokenizer, str) or cfg.data.tokenizer in ("byte",)
+    assert cfg.data.sources is None and not cfg.logging.wandb.enabled
+    assert "--nodes 4 --gpus-per-node 8" in slurm and "moetrain launch " + config in slurm

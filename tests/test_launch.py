@@ -307,3 +307,13 @@ def test_unwritable_run_dir_is_rejected_before_launch(tmp_path):
     if os.geteuid() != 0:  # root may write anywhere
         with pytest.raises(UserError, match="is not writable"):
             check_run_dir(locked / "run", create=False)
+
+
+def test_data_mounted_only_on_the_compute_nodes_can_skip_the_data_check(workdir, capsys):
+    """launch.check_data=false: the launch does not read the data from the submitting host (the job's
+    rank 0 still checks it at start); by default a path this host cannot read is refused."""
+    args = [str(TINY_CONFIG), "data.paths=[/mnt/only-on-compute-nodes/corpus.txt]", "--launcher", "slurm"]
+    assert launch(*args, "--partition", "debug", "--dry-run") == 2
+    assert "data.paths[0]:" in capsys.readouterr().err
+    assert launch(*args, "--partition", "debug", "launch.check_data=false", "--dry-run") == 0
+    assert "#SBATCH" in capsys.readouterr().out

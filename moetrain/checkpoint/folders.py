@@ -123,11 +123,13 @@ def temp_dir(final: Path) -> Path:
     return final.with_name(f".tmp_{final.name}")
 
 
-def commit(tmp: Path, final: Path, state: dict[str, Any]) -> None:
+def commit(tmp: Path, final: Path, state: dict[str, Any], hashed: dict[str, dict] | None = None) -> None:
     """Write ``state.json``, the manifest and the commit marker into ``tmp`` (every file fsynced), then
-    rename it to ``final``. A committed folder already at ``final`` is moved aside, never overwritten."""
+    rename it to ``final``. ``hashed``: manifest entries of files already hashed (by the ranks that wrote
+    them); the rest are hashed here. A committed folder already at ``final`` is moved aside, never
+    overwritten."""
     (tmp / "state.json").write_text(json.dumps({**state, "format": FORMAT}, indent=1))
-    write_manifest(tmp, FORMAT)
+    write_manifest(tmp, FORMAT, hashed)
     if final.exists():
         os.replace(final, final.with_name(f".replaced_{final.name}_{int(time.time())}"))
     os.replace(tmp, final)

@@ -25,12 +25,26 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, fmt: int) -> None:
-    """Hash every file (fsynced), write the manifest, then the commit marker, each fsynced."""
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MARKER, MANIFEST)):
+def file_entries(folder: Path, paths: list[Path]) -> dict[str, dict]:
+    """The manifest entries of ``paths`` (files under ``folder``): fsynced, then sized and hashed. Each
+    rank of a save hashes the files it wrote, at the same time (``training/checkpoint.py``)."""
+    out = {}
+    for path in paths:
         _fsync(path)
-        files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        out[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    return out
+
+
+def write_manifest(folder: Path, fmt: int, hashed: dict[str, dict] | None = None) -> None:
+    """Hash every file not already in ``hashed`` (fsynced), write the manifest, then the commit marker,
+    each fsynced."""
+    hashed = dict(hashed or {})
+    rest = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (MARKER, MANIFEST) and str(p.relative_to(folder)) not in hashed
+    ]
+    files = dict(sorted({**hashed, **file_entries(folder, rest)}.items()))
     (folder / MANIFEST).write_text(json.dumps({"format": fmt, "files": files}, indent=1))
     _fsync(folder / MANIFEST)
     (folder / MARKER).write_text("ok\n")

@@ -57,7 +57,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     paths, args.overrides = _split_data_args(args.data, args.overrides)
     loaded = loading.load_checkpoint(args.checkpoint, args.overrides)
-    tok = text.run_tokenizer(loaded.cfg.data, loaded.state.get("data_fingerprint"))
+    tok = text.run_tokenizer(loaded.cfg.data, loaded.state.get("data_store") or loaded.state.get("data_fingerprint"))
     name = f"step_{loaded.step:06d}{'_files' if paths else ''}.json"
     out = Path(args.out) if args.out else loaded.run_dir / "eval" / name
     _check_writable_file(out, "--out")
@@ -115,7 +115,7 @@ def run_generate(args: argparse.Namespace) -> int:
             "generate: expert-choice routing picks tokens from whole sequences (not causal), so it cannot "
             "route one new token at a time; evaluate the model with `moetrain eval` instead"
         )
-    tok = text.run_tokenizer(loaded.cfg.data, loaded.state.get("data_fingerprint"))
+    tok = text.run_tokenizer(loaded.cfg.data, loaded.state.get("data_store") or loaded.state.get("data_fingerprint"))
     sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     stream = tok.stream()
     sys.stdout.write(args.prompt)

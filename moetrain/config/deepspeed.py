@@ -38,7 +38,12 @@ def check_deepspeed_block(cfg: "JobConfig") -> None:
                 f"deepspeed.{key} ({block[key]!r}) conflicts with {field} ({value!r}); "
                 f"set {field} and remove deepspeed.{key}"
             )
-    for fmt in ("bf16", "fp16"):
+    if isinstance(block.get("fp16"), dict) and block["fp16"].get("enabled"):
+        raise ValueError(
+            "deepspeed.fp16.enabled (true): fp16 training is not supported (it needs loss scaling, which no moetrain "
+            "path is tested with); remove it and set train.precision: bf16"
+        )
+    for fmt in ("bf16",):
         enabled = isinstance(block.get(fmt), dict) and block[fmt].get("enabled")
         if enabled and cfg.train.precision != fmt:
             raise ValueError(

@@ -114,6 +114,11 @@ class LaunchConfig(StrictModel):
     include: str | None = Field(None, description="deepspeed --include, e.g. worker-0@worker-1:0,2")
     exclude: str | None = Field(None, description="deepspeed --exclude, e.g. worker-1:0")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables for every process")
+    check_data: bool = Field(
+        True,
+        description="check before launching that the data (data.paths / data.sources) can be read from this host; "
+        "false for data mounted only on the compute nodes (the job itself still checks it, on rank 0, at start)",
+    )
     python: str | None = Field(
         None,
         description="the job's Python; torchrun/deepspeed come from its folder. Default: the Python running "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from moetrain.config.schema import StrictModel
 
@@ -18,7 +18,11 @@ class TrainConfig(StrictModel):
     stop_at_step: int | None = Field(None, ge=1, description="end this run early at this step, schedule unchanged")
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
     grad_accum_steps: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="fp32, or bf16 compute with fp32 master weights and optimizer state (docs/parallelism.md, "
+        "'Precision'); fp16 is refused: it needs loss scaling, which no moetrain path is tested with",
+    )
     eval_interval: int = Field(0, ge=0, description="steps between evaluations (0: only at the end)")
     eval_batches: int = Field(8, ge=1, description="validation micro-batches per rank")
     nonfinite: Literal["stop", "skip"] = Field(
@@ -56,6 +60,17 @@ class TrainConfig(StrictModel):
         "eager (docs/parallelism.md)",
     )
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _no_fp16(cls, v: object) -> object:
+        if v == "fp16":
+            raise ValueError(
+                "'fp16' is not supported: fp16 training needs dynamic loss scaling, and no moetrain path (grouped "
+                "experts, the EP gradient norm, checkpoints of DeepSpeed's fp16 optimizers) is tested with it; use "
+                "bf16 (the same memory, no loss scaling) or fp32"
+            )
+        return v
+
 
 class OptimConfig(StrictModel):
     lr: float = Field(1e-3, gt=0)
@@ -80,6 +95,11 @@ class CheckpointConfig(StrictModel):
         "auto", description="auto: the latest valid checkpoint in the run dir; none; or a checkpoint path"
     )
     save_at_end: bool = True
+    allow_data_change: bool = Field(
+        False,
+        description="resume although the data's tokens differ from the checkpoint's (a changed corpus or tokenizer); "
+        "logged. Moving or copying the same corpus needs no override: resume compares the tokens' content",
+    )
 
 
 class WandbConfig(StrictModel):

@@ -76,11 +76,21 @@ class PreparedData:
 
     @property
     def fingerprint(self) -> str:
-        """The store's fingerprint (one source), or a hash of the sources' names, weights and stores."""
+        """What a checkpoint records of its data, and resume compares: the tokens' content hash (one source),
+        or a hash of the sources' names, weights and contents. Moving or copying the corpus keeps it."""
+        return self._combine([t.content or t.fingerprint for t in self.stores], "content-")
+
+    @property
+    def location_fingerprint(self) -> str:
+        """The fingerprint of releases before the content hash (paths, sizes, mtimes): what their
+        checkpoints recorded, still accepted on resume."""
+        return self._combine([t.fingerprint for t in self.stores], "")
+
+    def _combine(self, per_store: list[str], prefix: str) -> str:
         if len(self.stores) == 1 and self.sources[0].field == "data":
-            return self.stores[0].fingerprint
-        parts = [(s.name, s.weight, t.fingerprint) for s, t in zip(self.sources, self.stores)]
-        return "mix-" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+            return prefix + per_store[0]
+        parts = [(s.name, s.weight, f) for s, f in zip(self.sources, per_store)]
+        return "mix-" + prefix + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     @property
     def vocab_size(self) -> int:
@@ -238,9 +248,12 @@ def _build(cfg: DataConfig, tokenizer: str, files: list[Path], folder: Path, log
         for w in writers.values():
             w.close()
         splits = {s: writers[s].summary(pieces[s]) for s in SPLITS}
+        content = [dtype.name, tok.vocab_size, tok.eos_id, *(splits[s]["sha256"] for s in SPLITS)]
         index = {
             "version": CACHE_VERSION,
             "fingerprint": folder.name,
+            # the tokens themselves: the same store wherever its files were read from (resume compares this)
+            "content": hashlib.sha256(json.dumps(content).encode()).hexdigest()[:20],
             "tokenizer": tok.name,
             "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id,

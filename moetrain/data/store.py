@@ -12,6 +12,7 @@ temp folder, which the next preparation on the same host removes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -73,8 +74,9 @@ class TokenCache:
     """A published token store (``index.json`` read once)."""
 
     folder: Path
-    fingerprint: str
+    fingerprint: str  # the folder's name: where the tokens came from (paths, sizes, mtimes) and the settings
     vocab_size: int
+    content: str | None = None  # a hash of the tokens themselves (None: a store written before it was kept)
 
     @property
     def index(self) -> dict:
@@ -92,7 +94,7 @@ def open_store(folder: Path) -> TokenCache | None:
         index = json.loads((folder / INDEX).read_text())
     except FileNotFoundError:
         return None
-    return TokenCache(folder, index["fingerprint"], index["vocab_size"])
+    return TokenCache(folder, index["fingerprint"], index["vocab_size"], index.get("content"))
 
 
 # --- writing ------------------------------------------------------------------------------------------
@@ -105,10 +107,13 @@ class ShardWriter:
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
         self.shards: list[dict] = []
         self._file: BinaryIO | None = None
+        self._sha = hashlib.sha256()  # the split's content: every piece's tokens and whether it ends a document
 
     def append(self, tokens: np.ndarray, doc_end: bool) -> None:
         """Write ``tokens`` (one piece); ``doc_end``: the piece ends its document."""
         tokens = tokens.astype(self.dtype, copy=False)
+        self._sha.update(tokens.tobytes())
+        self._sha.update(b"\x01" if doc_end else b"\x00")
         while True:
             if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
                 self._next_shard()
@@ -137,6 +142,7 @@ class ShardWriter:
             "documents": sum(s["documents"] for s in self.shards),
             "pieces": pieces,
             "shards": self.shards,
+            "sha256": self._sha.hexdigest(),
         }
 
 

@@ -51,7 +51,7 @@ def export_hf(
             "AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)"
         )
     native = target in ("mixtral", "auto") and not why
-    tok = run_tokenizer(cfg.data, loaded.state.get("data_fingerprint"))
+    tok = run_tokenizer(cfg.data, loaded.state.get("data_store") or loaded.state.get("data_fingerprint"))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

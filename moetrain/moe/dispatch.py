@@ -52,7 +52,11 @@ def route_rows(
 
 class Dispatcher(Protocol):
     num_local_experts: int
-    pads_rows: bool  # dispatch may return rows past counts.sum() that belong to no expert
+    pads_rows: bool  # dispatch may return rows past counts.sum() that belong to no expert (any call)
+
+    def padded(self, meta: object) -> bool:
+        """Whether the rows of this dispatch (``meta``) include rows past ``counts.sum()``."""
+        ...
 
     def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor, object]: ...
 
@@ -73,7 +77,7 @@ def run_in_sequence(
     """dispatch, the experts on the dispatched rows, combine: one after the other."""
     x_ND, counts_L, meta = dispatcher.dispatch(x_TD, decision)
     recompute_x = dispatcher.recompute(x_TD, meta)  # backward may gather x_ND again (experts.py)
-    y_ND = experts(x_ND, counts_L, padded=dispatcher.pads_rows, recompute_x=recompute_x)
+    y_ND = experts(x_ND, counts_L, padded=dispatcher.padded(meta), recompute_x=recompute_x)
     return dispatcher.combine(y_ND, meta), meta
 
 
@@ -106,6 +110,9 @@ class LocalDispatcher:
         x_ND = self.backend.permute(x_TD, rows_TK)
         dropped = (rows_TK < 0).sum() - null
         return x_ND, counts_E, LocalMeta(rows_TK, decision.gates_TK, counts_E, dropped)
+
+    def padded(self, meta: LocalMeta) -> bool:
+        return self.pads_rows
 
     def recompute(self, x_TD: torch.Tensor, meta: LocalMeta) -> Callable[[], torch.Tensor]:
         """The permute again, without autograd: backward gathers x_ND from x_TD instead of saving it

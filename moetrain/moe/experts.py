@@ -4,10 +4,12 @@ Rows of local expert e are contiguous, in expert order; ``counts_L`` says how ma
 ``counts_L.sum()`` (capacity mode leaves some) belong to no expert: they are not computed and their
 output is never read (:func:`grouped_matmul`).
 
-``torch._grouped_mm`` runs on CUDA only for bf16 on compute capability 9.0+ (Hopper), and on the CPU
-for fp32 / bf16. Everywhere else the experts fall back to a Python loop over experts, which reads the
-counts on the host (one sync per call): :class:`GroupedExperts` warns once when that happens and
-records it (``uses_loop``, logged as ``moe/grouped_gemm_fallback_layers``).
+Where ``torch._grouped_mm`` runs, and what each device needs guarded, is one decision table
+(``moetrain/moe/grouped_gemm.py``: bf16 on Hopper and Blackwell, torch's own fallback elsewhere from torch
+2.9, fp32 / bf16 on the CPU; Blackwell's weight gradients of empty experts zeroed). Everywhere else the
+experts fall back to a Python loop over experts, which reads the counts on the host (one sync per call):
+:class:`GroupedExperts` warns once when that happens and records it (``uses_loop``, logged as
+``moe/grouped_gemm_fallback_layers``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config.model import ExpertType
+from moetrain.moe.grouped_gemm import ZeroEmptyExpertGrads, plan_here
 
 ExpertInit = Literal["default", "fairseq"]
 
@@ -32,17 +35,12 @@ def is_expert_param(name: str) -> bool:
 
 
 def grouped_mm_unsupported(x_ND: torch.Tensor, w_LDF: torch.Tensor) -> str | None:
-    """None when ``torch._grouped_mm`` can run on these operands, else why not."""
-    if not hasattr(torch, "_grouped_mm"):
-        return f"torch {torch.__version__} has no torch._grouped_mm"
+    """None when ``torch._grouped_mm`` runs on these operands (``moetrain/moe/grouped_gemm.py``), else why not."""
     if x_ND.dtype != w_LDF.dtype:
         return f"input dtype {x_ND.dtype} differs from weight dtype {w_LDF.dtype}"
-    if x_ND.is_cuda:
-        major, minor = torch.cuda.get_device_capability(x_ND.device)
-        if major < 9 or x_ND.dtype != torch.bfloat16:
-            return f"on CUDA it needs bf16 on compute capability >= 9.0 (got {x_ND.dtype} on {major}.{minor})"
-    elif x_ND.dtype not in (torch.float32, torch.bfloat16):
-        return f"on {x_ND.device.type} it needs fp32 or bf16 (got {x_ND.dtype})"
+    plan = plan_here(x_ND)
+    if not plan.grouped:
+        return plan.why
     item = x_ND.element_size()  # inner dims must be 16-byte aligned for the strided kernels
     if (x_ND.shape[-1] * item) % 16 or (w_LDF.shape[-1] * item) % 16:
         return f"inner dims {x_ND.shape[-1]} and {w_LDF.shape[-1]} are not 16-byte aligned"
@@ -86,6 +84,8 @@ def grouped_matmul(
     if grouped_mm_unsupported(x_ND, w_LDF) is None:
         if recompute_x is not None and not x_ND.is_cuda:
             return _GroupedMMRecomputeX.apply(x_ND, w_LDF, ends_L, recompute_x)
+        if plan_here(x_ND).zero_empty_expert_grads:  # Blackwell: empty experts' weight gradients are garbage
+            w_LDF = ZeroEmptyExpertGrads.apply(w_LDF, torch.diff(ends_L, prepend=ends_L.new_zeros(1)))
         return torch._grouped_mm(x_ND, w_LDF, offs=ends_L)
     return grouped_matmul_loop(x_ND, w_LDF, torch.diff(ends_L, prepend=ends_L.new_zeros(1)))
 
@@ -301,14 +301,17 @@ class GroupedExperts(nn.Module):
         return _contiguous_grad(h_ND - x_ND)
 
     def _check_grouped_mm(self, x_ND: torch.Tensor) -> None:
-        """Record whether this forward falls back to the per-expert loop; warn once per reason."""
+        """Record whether this forward falls back to the per-expert loop; warn once per reason (also when
+        torch's grouped GEMM itself reads the group sizes on the host)."""
         why = grouped_mm_unsupported(x_ND, self.w1_SLDF)
         self.uses_loop = why is not None
+        if why is None and plan_here(x_ND).host_sync:
+            why = plan_here(x_ND).why
         if why is not None and why not in self._warned:
             self._warned.add(why)
             warnings.warn(
-                f"moetrain: grouped GEMM unavailable ({why}); the experts run as a per-expert loop with one "
-                "host sync per matmul, which is slow on a GPU. Use bf16 on an sm90+ GPU for the fused path.",
+                f"moetrain: grouped GEMM unavailable or slow here ({why}); a host sync per expert matmul is slow "
+                "on a GPU. Use bf16 on a Hopper or Blackwell GPU for the fused path.",
                 RuntimeWarning,
                 stacklevel=2,
             )

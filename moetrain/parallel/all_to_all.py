@@ -79,6 +79,7 @@ class AllToAllMeta:
     regroup_R: torch.Tensor  # received row -> position in local-expert order
     num_rows: int  # N = T*K (send buffer rows, including unused ones)
     dropped: torch.Tensor
+    pad_rows: int = 0  # 1 when this rank received no row: a zero row keeps the grouped GEMM off an empty input
 
 
 class DispatchObserver(Protocol):
@@ -193,10 +194,21 @@ class AllToAllDispatcher:
         with phase("regroup", dev):  # 5.
             regroup_R = self._regroup_index(recv_counts_PL, sum(recv_splits))
             x_RD = x_RD.index_select(0, regroup_R)
+        # NOTE: a rank that receives no row would hand the grouped GEMM an empty input, which some CUDA
+        # kernels mishandle; one zero row (of no expert: the experts run with ``padded``) avoids it, and
+        # keeps x_RD in the graph, so backward still runs this rank's side of the exchange.
+        pad_rows = int(sum(recv_splits) == 0)
+        if pad_rows:
+            x_RD = torch.cat([x_RD, x_RD.new_zeros(1, x_RD.shape[-1])])
         counts_L = recv_counts_PL.sum(0)
         num_rows = decision.expert_ids_TK.numel()
-        meta = AllToAllMeta(rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, num_rows, dropped)
+        meta = AllToAllMeta(
+            rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, num_rows, dropped, pad_rows
+        )
         return x_RD, counts_L, meta
+
+    def padded(self, meta: AllToAllMeta) -> bool:
+        return meta.pad_rows > 0
 
     def recompute(self, x_TD: torch.Tensor, meta: AllToAllMeta) -> None:
         """None: the received rows came from other ranks; backward keeps them."""
@@ -204,6 +216,8 @@ class AllToAllDispatcher:
 
     def combine(self, y_RD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
         phase, dev = self._phase(), y_RD.device
+        if meta.pad_rows:
+            y_RD = y_RD[: y_RD.shape[0] - meta.pad_rows]
         with phase("regroup", dev):  # undo 5.
             y_back_RD = torch.empty_like(y_RD).index_copy(0, meta.regroup_R, y_RD)
         with phase("return all-to-all", dev):  # undo 4.

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moetrain.moe.experts import is_expert_param
+from moetrain.parallel.collectives import all_reduce_
 
 
 @torch.no_grad()
@@ -34,8 +35,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ep_group: dist.ProcessGrou
         return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).pow(2).sum()
 
     expert_sq = sq(expert)
-    if ep_group is not None and dist.get_world_size(ep_group) > 1:
-        dist.all_reduce(expert_sq, group=ep_group)
+    if ep_group is not None:
+        all_reduce_(expert_sq, group=ep_group)
     norm = (sq(shared) + expert_sq).sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)

@@ -19,27 +19,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from moetrain.parallel.collectives import comm_device, force_collectives
+
 
 def free_port() -> int:
     """A free TCP port on the loopback interface (for a lone process's own process group, and tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def any_rank(flag: torch.Tensor) -> bool:
-    """Whether ``flag`` (a 0-dim or 1-element tensor, non-zero = yes) is set on any rank: one all-reduce
-    and one host sync."""
-    flag = flag.detach().to(torch.int32).reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def barrier() -> None:
-    """``dist.barrier()`` when several processes run; a no-op alone."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 # What a launcher sets for each process; a child that starts a job of its own must not inherit them.
@@ -64,6 +51,9 @@ class ParallelLayout:
     ep_size: int = 1
     ep_group: dist.ProcessGroup | None = field(default=None, repr=False)
     expert_dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    # MOETRAIN_FORCE_COLLECTIVES=1: the all-to-all dispatcher and every collective even at EP 1 / world 1
+    # (a one-GPU run exercises the multi-GPU code paths; scripts/gpu_check.py)
+    force_all_to_all: bool = False
 
     @property
     def ep_ranks(self) -> list[int]:
@@ -93,6 +83,11 @@ class ParallelLayout:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
+    @property
+    def comm_device(self) -> torch.device:
+        """Where the world group's collectives want their tensors (``moetrain.parallel.collectives``)."""
+        return comm_device()
+
     @classmethod
     def init(cls, ep_size: int = 1, timeout_s: int = 600) -> "ParallelLayout":
         """Initialise torch.distributed (gloo on CPU, NCCL on CUDA) from the environment and build groups.
@@ -113,8 +108,11 @@ class ParallelLayout:
             os.environ.setdefault("MASTER_PORT", "29500")
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+            skip_shared_memory_comm_build()
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
-        layout = cls(rank, world, local_rank, ep_size)
+        force = os.environ.get("MOETRAIN_FORCE_COLLECTIVES") == "1"
+        force_collectives(force)
+        layout = cls(rank, world, local_rank, ep_size, force_all_to_all=force)
         # NOTE: every rank must create every group, in the same order, even those it is not in.
         for start in range(0, world, ep_size):
             group = dist.new_group(list(range(start, start + ep_size)), timeout=timeout)
@@ -132,3 +130,21 @@ class ParallelLayout:
         if ds_groups._WORLD_GROUP is None:
             ds_groups._WORLD_GROUP = dist.new_group(list(range(world)), timeout=timeout)
         return layout
+
+
+def skip_shared_memory_comm_build() -> None:
+    """Keep DeepSpeed's comm backend from JIT-compiling its shared-memory all-reduce when it starts.
+
+    On the CPU, DeepSpeed builds a C++ extension (``deepspeed_shm_comm``) at every ``init_distributed``
+    for its *inference* all-reduce, which moetrain never calls. The first start in an environment compiles
+    it (a minute on 2 cores) while every other process waits on a file lock, and a process killed while
+    compiling leaves the lock behind, so every later start waits forever (seen here). moetrain's
+    collectives are torch.distributed's own. ``tests/test_deepspeed_contract.py`` fails when DeepSpeed
+    renames the function."""
+    import importlib
+
+    # NOTE: not ``import deepspeed.comm.torch``: deepspeed.comm's own ``torch`` attribute (the torch module)
+    # shadows the submodule of that name
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+
+    ds_torch.build_shm_op = lambda: None

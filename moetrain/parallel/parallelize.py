@@ -5,7 +5,7 @@ expert and the local dispatcher. :func:`parallelize` then, per MoE layer:
 
 1. points the router's statistics (StableMoE's balance-loss counts, the Switch load-balance
    fractions) at the data-parallel group, so they cover the global micro-batch;
-2. with ``ep_size > 1``, keeps this rank's E/ep experts (:meth:`GroupedExperts.shard`: each kept
+2. with ``ep_size > 1`` (or ``layout.force_all_to_all``), keeps this rank's E/ep experts (:meth:`GroupedExperts.shard`: each kept
    expert has exactly the weights it had in the whole model) and swaps the local dispatcher for the
    all-to-all one over the expert-parallel group.
 
@@ -28,7 +28,7 @@ def parallelize(model: nn.Module, layout: ParallelLayout) -> nn.Module:
         if not isinstance(layer, MoELayer):
             continue
         layer.router.stats_group = layout.stats_group  # 1.
-        if layout.ep_size > 1:  # 2.
+        if layout.ep_size > 1 or layout.force_all_to_all:  # 2. (forced: over a group of one, for checks)
             layer.experts.shard(layout.ep_rank, layout.ep_size)
             layer.dispatcher = AllToAllDispatcher(
                 layer.num_experts,

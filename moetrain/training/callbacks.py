@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.moe.metrics import LayerStats, MoEMetrics
+from moetrain.parallel.collectives import mean_over_ranks
 from moetrain.training import checkpoint
 
 if TYPE_CHECKING:
@@ -47,14 +48,6 @@ class Callback:
     def on_checkpoint(self, trainer: "Trainer", step: int, phase: str) -> None: ...
 
     def on_nothing_to_do(self, trainer: "Trainer") -> None: ...
-
-
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
 
 
 class MetricsCallback(Callback):
@@ -91,8 +84,11 @@ class MetricsCallback(Callback):
     def flush(self, trainer: "Trainer", step: int) -> None:
         if not self.steps and not self.skipped:
             return
-        sums = torch.stack([self.loss_sum.float(), self.aux_sum.float()]) if self.steps else torch.zeros(2)
-        means = all_reduce_mean(sums / max(self.steps, 1)).tolist()
+        if self.steps:
+            sums = torch.stack([self.loss_sum.float(), self.aux_sum.float()])
+        else:  # every step of the interval was skipped: the other ranks still reduce
+            sums = torch.zeros(2, device=trainer.engine.device)
+        means = mean_over_ranks(sums / max(self.steps, 1)).tolist()
         if not self.steps:  # every step of the interval was skipped
             means = [float("nan"), float("nan")]
         elapsed = time.perf_counter() - self.t0

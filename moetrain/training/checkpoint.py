@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moetrain.checkpoint import folders, rng
@@ -33,19 +32,18 @@ from moetrain.checkpoint.folders import (  # noqa: F401 - part of this module's 
     set_aside_newer,
     step_folders,
 )
+from moetrain.checkpoint.manifest import file_entries
 from moetrain.checkpoint.tensors import SHARED, ExpertIndex, experts_file, open_tensors, shared_entry, write_tensors
 from moetrain.errors import UserError
 from moetrain.moe.experts import GroupedExperts, is_expert_param
-from moetrain.parallel.layout import ParallelLayout, any_rank, barrier
+from moetrain.parallel.collectives import any_rank, barrier, broadcast_object, gather_objects
+from moetrain.parallel.layout import ParallelLayout
 from moetrain.training import state_io
 
 
 def choose_resume(run_dir: Path, resume: str, layout: ParallelLayout) -> ResumeChoice:
     """The checkpoint to resume from (None: a fresh run), the same on every rank; raises UserError."""
-    box = [folders.choose(run_dir, resume) if layout.rank == 0 else None]
-    if dist.is_initialized() and layout.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    choice: ResumeChoice = box[0]
+    choice: ResumeChoice = broadcast_object(folders.choose(run_dir, resume) if layout.rank == 0 else None)
     if choice.error:
         raise UserError(choice.error)
     return choice
@@ -66,15 +64,16 @@ class Gathered:
 
     shared: dict[str, torch.Tensor]
     experts: dict[str, torch.Tensor]
-    nonfinite: torch.Tensor
+    nonfinite: torch.Tensor | None
 
 
 def gather(model: nn.Module, optimizer, layout: ParallelLayout) -> Gathered:
     """Collective: every rank calls it (partitioned parameters are assembled over their groups)."""
     shared_writer, expert_writer = layout.rank == 0, layout.rank < layout.ep_size
-    out = Gathered({}, {}, torch.zeros((), dtype=torch.bool))
+    out = Gathered({}, {}, None)
     for name, _, entry in state_io.full_state(model, optimizer):
-        out.nonfinite = out.nonfinite | ~torch.isfinite(entry["value"]).all().cpu()
+        bad = ~torch.isfinite(entry["value"]).all()  # on the value's device: no host sync per parameter
+        out.nonfinite = bad if out.nonfinite is None else out.nonfinite | bad.to(out.nonfinite.device)
         if is_expert_param(name):
             if expert_writer:
                 first = _expert_module(model, name).first_expert
@@ -114,20 +113,28 @@ def save(
         (tmp / "rng").mkdir(parents=True)
     barrier()
     gathered = gather(model, engine.optimizer, layout)
-    if any_rank(gathered.nonfinite):
+    if any_rank(gathered.nonfinite if gathered.nonfinite is not None else torch.zeros((), dtype=torch.bool)):
         barrier()
         if layout.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise FloatingPointError(f"non-finite weights at step {step}: no checkpoint written (the last one is kept)")
+    written = [tmp / "rng" / f"rank_{layout.rank:05d}.json"]
+    written[0].write_text(json.dumps(rng.rng_state()))
     if layout.rank == 0:
         write_tensors(gathered.shared, tmp / SHARED)
+        written.append(tmp / SHARED)
     if layout.rank < layout.ep_size:
         write_tensors(gathered.experts, tmp / experts_file(layout.ep_rank))
-    (tmp / "rng" / f"rank_{layout.rank:05d}.json").write_text(json.dumps(rng.rng_state()))
+        written.append(tmp / experts_file(layout.ep_rank))
+    # NOTE: each rank hashes what it wrote, all at once; rank 0 hashing every file while the others wait
+    # in the next collective would put the collective timeout at risk for large checkpoints.
+    hashed = gather_objects(file_entries(tmp, written))
     on_phase("written")
     barrier()
     if layout.rank == 0:
-        folders.commit(tmp, final, {**run_state, **optimizer_state(engine)})
+        folders.commit(
+            tmp, final, {**run_state, **optimizer_state(engine)}, {k: v for h in hashed for k, v in h.items()}
+        )
         on_phase("committed")
         folders.prune(run_dir, keep_last)
     barrier()

@@ -11,7 +11,6 @@ import copy
 import logging
 from typing import Any
 
-import torch
 from torch import nn
 
 from moetrain.config.deepspeed import owned_fields
@@ -30,11 +29,8 @@ def build_ds_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
                 f"deepspeed.train_batch_size ({ds['train_batch_size']}) conflicts with train.micro_batch_size "
                 f"x train.grad_accum_steps x world size ({expected}); remove deepspeed.train_batch_size"
             )
-    precision = cfg.train.precision
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("train.precision: 'fp16' needs a CUDA device; use bf16 or fp32 on CPU")
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
     ds.setdefault("zero_optimization", {"stage": 0})
     if moetrain_clips(ds):
         ds["gradient_clipping"] = 0.0  # moetrain clips itself (EP-aware) before engine.step()
@@ -45,8 +41,8 @@ def build_ds_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
 
 def moetrain_clips(ds_config: dict[str, Any]) -> bool:
     """ZeRO-0 in fp32: DeepSpeed neither reports the gradient norm nor counts experts once under EP,
-    so moetrain computes the norm and clips itself. ZeRO-1/2 and bf16/fp16 use DeepSpeed's optimizer."""
-    mixed = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
+    so moetrain computes the norm and clips itself. ZeRO-1/2 and bf16 use DeepSpeed's optimizer."""
+    mixed = ds_config.get("bf16", {}).get("enabled")
     return ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and not mixed
 
 
@@ -59,7 +55,7 @@ def quiet_deepspeed() -> None:
 def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict[str, Any], world_size: int):
     """``deepspeed.initialize``. A single process that clips itself (fp32 ZeRO-0) gets no gradient
     all-reduce: with nothing to reduce, DeepSpeed would still flatten and copy back every gradient each
-    step. ZeRO-1/2 and bf16/fp16 keep it: their optimizers run their own steps inside it."""
+    step. ZeRO-1/2 and bf16 keep it: their optimizers run their own steps inside it."""
     import deepspeed
 
     quiet_deepspeed()

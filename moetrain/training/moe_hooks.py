@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from moetrain.moe.hooks import StepReport, TrainingHooks
+from moetrain.training.batches import to_device
 from moetrain.training.callbacks import Callback, StepResult
 from moetrain.training.optim import freeze_groups
 
@@ -70,7 +71,7 @@ class TrainerContext:
         engine.eval()
         try:
             for chunk in tokens_NS.split(self.trainer.cfg.train.micro_batch_size):
-                engine(chunk.to(engine.device))
+                engine(to_device(chunk, engine.device))
         finally:
             engine.train(was_training)
 

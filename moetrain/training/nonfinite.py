@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moetrain.parallel.layout import any_rank
+from moetrain.parallel.collectives import any_rank
 
 
 class NonFiniteError(FloatingPointError):

@@ -41,6 +41,7 @@ ALLOWED = (
     "checkpoint",
     "launch",
     "data.cache_dir",
+    "data.paths",  # where the corpus is: the tokens' content is compared instead (the data fingerprint)
     "moe.kernels",
     "moe.expert_parallel_size",
     "moe.ep_overlap",  # the same computation in another order
@@ -114,10 +115,26 @@ def resolved_saved_config(saved: dict, current_model: BaseModel) -> dict:
         return saved
 
 
+def _sources_without_paths(cfg: dict) -> tuple[dict, list]:
+    """``cfg`` with the paths of each ``data.sources`` entry set apart (where the corpus is may change: its
+    tokens are compared by content), and those paths."""
+    sources = (cfg.get("data") or {}).get("sources")
+    if not isinstance(sources, list):
+        return cfg, []
+    stripped = [{k: v for k, v in src.items() if k != "paths"} if isinstance(src, dict) else src for src in sources]
+    paths = [src.get("paths") if isinstance(src, dict) else None for src in sources]
+    return {**cfg, "data": {**cfg["data"], "sources": stripped}}, paths
+
+
 def check_resume(folder, state: dict, current_model: BaseModel, world_size: int) -> list[str]:
     """Raise UserError naming every refused difference; return the allowed ones (to be reported)."""
-    saved, current = state["config"], current_model.model_dump(mode="json")
-    refused, allowed = config_differences(saved, current, current_model, resolved_saved_config(saved, current_model))
+    saved, saved_paths = _sources_without_paths(state["config"])
+    current, current_paths = _sources_without_paths(current_model.model_dump(mode="json"))
+    refused, allowed = config_differences(
+        saved, current, current_model, resolved_saved_config(state["config"], current_model)
+    )
+    if saved_paths != current_paths:
+        allowed.append(f"data.sources paths: {saved_paths!r} -> {current_paths!r}")
     old_batch, new_batch = global_batch(saved, state["world_size"]), global_batch(current, world_size)
     if old_batch != new_batch:
         refused.append(

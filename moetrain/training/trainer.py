@@ -14,19 +14,20 @@ from moetrain.config.loading import dump_config
 from moetrain.errors import UserError
 from moetrain.model import MoETransformer
 from moetrain.moe.hooks import collect_hooks
+from moetrain.parallel.collectives import mean_over_ranks
 from moetrain.parallel.deepspeed_moe import register_expert_parallel
 from moetrain.parallel.grad_norm import clip_grad_norm
 from moetrain.parallel.layout import ParallelLayout
 from moetrain.parallel.parallelize import parallelize
 from moetrain.run_logging import NullLogger, RunLogger
 from moetrain.training import checkpoint, engine, state_io
+from moetrain.training.batches import to_device
 from moetrain.training.callbacks import (
     Callback,
     CheckpointCallback,
     EvalCallback,
     MetricsCallback,
     StepResult,
-    all_reduce_mean,
 )
 from moetrain.training.determinism import apply_determinism
 from moetrain.training.host_memory import bound_kernel_caches, retain_freed_memory
@@ -34,6 +35,7 @@ from moetrain.training.moe_hooks import MoEHooksCallback
 from moetrain.training.nonfinite import NonFiniteGuard
 from moetrain.training.optim import isolate_tagged_params, lr_lambda, param_groups
 from moetrain.training.resume_checks import check_resume
+from moetrain.training.run_dir import check_run_dir_shared
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Trainer:
         """
         cfg, layout = self.cfg, self.layout
         self._apply_process_settings()
+        check_run_dir_shared(self.run_dir, layout.rank, layout.world_size)  # every rank sees rank 0's folder
         choice = checkpoint.choose_resume(self.run_dir, cfg.checkpoint.resume, layout)  # 1.
         for note in choice.notes:
             self._say(note)
@@ -89,7 +92,7 @@ class Trainer:
             return
         cache = self._setup_data()  # 2.
         if saved is not None:
-            self._check_resume(choice.folder, saved, cache.fingerprint)
+            self._check_resume(choice.folder, saved, cache)
         self.model = self._build_model()  # 3.
         self.callbacks = [
             MetricsCallback(cfg.logging.interval),
@@ -99,7 +102,7 @@ class Trainer:
             CheckpointCallback(cfg.checkpoint.interval, cfg.checkpoint.save_at_end),
         ]
         self._build_engine()  # 4.
-        self.data_fingerprint = cache.fingerprint
+        self.data_fingerprint, self.data_store = cache.fingerprint, cache.location_fingerprint
         if saved is not None:  # 5.
             for note in checkpoint.load(self.engine, self.model, choice.folder, layout, saved):
                 self._say(note)
@@ -162,6 +165,11 @@ class Trainer:
         self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config, layout.world_size)
         state_io.check_supported(self.model, self.engine.optimizer)
         self.own_clipping = engine.moetrain_clips(ds_config)
+        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self._say(
+            f"optimizer: AdamW inside DeepSpeed's {type(self.engine.optimizer).__name__} (train.precision "
+            f"{cfg.train.precision}, ZeRO stage {stage}; docs/parallelism.md, 'Precision')"
+        )
         self._grad_norm = None
 
     def _open_run_dir(self, resumed: bool) -> None:
@@ -178,15 +186,24 @@ class Trainer:
             cfg.logging, self.run_dir, self.last_step, self.state.step, self.resolved.model_dump(mode="json")
         )
 
-    def _check_resume(self, folder: Path, saved: dict, fingerprint: str) -> None:
-        """Refuse a checkpoint of another job (exit 2, every difference listed); report allowed changes."""
+    def _check_resume(self, folder: Path, saved: dict, data_now: data.PreparedData) -> None:
+        """Refuse a checkpoint of another job (exit 2, every difference listed); report allowed changes.
+
+        The data must be the same tokens (a content hash: the corpus may move or be copied); an older
+        checkpoint's location fingerprint is accepted too. ``checkpoint.allow_data_change`` resumes on
+        other data anyway, and says so."""
         allowed = check_resume(folder, saved, self.resolved, self.layout.world_size)
-        if saved.get("data_fingerprint") != fingerprint:
-            raise UserError(
-                f"checkpoint.resume: {folder} was trained on other data (fingerprint {saved.get('data_fingerprint')}, "
-                f"now {fingerprint}): data.paths, its files, the tokenizer or the split changed; restore them or "
-                "start a new run"
+        was = saved.get("data_fingerprint")
+        if was not in (data_now.fingerprint, data_now.location_fingerprint):
+            what = (
+                f"checkpoint.resume: {folder} was trained on other data (fingerprint {was}, now {data_now.fingerprint})"
             )
+            if not self.cfg.checkpoint.allow_data_change:
+                raise UserError(
+                    f"{what}: the tokens differ (data.paths' contents, the tokenizer or the split changed); restore "
+                    "them, start a new run, or set checkpoint.allow_data_change=true to continue on the new data"
+                )
+            self._say(f"warning: {what}; continuing on the new data (checkpoint.allow_data_change)")
         for line in allowed:
             self._say(f"resuming with a changed setting: {line}")
 
@@ -239,7 +256,7 @@ class Trainer:
         ga = cfg.train.grad_accum_steps
         for micro in range(ga):
             x, y = self.stream.batch(step, micro)
-            out = engine(x.to(device), y.to(device))
+            out = engine(to_device(x, device), to_device(y, device))
             engine.backward(out.loss)
             lm_sum = lm_sum + out.lm_loss.detach()
             aux_sum = aux_sum + out.aux_loss.detach()
@@ -271,10 +288,10 @@ class Trainer:
                 blocks, cfg.train.micro_batch_size, cfg.train.eval_batches, self.layout.rank, self.layout.world_size
             )
             for x, y in batches:
-                total += engine(x.to(engine.device), y.to(engine.device)).lm_loss.float()
+                total += engine(to_device(x, engine.device), to_device(y, engine.device)).lm_loss.float()
             losses.append(total / cfg.train.eval_batches)
         engine.train()
-        per_source = all_reduce_mean(torch.stack(losses)).tolist()
+        per_source = mean_over_ranks(torch.stack(losses)).tolist()
         if len(per_source) == 1:
             return {"val_loss": per_source[0]}
         out = {"val_loss": sum(w * loss for (_, w), loss in zip(self.val_sources, per_source))}
@@ -295,6 +312,7 @@ class Trainer:
             "world_size": self.layout.world_size,
             "expert_parallel_size": self.layout.ep_size,
             "data_fingerprint": self.data_fingerprint,
+            "data_store": self.data_store,  # the token store's folder under data.cache_dir (the run's tokenizer)
             "saved_at": time.time(),
             "config": self.resolved.model_dump(mode="json"),
         }
