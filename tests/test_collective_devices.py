@@ -76,6 +76,7 @@ def test_forced_collectives_run_every_path_alone_and_change_nothing(tmp_path, da
         proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(**env), cwd=REPO, timeout=380)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[name] = (json.loads((run / "placement_rank0.json").read_text()), read_metrics(run))
+
     def ours(records):  # the collectives moetrain itself issues (DeepSpeed's engine broadcasts even alone)
         return [r for r in records if "moetrain/" in r["at"]]
 
