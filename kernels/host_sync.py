@@ -23,11 +23,17 @@ CPU run cannot otherwise see because its "device" is the host.
 
 On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` is the ground truth; this counter is the CPU
 stand-in and names the source line of every event.
+
+Code that only ever runs on the CPU may read a CPU tensor's values inside :func:`cpu_host_read`,
+which checks that the tensors are on the CPU and is not counted: there the read waits for nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +109,20 @@ class _DispatchHook(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+_cpu_reads = threading.local()
+
+
+@contextlib.contextmanager
+def cpu_host_read() -> Iterator[None]:
+    """Reads of CPU tensors' values (``tolist``, ``numpy``) inside are not host syncs and are not
+    counted; reading a CUDA tensor inside raises."""
+    _cpu_reads.active = True
+    try:
+        yield
+    finally:
+        _cpu_reads.active = False
+
+
 class _FunctionHook(TorchFunctionMode):
     def __init__(self, events: list[SyncEvent]) -> None:
         super().__init__()
@@ -110,7 +130,10 @@ class _FunctionHook(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in _HOST_READS:
+        if name in _HOST_READS and getattr(_cpu_reads, "active", False):
+            if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args):
+                raise RuntimeError(f"cpu_host_read: Tensor.{name} of a tensor on {args[0].device}")
+        elif name in _HOST_READS:
             self.events.append(SyncEvent(f"Tensor.{name}", _caller()))
         return func(*args, **(kwargs or {}))
 
