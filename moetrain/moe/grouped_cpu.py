@@ -54,12 +54,11 @@ class GradBuffers:
         return torch.empty(0, dtype=like.dtype).set_(storage, 0, like.shape, like.stride())
 
 
-def weight_grad_into(out_LDF: torch.Tensor, x_ND: torch.Tensor, grad_NF: torch.Tensor, ends: list[int]) -> None:
-    """``out[e] = x[rows of e].T @ grad[rows of e]`` for every local expert (zeros for an empty one)."""
-    start = 0
-    for e, end in enumerate(ends):
-        torch.mm(x_ND[start:end].t(), grad_NF[start:end], out=out_LDF[e])
-        start = end
+def weight_grad_into(out_LDF: torch.Tensor, x_ND: torch.Tensor, grad_NF: torch.Tensor, sizes: list[int]) -> None:
+    """``out[e] = x[rows of e].T @ grad[rows of e]`` for every local expert (zeros for an empty one).
+    ``sizes``: rows per expert, then the rows of no expert (split off, never read)."""
+    for x_nD, g_nF, out_DF in zip(x_ND.split(sizes), grad_NF.split(sizes), out_LDF.unbind(0)):
+        torch.mm(x_nD.t(), g_nF, out=out_DF)
 
 
 class _GroupedMMCPU(torch.autograd.Function):
@@ -87,9 +86,10 @@ class _GroupedMMCPU(torch.autograd.Function):
             x_ND = x_ND if x_ND is not None else ctx.recompute_x()
             with cpu_host_read():  # the offsets are host memory here: reading them syncs nothing
                 ends = ends_L.tolist()
+            sizes = [b - a for a, b in zip([0, *ends], ends)] + [x_ND.shape[0] - ends[-1]]
             for i in wanted:
                 grad_w[i] = ctx.buffers[i].take(w_LDF[i])
-                weight_grad_into(grad_w[i], x_ND, grad_NF[i], ends)
+                weight_grad_into(grad_w[i], x_ND, grad_NF[i], sizes)
         return (grad_x, None, None, None, *grad_w)
 
 
