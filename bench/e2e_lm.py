@@ -191,10 +191,12 @@ def busiest_rank_load(records: list[dict], procs: int) -> float | None:
     return statistics.mean(shares) if shares else None
 
 
-def run_moetrain(shape: Shape, overrides: list[str], work: Path, warmup: int, timeout_s: float) -> Run:
+def run_moetrain(
+    shape: Shape, overrides: list[str], work: Path, warmup: int, timeout_s: float, config: Path = CONFIG
+) -> Run:
     run_dir = work / "moetrain_run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [*shape.launcher(), "-m", "moetrain.cli", "train", str(CONFIG), *overrides, f"run_dir={run_dir}"]
+    cmd = [*shape.launcher(), "-m", "moetrain.cli", "train", str(config), *overrides, f"run_dir={run_dir}"]
     rss, wall, cpu = run_process(cmd, shape, work / "moetrain.log", timeout_s)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # logging.interval 1: each train record times one step (its metrics flush is outside the window);
@@ -263,12 +265,12 @@ def measure(shape: Shape, args, common: list[str], variants: dict[str, list[str]
     return rows
 
 
-def prepare_data(common: list[str]) -> str:
+def prepare_data(common: list[str], config: Path = CONFIG) -> str:
     """Prepare (or find) the token store once, here; returns the absolute data.cache_dir both sides use."""
     from moetrain import data
     from moetrain.config import load_config
 
-    cfg = load_config(str(CONFIG), common)
+    cfg = load_config(str(config), common)
     cache = Path(cfg.data.cache_dir)
     cache = cache if cache.is_absolute() else REPO / cache
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": str(cache)})})

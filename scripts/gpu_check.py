@@ -28,8 +28,13 @@ Steps, each recorded as pass / fail with its numbers and its duration:
 The ``gpu_tests`` step fails when every selected test skipped (on the GPU the ``gpu``-marked tests; in the
 smoke run the host-sync tests); ``host_syncs`` reports the counted syncs and proves the counter is live by
 catching one deliberate sync.
+8. ``torchtitan_layer``: ``bench/peers/torchtitan_layer.py --device cuda`` (moetrain's MoE layer
+   against torchtitan's on copied weights, bf16, forward + backward) with the python of torchtitan's
+   own environment (``--torchtitan-python``); smoke: one tiny CPU shape. Recorded as skipped, not
+   failed, when that python cannot import torchtitan.
 
-Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out``; exits 1 if any step failed.
+Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out``; exits 1 if any step failed (a skipped
+step is not a failure).
 """
 
 from __future__ import annotations
@@ -71,12 +76,17 @@ TRAIN_RUNS = {  # name -> (config, relative loss tolerance between the Triton an
 }
 
 
+class StepSkippedError(Exception):
+    """A step that cannot run here for a reason outside moetrain (a peer not installed): not a failure."""
+
+
 class Check:
     def __init__(self, args: argparse.Namespace) -> None:
         self.smoke = args.smoke
         self.out = Path(args.out).resolve()
         self.steps = args.steps or (3 if self.smoke else 300)
         self.bench_args = args.bench_args
+        self.peer_python = args.torchtitan_python
         self.cache = self.out / "data_cache"
         self.record: dict = {"mode": "smoke" if self.smoke else "gpu", "env": environment(), "steps": {}}
 
@@ -86,13 +96,15 @@ class Check:
         t0 = time.perf_counter()
         try:
             entry = {"status": "pass", **fn()}
+        except StepSkippedError as exc:
+            entry = {"status": "skipped", "reason": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a failed step is recorded, the others still run
             entry = {"status": "fail", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         self.record["steps"][name] = entry
         print(f"[gpu_check] {name}: {entry['status']} ({entry['seconds']} s)", flush=True)
-        if entry["status"] == "fail":
-            print(entry["error"], flush=True)
+        if entry["status"] != "pass":
+            print(entry.get("error") or entry.get("reason"), flush=True)
 
     def run(self, cmd: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> str:
         full_env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
@@ -291,13 +303,30 @@ class Check:
         return {"json": out.name, "ratios": {r["shape"]: round(r["ratio"], 3) for r in rows},
                 "table": text[text.find("|") : text.rfind("|") + 1]}  # fmt: skip
 
+    def torchtitan_layer(self) -> dict:
+        """bench/peers/torchtitan_layer.py in bf16 (on the GPU; smoke: one tiny CPU shape), with the
+        python of torchtitan's own environment (``--torchtitan-python``)."""
+        probe = subprocess.run([self.peer_python, "-c", "import torchtitan"], capture_output=True, cwd=REPO)
+        if probe.returncode != 0:
+            raise StepSkippedError(
+                f"torchtitan is not importable by {self.peer_python}; the venv recipe is in "
+                "bench/peers/torchtitan_layer.py (then --torchtitan-python VENV/bin/python)"
+            )
+        out = self.out / "torchtitan_layer.json"
+        cmd = [self.peer_python, "bench/peers/torchtitan_layer.py", "--dtypes", "bf16", "--out", str(out)]
+        cmd += ["--smoke"] if self.smoke else ["--device", "cuda"]
+        text = self.run(cmd, timeout=900)
+        rows = json.loads(out.read_text())["rows"]
+        return {"json": out.name, "ratios": {r["shape"]["name"]: round(r["torchtitan/moetrain"], 3) for r in rows},
+                "table": text[text.find("|") : text.rfind("|") + 1]}  # fmt: skip
+
     # --- output ---------------------------------------------------------------------------------
 
     def write(self) -> bool:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "gpu_check.json").write_text(json.dumps(self.record, indent=1))
         (self.out / "gpu_check.md").write_text(summary_markdown(self.record))
-        return all(s["status"] == "pass" for s in self.record["steps"].values())
+        return all(s["status"] in ("pass", "skipped") for s in self.record["steps"].values())
 
 
 def check_some_passed(pytest_tail: str) -> None:
@@ -363,6 +392,8 @@ def summary_markdown(record: dict) -> str:
     for name, s in record["steps"].items():
         if s["status"] == "fail":
             result = s["error"].splitlines()[0][:200]
+        elif s["status"] == "skipped":
+            result = s["reason"]
         elif name.startswith("train_"):
             t, r = s["runs"]["triton"], s["runs"]["torch"]
             result = (f"max rel loss diff {s['max_rel_loss_diff']:.2e} (tol {s['tolerance']}); final val loss "
@@ -385,6 +416,8 @@ def summary_markdown(record: dict) -> str:
             result = s["summary"]
         elif name == "e2e":
             result = "moetrain / deepspeed tokens/s: " + ", ".join(f"{k} {v}" for k, v in s["ratios"].items())
+        elif name == "torchtitan_layer":
+            result = "torchtitan / moetrain time, bf16: " + ", ".join(f"{k} {v}" for k, v in s["ratios"].items())
         else:
             result = f"see {s.get('json')}"
         lines.append(f"| {name} | {s['status']} | {s['seconds']} | {result} |")
@@ -392,6 +425,8 @@ def summary_markdown(record: dict) -> str:
         lines += ["", "## bench/gpu_tier.py", "", record["steps"]["bench"]["table"]]
     if "e2e" in record["steps"] and record["steps"]["e2e"].get("table"):
         lines += ["", "## bench/e2e_lm.py", "", record["steps"]["e2e"]["table"]]
+    if record["steps"].get("torchtitan_layer", {}).get("table"):
+        lines += ["", "## bench/peers/torchtitan_layer.py", "", record["steps"]["torchtitan_layer"]["table"]]
     return "\n".join(lines) + "\n"
 
 
@@ -401,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_check"), help="output folder")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 300; smoke 3)")
     parser.add_argument("--bench-args", default="", help="extra arguments for bench/gpu_tier.py, e.g. '--reps 5'")
+    parser.add_argument(
+        "--torchtitan-python",
+        default=os.environ.get("MOETRAIN_PEER_TORCHTITAN_PYTHON", sys.executable),
+        help="the python of torchtitan's environment (default: $MOETRAIN_PEER_TORCHTITAN_PYTHON, else this one); "
+        "the torchtitan_layer step is skipped when it cannot import torchtitan",
+    )
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("error: no CUDA GPU here; run with --smoke for the CPU plumbing check", file=sys.stderr)
@@ -415,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     check.step("e2e", check.e2e)
     check.step("nccl_resume", check.nccl_resume)
     check.step("uninitialised_rows", check.uninitialised_rows)
+    check.step("torchtitan_layer", check.torchtitan_layer)
     check.record["total_seconds"] = round(time.perf_counter() - t0, 1)
     ok = check.write()
     print(

@@ -23,6 +23,10 @@ CPU run cannot otherwise see because its "device" is the host.
 
 On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` is the ground truth; this counter is the CPU
 stand-in and names the source line of every event.
+
+Code that only ever runs on the CPU may read a CPU tensor's values inside
+:func:`moetrain.kernels.host_reads.cpu_host_read`, which this counter checks are CPU tensors and does not
+count: there the read waits for nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from moetrain.kernels.host_reads import cpu_host_read, in_cpu_host_read  # noqa: F401 - re-exported
 
 _aten = torch.ops.aten
 _ALWAYS_SYNC = {
@@ -110,7 +116,10 @@ class _FunctionHook(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in _HOST_READS:
+        if name in _HOST_READS and in_cpu_host_read():
+            if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args):
+                raise RuntimeError(f"cpu_host_read: Tensor.{name} of a tensor on {args[0].device}")
+        elif name in _HOST_READS:
             self.events.append(SyncEvent(f"Tensor.{name}", _caller()))
         return func(*args, **(kwargs or {}))
 

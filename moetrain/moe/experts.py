@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config.model import ExpertType
+from moetrain.moe.grouped_cpu import GradBuffers, grouped_mm_cpu
 from moetrain.moe.grouped_gemm import ZeroEmptyExpertGrads, plan_here
 
 ExpertInit = Literal["default", "fairseq"]
@@ -211,6 +212,8 @@ class GroupedExperts(nn.Module):
         self.uses_loop = False  # the last forward fell back to the per-expert loop
         self._warned: set[str] = set()
         self.sublayers = sublayers if kind == "stacked" else 1
+        # CPU: where the weight gradients are written, reused across steps (moetrain/moe/grouped_cpu.py)
+        self._grad_buffers = {"w1": GradBuffers(), "w2": GradBuffers(), "w3": GradBuffers()}
         s, L, D, F_ = self.sublayers, num_experts, d_model, d_hidden
         self.w1_SLDF = nn.Parameter(torch.empty(s, L, D, F_))
         self.w2_SLFD = nn.Parameter(torch.empty(s, L, F_, D))
@@ -282,6 +285,8 @@ class GroupedExperts(nn.Module):
         def mm(x, w, recompute=None):
             return grouped_matmul(x, w, ends_L, recompute)
 
+        if self.kind != "stacked" and not x_ND.is_cuda and not self.uses_loop:
+            return self._ffn_cpu(x_ND, ends_L, recompute_x)
         if self.kind != "stacked":
             # NOTE: squeeze(0), not [0]: indexing makes backward materialise a zero gradient of the
             # whole stacked weight and copy into it (a quarter of a CPU step at E=128).
@@ -299,6 +304,22 @@ class GroupedExperts(nn.Module):
             z_NF = F.relu(mm(z_ND, self.w1_SLDF[s]) + per_row(self.b1_SLF[s], rows_N))
             h_ND = h_ND + mm(z_NF, self.w2_SLFD[s]) + per_row(self.b2_SLD[s], rows_N)
         return _contiguous_grad(h_ND - x_ND)
+
+    def _ffn_cpu(
+        self, x_ND: torch.Tensor, ends_L: torch.Tensor, recompute_x: Callable[[], torch.Tensor] | None
+    ) -> torch.Tensor:
+        """GELU / SwiGLU experts on the CPU (:func:`grouped_mm_cpu`): the weight gradients go into
+        the buffers this module keeps, and W1 and W3 share one gather of x in backward."""
+        buf = self._grad_buffers
+        if self.kind == "swiglu":
+            first = [self.w1_SLDF.squeeze(0), self.w3_SLDF.squeeze(0)]  # squeeze: see forward's NOTE
+            h1_NF, h3_NF = grouped_mm_cpu(x_ND, first, ends_L, [buf["w1"], buf["w3"]], recompute_x)
+            h_NF = F.silu(h1_NF) * h3_NF
+        else:
+            (h_NF,) = grouped_mm_cpu(x_ND, [self.w1_SLDF.squeeze(0)], ends_L, [buf["w1"]], recompute_x)
+            h_NF = F.gelu(h_NF)
+        (y_ND,) = grouped_mm_cpu(h_NF, [self.w2_SLFD.squeeze(0)], ends_L, [buf["w2"]])
+        return y_ND  # its backward accepts any gradient layout (no _contiguous_grad needed)
 
     def _check_grouped_mm(self, x_ND: torch.Tensor) -> None:
         """Record whether this forward falls back to the per-expert loop; warn once per reason (also when
