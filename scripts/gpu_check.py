@@ -1,6 +1,6 @@
 """The one prepared GPU check: everything moetrain claims about a CUDA GPU, checked in one run.
 
-    bash scripts/gpu_check.sh                  # on a machine with one CUDA GPU (H100/H200: ~10 min, estimated)
+    bash scripts/gpu_check.sh                  # on a machine with one CUDA GPU (H100/H200: ~8 min, estimated)
     bash scripts/gpu_check.sh --smoke          # the same steps on the CPU, tiny and short (the test suite)
 
 Steps, each recorded as pass / fail with its numbers and its duration:
@@ -84,7 +84,7 @@ class Check:
     def __init__(self, args: argparse.Namespace) -> None:
         self.smoke = args.smoke
         self.out = Path(args.out).resolve()
-        self.steps = args.steps or (3 if self.smoke else 300)
+        self.steps = args.steps or (3 if self.smoke else 100)
         self.bench_args = args.bench_args
         self.peer_python = args.torchtitan_python
         self.cache = self.out / "data_cache"
@@ -296,7 +296,7 @@ class Check:
             cmd += ["--shapes", "top2-e8-1t", "--precision", "bf16", "--reps", "1", "--steps", "4", "--warmup", "2"]
             cmd += ["--override", *SMOKE_MODEL]
         else:
-            cmd += ["--device", "cuda", "--shapes", "top2-e8-gpu", "top2-e32-gpu", "--reps", "2", "--steps", "40"]
+            cmd += ["--device", "cuda", "--shapes", "top2-e8-gpu", "top2-e32-gpu", "--reps", "1", "--steps", "30"]
             cmd += ["--override", *GPU_E2E_MODEL]
         text = self.run(cmd, timeout=900)
         rows = json.loads(out.read_text())["rows"]
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny and short, on the CPU (what the test suite runs)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_check"), help="output folder")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 300; smoke 3)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 100; smoke 3)")
     parser.add_argument("--bench-args", default="", help="extra arguments for bench/gpu_tier.py, e.g. '--reps 5'")
     parser.add_argument(
         "--torchtitan-python",

@@ -7,8 +7,8 @@
 # the Triton kernels and with the torch kernels (losses must agree), checks that the MoE layer makes
 # no host sync under torch.cuda.set_sync_debug_mode("error"), runs bench/gpu_tier.py and
 # bench/e2e_lm.py --device cuda, and writes
-# gpu_check.json + gpu_check.md (default bench/results/gpu_check/). About 10 minutes on an H100/H200
-# (an estimate: never run on one yet).
+# gpu_check.json + gpu_check.md (default bench/results/gpu_check/). About 8 minutes on an H100/H200
+# (an estimate from the --smoke run's steps: never run on one yet; docs/benchmarks.md).
 #
 #   bash scripts/gpu_check.sh --smoke --out /tmp/gpu_check
 #

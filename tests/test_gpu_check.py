@@ -9,11 +9,11 @@ import pytest
 from conftest import HAS_CUDA, REPO, clean_env
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_gpu_check_smoke_runs_every_step(tmp_path):
     proc = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--smoke", "--out", str(tmp_path)],
-        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=580,
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=1150,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     record = json.loads((tmp_path / "gpu_check.json").read_text())
