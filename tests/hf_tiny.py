@@ -58,11 +58,12 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def hf_model(variant: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """The variant's tiny ``XxxForCausalLM``, every weight redrawn (see the module docstring)."""
+def hf_model(variant: str, seed: int = 0, **changes) -> transformers.PreTrainedModel:
+    """The variant's tiny ``XxxForCausalLM``, every weight redrawn (see the module docstring); ``changes``:
+    config fields set besides the variant's (e.g. ``vocab_size``)."""
     model_type, fields = VARIANTS[variant]
     config_cls, model_cls = CLASSES[model_type]
-    config = config_cls(**{**COMMON, **SIZES[model_type], **fields})
+    config = config_cls(**{**COMMON, **SIZES[model_type], **fields, **changes})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     gen = torch.Generator().manual_seed(seed + 1)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from moetrain import data
+from moetrain.checkpoint.initial import is_weights_only
 from moetrain.config.job import JobConfig
 from moetrain.config.loading import dump_config
 from moetrain.errors import UserError
@@ -33,7 +34,7 @@ from moetrain.training.host_memory import bound_kernel_caches, retain_freed_memo
 from moetrain.training.moe_hooks import MoEHooksCallback
 from moetrain.training.nonfinite import NonFiniteGuard
 from moetrain.training.optim import isolate_tagged_params, lr_lambda, param_groups
-from moetrain.training.resume_checks import check_resume
+from moetrain.training.resume_checks import check_initial, check_resume
 
 
 @dataclass
@@ -179,7 +180,12 @@ class Trainer:
         )
 
     def _check_resume(self, folder: Path, saved: dict, fingerprint: str) -> None:
-        """Refuse a checkpoint of another job (exit 2, every difference listed); report allowed changes."""
+        """Refuse a checkpoint of another job (exit 2, every difference listed); report allowed changes.
+        An initial (weights-only) checkpoint, e.g. an import's, is checked for the model alone."""
+        if is_weights_only(saved):
+            for line in check_initial(folder, saved, self.resolved):
+                self._say(f"starting with a changed training-only setting: {line}")
+            return
         allowed = check_resume(folder, saved, self.resolved, self.layout.world_size)
         if saved.get("data_fingerprint") != fingerprint:
             raise UserError(

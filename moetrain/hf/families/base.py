@@ -160,3 +160,8 @@ class Family(Protocol):
         """The ``config.json`` for export: the imported one with the fields moetrain owns updated from
         the (possibly trained/changed) moetrain sections; raises UnsupportedConfigError if the moetrain model
         is no longer this family."""
+
+    # Optional, for a family whose checkpoints hold tensors outside its class's forward pass (DeepSeek-V3's
+    # multi-token-prediction layers): ``skipped_tensors(hf_config, tensor_names) -> list[str]`` names them
+    # (import keeps them beside its step-0 checkpoint), and ``without_skipped(hf_config) -> dict`` is the
+    # config update for an export that leaves them out.

@@ -30,7 +30,7 @@ from moetrain.hf.families.base import (  # noqa: F401 - Fields: the families rea
     fused_expert_rule,
     linear_rule,
 )
-from moetrain.hf.families.rope import hf_rope_parameters, rope_fields
+from moetrain.hf.families.rope import hf_rope_parameters, reads_as, rope_fields
 
 
 def refuse(field: str, value: Any, why: str) -> UnsupportedConfigError:
@@ -251,11 +251,18 @@ def qwen_moe_blocks(f: Fields) -> list[int]:
     return blocks
 
 
-def qwen_block_fields(model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
-    """The MoE blocks written back as Qwen's fields: ``decoder_sparse_step`` 1 and the dense blocks
-    listed in ``mlp_only_layers``; the dense MLPs' width ``intermediate_size``."""
-    moe_at = set(moe.moe_blocks(model.n_layers))
-    dense = [i for i in range(model.n_layers) if i not in moe_at]
+def qwen_block_fields(f: Fields, model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
+    """The MoE blocks written back as Qwen's fields: the imported file's ``decoder_sparse_step`` and
+    ``mlp_only_layers`` where they give moetrain's blocks, else ``decoder_sparse_step`` 1 and the dense
+    blocks listed in ``mlp_only_layers``; the dense MLPs' width ``intermediate_size``."""
+    moe_at = moe.moe_blocks(model.n_layers)
+    try:
+        same = f["num_hidden_layers"] == model.n_layers and qwen_moe_blocks(f) == moe_at
+    except UnsupportedConfigError:
+        same = False
+    if same:
+        return {"intermediate_size": model.d_ff}
+    dense = [i for i in range(model.n_layers) if i not in set(moe_at)]
     return {"decoder_sparse_step": 1, "mlp_only_layers": dense, "intermediate_size": model.d_ff}
 
 
@@ -340,9 +347,10 @@ def raise_mismatches(why: list[Mismatch], architecture: str) -> None:
         )
 
 
-def common_hf_fields(model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
-    """The config.json fields every family writes from the moetrain sections (tied head; the rope as
-    ``rope_parameters`` (transformers 5) and as ``rope_theta`` + ``rope_scaling`` (4), which 5 reads alike)."""
+def common_hf_fields(model: ModelConfig, moe: MoEConfig, hf_config: dict, default_theta: float) -> dict[str, Any]:
+    """The config.json fields every family writes from the moetrain sections over ``hf_config`` (tied head;
+    the rope: the imported file's own fields where they read as the model's rotary, else
+    :func:`hf_rope_fields`)."""
     assert isinstance(moe.router, TopKRouterConfig)
     out = {
         "vocab_size": model.vocab_size,
@@ -353,7 +361,7 @@ def common_hf_fields(model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": model.norm_eps,
-        **hf_rope_fields(model),
+        **({} if reads_as(hf_config, model.model_dump(mode="json"), default_theta) else hf_rope_fields(model)),
         "attention_dropout": 0.0,
         "tie_word_embeddings": model.tie_embeddings,
         "initializer_range": model.init_std,
@@ -364,6 +372,24 @@ def common_hf_fields(model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
     else:
         out["output_router_logits"] = False
     return out
+
+
+def head_dim_field(hf_config: dict, model: ModelConfig) -> dict[str, Any]:
+    """``head_dim`` for export: written where the imported file gave one or it is not ``hidden_size //
+    num_attention_heads`` (what every class computes without it); else left as the file had it (absent,
+    or Mixtral's null), so an import exports the config.json it came from."""
+    A = model.resolved_head_dim
+    if A == model.d_model // model.n_heads and hf_config.get("head_dim") is None:
+        return {}
+    return {"head_dim": A}
+
+
+def keeps_window(hf_config: dict, model: ModelConfig, in_use: bool) -> bool:
+    """Whether export writes the imported file's sliding-window fields back as they were: the window is not
+    in use, or hides no key within ``model.max_seq_len`` (what import accepts). Otherwise the families write
+    them as off, which computes the same over those positions."""
+    window = hf_config.get("sliding_window")
+    return not in_use or (isinstance(window, int) and window >= model.max_seq_len)
 
 
 def hf_rope_fields(model: ModelConfig) -> dict[str, Any]:

@@ -14,9 +14,12 @@ export writes the per-expert layout. A fused ``gate_up_proj`` slice feeds two ru
 rows: w3), so each of those two rules' ``to_hf`` returns the rows it read, and the two together give
 back the slice bit for bit.
 
-Multi-token-prediction layers (``num_nextn_predict_layers``; the Hub's ``model.layers.61.*``) are not
-part of ``DeepseekV3ForCausalLM``'s forward (transformers ignores them on load): :func:`skipped_tensors`
-names them, the import leaves them out, and export writes ``num_nextn_predict_layers: 0``.
+Multi-token-prediction layers (``num_nextn_predict_layers``, ``num_mtp_layers`` in transformers 5.24; the
+Hub's ``model.layers.61.*``) are not part of ``DeepseekV3ForCausalLM``'s forward (transformers loads them
+only for speculative decoding): :func:`skipped_tensors` names them. moetrain's model leaves them out; the
+import keeps them beside its step-0 checkpoint, so that checkpoint exports them back, and
+:func:`without_skipped` is the config of an export without them (a trained model's: they were not
+trained with it).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from moetrain.hf.families.base import (
     expert_rule,
     linear_rule,
 )
-from moetrain.hf.families.rope import hf_rope_parameters, rope_fields
+from moetrain.hf.families.rope import hf_rope_parameters, reads_as, rope_fields
 
 MODEL_TYPES = ("deepseek_v3",)
 ARCHITECTURE = "DeepseekV3ForCausalLM"
@@ -387,11 +390,21 @@ def skipped_tensors(hf_config: dict, tensor_names: set[str]) -> list[str]:
     return out
 
 
+def without_skipped(hf_config: dict) -> dict:
+    """The config fields that say an exported folder holds no multi-token-prediction layers (0 under both
+    names where the file uses both: transformers 4's and 5.24's)."""
+    out = {"num_mtp_layers": 0}
+    if "num_nextn_predict_layers" in hf_config:
+        out["num_nextn_predict_layers"] = 0
+    return out
+
+
 def to_hf_config(hf_config: dict, model: dict, moe: dict | None) -> dict:
     """``config.json`` for export: the imported one with moetrain's fields written back."""
     _check_still_deepseek(model, moe)
     mla = model["mla"]
-    out = {k: v for k, v in hf_config.items() if k not in ("rope_scaling", "rope_theta")}
+    keep_rope = reads_as(hf_config, model, DEFAULT_THETA)  # the imported file's rope fields, as they were
+    out = {k: v for k, v in hf_config.items() if keep_rope or k not in ("rope_scaling", "rope_theta")}
     out.update(
         model_type=MODEL_TYPES[0],
         architectures=[ARCHITECTURE],
@@ -410,13 +423,13 @@ def to_hf_config(hf_config: dict, model: dict, moe: dict | None) -> dict:
         qk_nope_head_dim=mla["qk_nope_head_dim"],
         qk_rope_head_dim=mla["qk_rope_head_dim"],
         v_head_dim=mla["v_head_dim"],
-        rope_parameters=hf_rope_parameters(model),
-        # the multi-token-prediction layers are not imported: 0 under both names (transformers 4 and 5.24)
-        num_nextn_predict_layers=0,
-        num_mtp_layers=0,
         hidden_act="silu",
         attention_bias=False,
     )
+    if not keep_rope:
+        out["rope_parameters"] = hf_rope_parameters(model)
+    if not any(name in hf_config for name in ("num_mtp_layers", "num_nextn_predict_layers")):
+        out.update(without_skipped(out))  # a model trained in moetrain has no multi-token-prediction layers
     n = model["n_layers"]
     if moe is None:
         out.update(first_k_dense_replace=n)

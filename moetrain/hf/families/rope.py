@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter
+
+from moetrain.config.rope import RopeScaling
 from moetrain.hf.families.base import UnsupportedConfigError
 
 DEFAULT_THETA = 10000.0
@@ -119,3 +122,17 @@ def hf_rope_parameters(model: dict) -> dict[str, Any]:
         if name != "kind" and value is not None:
             params[name] = value
     return params
+
+
+def reads_as(hf_config: dict, model: dict, default_theta: float = DEFAULT_THETA) -> bool:
+    """Whether ``hf_config``'s own rope fields read as the rotary positions of moetrain's ``model`` section
+    (a dict): then export writes the file's fields back as they were, not :func:`hf_rope_parameters`."""
+    if not any(k in hf_config for k in ("rope_parameters", "rope_scaling", "rope_theta")):
+        return False
+    try:
+        fields = rope_fields({"max_position_embeddings": model["max_seq_len"], **hf_config}, default_theta)
+        scaling = TypeAdapter(RopeScaling | None)
+        same = scaling.validate_python(fields["rope_scaling"]) == scaling.validate_python(model.get("rope_scaling"))
+    except (UnsupportedConfigError, ValueError):
+        return False
+    return same and fields["rope_theta"] == model["rope_theta"]
