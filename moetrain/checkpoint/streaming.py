@@ -33,6 +33,7 @@ DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+DTYPE_OF = {name: dtype for dtype, name in DTYPES.items()}  # safetensors' dtype names -> torch
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,13 @@ from moetrain.hf.families.base import UnsupportedConfigError
 from moetrain.hf.plan import make_plan, write_plan
 from moetrain.hf.run_files import HF_DIR, IMPORT_RECORD, KEPT, TOKENIZER_DIR
 from moetrain.hf.source import read_source
-from moetrain.hf.tokenizer import copy_and_check, tokenizer_files
+from moetrain.hf.tokenizer import check_tokenizer, copy_tokenizer, tokenizer_files
 from moetrain.training.resume_checks import model_differences
 
 
 def import_hf(src: Path, run_dir: Path, overrides: list[str] | None = None) -> Iterator[str]:
     """1. RUN_DIR; 2. the source's config and family; 3. the job config with the overrides; 4. the shards,
-    planned and checked; 5. the tokenizer; 6. write into a temp folder; 7. rename. Yields lines to print."""
+    planned and checked; 5. the tokenizer, loaded; 6. write into a temp folder; 7. rename. Yields lines."""
     run_dir = run_dir.resolve()
     _check_run_dir(run_dir)  # 1.
     source = read_source(src)  # 2.
@@ -59,14 +59,16 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] | None = None) -> I
     cfg = _job_config(sections, run_dir, overrides or [])  # 3.
     plan = make_plan(family, source.config, source, cfg.model, cfg.moe)  # 4.
     own_tokenizer = "tokenizer" not in parse_overrides(overrides or []).get("data", {})
-    tokenizer = tokenizer_files(src) if own_tokenizer else []
+    tokenizer = tokenizer_files(src) if own_tokenizer else []  # 5.
+    about_tokenizer = check_tokenizer(src, cfg.model.vocab_size) if own_tokenizer else ""
     tmp = run_dir.with_name(f".{run_dir.name}.import-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         lines = [_copy_kept(src, tmp / HF_DIR)]
-        if own_tokenizer:  # 5.
-            lines.append(copy_and_check(src, tmp / TOKENIZER_DIR, tokenizer, cfg.model.vocab_size))
+        if own_tokenizer:
+            copy_tokenizer(src, tmp / TOKENIZER_DIR, tokenizer)
+            lines.append(f"tokenizer: {', '.join(tokenizer)} ({about_tokenizer})")
         (tmp / "config.yaml").write_text(dump_config(cfg))
         ckpt = folders.checkpoint_dir(tmp, 0)
         staging = folders.temp_dir(ckpt)

@@ -28,7 +28,7 @@ from types import ModuleType
 import torch
 
 from moetrain.checkpoint.initial import UNMAPPED
-from moetrain.checkpoint.streaming import DTYPES, SafetensorsWriter, TensorSpec
+from moetrain.checkpoint.streaming import DTYPE_OF, SafetensorsWriter, TensorSpec
 from moetrain.checkpoint.tensors import SHARED, experts_file
 from moetrain.config.model import ModelConfig, MoEConfig
 from moetrain.errors import UserError
@@ -39,7 +39,6 @@ from moetrain.model import MoETransformer
 from moetrain.moe.experts import is_expert_param
 
 FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # converted to fp32 exactly
-STORED = {name: dtype for dtype, name in DTYPES.items()}  # safetensors' dtype names -> torch
 # Old checkpoints carry the rotary inverse frequencies as tensors; transformers ignores them on load too.
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -99,9 +98,9 @@ def make_plan(
     skip = getattr(family, "skipped_tensors", None)
     for name in skip(hf_config, names) if skip is not None else []:  # kept beside the checkpoint, as they are
         t = source.tensors[name]
-        if t.dtype not in STORED:
+        if t.dtype not in DTYPE_OF:
             raise UserError(f"SRC: tensor {name} is {t.dtype}, which moetrain cannot keep; dequantize the checkpoint")
-        plan.unmapped.append(TensorSpec(name, STORED[t.dtype], t.shape))
+        plan.unmapped.append(TensorSpec(name, DTYPE_OF[t.dtype], t.shape))
     return plan
 
 

@@ -2,8 +2,9 @@
 
 What is read: ``config.json`` (JSON), and the safetensors shards -- those ``model.safetensors.index.json``
 names, or without an index every ``*.safetensors`` file. :func:`read_source` opens every shard's header
-(names, dtypes, shapes) and checks it before any tensor is read; :meth:`HFSource.reader` then reads
-one tensor, or one expert's slice of a fused tensor (``get_slice``), at a time.
+with ``safe_open`` (names, dtypes, shapes; a damaged or truncated file fails here) before any tensor is
+read; :meth:`HFSource.reader` then reads one tensor, or one expert's slice of a fused tensor, at a time
+(:class:`ShardFile`: only those bytes, without a memory map).
 
 Nothing here can execute code: a folder whose weights are only PyTorch pickles (``pytorch_model.bin``,
 ``*.pt``) is refused (pickles run code when loaded), and so is a ``config.json`` with ``auto_map``,
@@ -14,14 +15,18 @@ which transformers itself loads only with ``trust_remote_code``. Every problem i
 from __future__ import annotations
 
 import json
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 
+from moetrain.checkpoint.streaming import DTYPE_OF
 from moetrain.errors import UserError
-from moetrain.hf.convert import Reader, safetensors_reader
+from moetrain.hf.convert import Reader
 
 INDEX = "model.safetensors.index.json"
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -43,17 +48,56 @@ class HFSource:
     tensors: dict[str, SourceTensor]  # every tensor of the weights, by name
 
     def reader(self) -> Reader:
-        """``read(name, index, rows)`` over the shards, each opened once (lazily: nothing is read until
-        asked). Keep the reader only while importing: the handles stay open with it."""
-        handles: dict[Path, Any] = {}
+        """``read(name, index, rows)``: the tensor, or one expert's slice ``[index]`` (rows ``a:b`` of it),
+        read from its shard with plain reads of just those bytes (:class:`ShardFile`)."""
+        shards: dict[Path, ShardFile] = {}
 
-        def handle(path: Path):
-            if path not in handles:
-                handles[path] = _open(path)
-            return handles[path]
+        def read(name: str, index: int | None, rows: tuple[int, int] | None) -> torch.Tensor:
+            path = self.tensors[name].file
+            if path not in shards:
+                shards[path] = ShardFile(path)
+            return shards[path].read(name, index, rows)
 
-        by_name = {name: handle(t.file) for name, t in self.tensors.items()}
-        return safetensors_reader(by_name)
+        return read
+
+
+class ShardFile:
+    """A safetensors file (headers checked by :func:`read_source` through ``safe_open``) read with plain
+    ``readinto`` calls of just the bytes a tensor or slice occupies.
+
+    NOTE: not ``safe_open``'s memory map: the pages a map has read stay in the process's resident set
+    while the file is open, so reading a model through maps shows a resident set as large as the model
+    (measured: 1.3 GB for a 1.26 GB source) although no copy of it is held. A tensor's bytes are
+    contiguous (row-major), and so are ``[index]`` and ``[index, a:b]`` of it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            self.header = json.loads(f.read(size))
+        self.data_start = 8 + size
+
+    def read(self, name: str, index: int | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        meta = self.header[name]
+        dtype, shape = DTYPE_OF[meta["dtype"]], list(meta["shape"])
+        item = torch.empty((), dtype=dtype).element_size()
+        start = meta["data_offsets"][0]
+        if index is not None:  # one row of the first dim: contiguous
+            start += index * math.prod(shape[1:]) * item
+            shape = shape[1:]
+            if rows is not None:
+                start += rows[0] * math.prod(shape[1:]) * item
+                shape = [rows[1] - rows[0], *shape[1:]]
+        out = torch.empty(shape, dtype=dtype)
+        buffer = out.reshape(-1).view(torch.uint8).numpy()
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start)
+            if f.readinto(memoryview(buffer)) != buffer.nbytes:
+                raise UserError(
+                    f"SRC: shard {str(self.path)!r} ended inside tensor {name} (truncated since it was checked)"
+                )
+        return out
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -42,14 +42,11 @@ def tokenizer_files(src: Path) -> list[str]:
     return found
 
 
-def copy_and_check(src: Path, dest: Path, names: list[str], model_vocab: int) -> str:
-    """Copy ``names`` from ``src`` into ``dest`` (created), load the copy as moetrain will, and check the
-    vocabulary fits the model's. Returns a line for the user."""
-    dest.mkdir(parents=True)
-    for name in names:
-        shutil.copyfile(src / name, dest / name)
+def check_tokenizer(src: Path, model_vocab: int) -> str:
+    """Load the tokenizer of ``src`` as moetrain will load its copy, and check its vocabulary fits the
+    model's. Returns a line for the user."""
     try:
-        tok = build_tokenizer(str(dest))
+        tok = build_tokenizer(str(src))
     except UserError as exc:
         raise UserError(f"SRC: the tokenizer in {str(src)!r} does not load: {exc}") from None
     if tok.vocab_size > model_vocab:
@@ -57,4 +54,10 @@ def copy_and_check(src: Path, dest: Path, names: list[str], model_vocab: int) ->
             f"SRC: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size ({model_vocab}) in "
             "config.json: they do not belong together"
         )
-    return f"tokenizer: {', '.join(names)} ({tok.vocab_size} tokens, end-of-document id {tok.eos_id})"
+    return f"{tok.vocab_size} tokens, end-of-document id {tok.eos_id}"
+
+
+def copy_tokenizer(src: Path, dest: Path, names: list[str]) -> None:
+    dest.mkdir(parents=True)
+    for name in names:
+        shutil.copyfile(src / name, dest / name)
