@@ -59,13 +59,10 @@ def tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def run(*cmd: str, torchrun: int = 0) -> str:
-    """Print and run ``moetrain CMD`` (under torchrun with that many processes); returns its output."""
-    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}", "-m"]
-    full = [*(head if torchrun else [sys.executable, "-m"]), "moetrain.cli", *cmd]
-    shown = f"torchrun --nproc-per-node {torchrun} -m moetrain.cli" if torchrun else "moetrain"
-    print(f"$ {shown} {shlex.join(cmd)}", flush=True)
-    proc = subprocess.run(full, capture_output=True, text=True)
+def run(*cmd: str) -> str:
+    """Print and run ``moetrain CMD``; returns its output."""
+    print(f"$ moetrain {shlex.join(cmd)}", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "moetrain.cli", *cmd], capture_output=True, text=True)
     if proc.returncode:
         sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])
     lines = [line for line in proc.stdout.splitlines() if not line.startswith("[")]
@@ -85,7 +82,7 @@ def walk(model_type: str, root: Path, steps: int) -> None:
     run("import", str(src), str(run_dir), f"train.steps={steps}", f"data.paths=[{corpus}]",  # 2.
         f"data.cache_dir={root / 'cache'}", "data.seq_len=64", "train.micro_batch_size=2", "train.eval_interval=0",
         "moe.expert_parallel_size=2", "moe.router.load_balance_coeff=0.01")  # fmt: skip
-    run("train", str(run_dir / "config.yaml"), torchrun=2)  # 3. two ranks, one expert-parallel group of 2
+    run("launch", str(run_dir / "config.yaml"), "--procs-per-node", "2")  # 3. torchrun, 2 ranks: EP 2
     run("eval", str(run_dir), "--data", str(corpus), "--max-batches", "4")  # 4.
     run("export", str(run_dir), str(root / model_type / "exported"))  # 5. the family's own class
     back = transformers.AutoModelForCausalLM.from_pretrained(root / model_type / "exported")  # 6.

@@ -71,7 +71,7 @@ def test_an_imported_model_computes_what_transformers_computes(variant, tmp_path
     src, run = tmp_path / "src", tmp_path / "run"
     hf, tok = hf_folder(variant, src)
     out = cli(capsys, "import", src, run)
-    assert f"into {run}" in out and "train it: moetrain train" in out
+    assert f"imported into {run}; train it: moetrain train {run / 'config.yaml'}" in out
     state = read_state(run / "checkpoints" / "step_000000")
     assert state["weights_only"] and state["step"] == 0 and "param_groups" not in state
     loaded = load_checkpoint(run)

@@ -26,6 +26,5 @@ def add_parsers(sub) -> None:
 def run_import(args: argparse.Namespace) -> int:
     from moetrain.hf.import_run import import_hf
 
-    for line in import_hf(Path(args.src), Path(args.run_dir), args.overrides):
-        print(line, flush=True)
+    import_hf(Path(args.src), Path(args.run_dir), args.overrides, log=lambda line: print(line, flush=True))
     return 0

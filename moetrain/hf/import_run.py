@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,10 @@ from moetrain.hf.tokenizer import check_tokenizer, copy_tokenizer, tokenizer_fil
 from moetrain.training.resume_checks import model_differences
 
 
-def import_hf(src: Path, run_dir: Path, overrides: list[str] | None = None) -> Iterator[str]:
+def import_hf(src: Path, run_dir: Path, overrides: list[str] | None = None, log: Callable[[str], None] = print) -> None:
     """1. RUN_DIR; 2. the source's config and family; 3. the job config with the overrides; 4. the shards,
-    planned and checked; 5. the tokenizer, loaded; 6. write into a temp folder; 7. rename. Yields lines."""
+    planned and checked; 5. the tokenizer, loaded; 6. write into a temp folder (``log`` says each file as it
+    is written); 7. rename."""
     run_dir = run_dir.resolve()
     _check_run_dir(run_dir)  # 1.
     source = read_source(src)  # 2.
@@ -65,15 +66,16 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] | None = None) -> I
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        lines = [_copy_kept(src, tmp / HF_DIR)]
+        log(f"importing {src} ({family.ARCHITECTURE}): {plan.nbytes / 1e6:.1f} MB of fp32 weights to write")
+        log(_copy_kept(src, tmp / HF_DIR))
         if own_tokenizer:
             copy_tokenizer(src, tmp / TOKENIZER_DIR, tokenizer)
-            lines.append(f"tokenizer: {', '.join(tokenizer)} ({about_tokenizer})")
+            log(f"tokenizer: {', '.join(tokenizer)} ({about_tokenizer})")
         (tmp / "config.yaml").write_text(dump_config(cfg))
         ckpt = folders.checkpoint_dir(tmp, 0)
         staging = folders.temp_dir(ckpt)
         staging.mkdir(parents=True)
-        write_plan(plan, source.reader(), staging, lines.append)  # 6.
+        write_plan(plan, source.reader(), staging, log)  # 6.
         origin = {"source": str(src.resolve()), "model_type": source.config.get("model_type"),
                   "architecture": family.ARCHITECTURE, "skipped_tensors": plan.skipped,
                   "unmapped_tensors": [t.key for t in plan.unmapped]}  # fmt: skip
@@ -90,11 +92,9 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] | None = None) -> I
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    yield f"imported {src} ({family.ARCHITECTURE}) into {run_dir}: {plan.nbytes / 1e6:.1f} MB of fp32 weights"
-    yield from lines
     if plan.skipped:
-        yield f"left out (not part of {family.ARCHITECTURE}'s forward pass): {len(plan.skipped)} tensors"
-    yield f"train it: moetrain train {run_dir / 'config.yaml'}"
+        log(f"left out of the model (not part of {family.ARCHITECTURE}'s forward pass): {len(plan.skipped)} tensors")
+    log(f"imported into {run_dir}; train it: moetrain train {run_dir / 'config.yaml'}")
 
 
 def _check_run_dir(run_dir: Path) -> None:
