@@ -103,7 +103,9 @@ def test_an_import_trained_under_ep_2_gives_the_single_process_losses(imported, 
 def test_an_import_stopped_under_ep_resumes_in_another_layout(imported, single):
     run = copy_run(imported, "resumed")
     train(run, *EP, "deepspeed.zero_optimization.stage=2", "train.stop_at_step=5", "checkpoint.interval=5", nproc=2)
-    proc = train(run, "train.micro_batch_size=4")  # 1 process, EP 1, ZeRO-0: from step_000005
+    # 1 process, EP 1, ZeRO-0, from step_000005 (config.yaml now holds the first job's settings: override them)
+    layout = ["moe.expert_parallel_size=1", "deepspeed.zero_optimization.stage=0", "train.stop_at_step=null"]
+    proc = train(run, "train.micro_batch_size=4", *layout)
     assert f"resumed from {run / 'checkpoints' / 'step_000005'}" in proc.stdout
     one, resumed = losses(single), losses(run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
