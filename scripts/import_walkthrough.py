@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 VOCAB = 512
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+             max_position_embeddings=256, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
 FAMILIES = {  # model_type: (config class, model class, the family's own fields)
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=64, num_local_experts=4)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(intermediate_size=96, moe_intermediate_size=32,
@@ -35,7 +35,7 @@ FAMILIES = {  # model_type: (config class, model class, the family's own fields)
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, num_experts=4, clip_qkv=4.0)),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(num_key_value_heads=4, intermediate_size=96,
                     moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1,
-                    num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+                    first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
                     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
 }  # fmt: skip
 WORDS = "the quick brown fox jumps over a lazy dog while experts route tokens and gates weigh them".split()

@@ -134,3 +134,27 @@ def same_config(a, b) -> bool:
     y = {k: v for k, v in b.to_dict().items() if k not in skip}
     assert x == y, {k: (x.get(k), y.get(k)) for k in set(x) | set(y) if x.get(k) != y.get(k)}
     return True
+
+
+def test_export_to_a_family_by_name(tmp_path, capsys):
+    """``--target <model_type>``: the imported family by name is what auto writes; another family is refused,
+    naming the moetrain field it does not compute; a run without hf/config.json (a model moetrain trained)
+    is written from the model's fields alone and loads as that class with the same logits."""
+    src, run = tmp_path / "src", tmp_path / "run"
+    hf, _ = hf_folder("qwen3_moe-bias-sparse_step2", src)
+    cli(capsys, "import", src, run)
+    cli(capsys, "export", run, tmp_path / "auto")
+    cli(capsys, "export", run, tmp_path / "named", "--target", "qwen3_moe")
+    for name in ("config.json", "model.safetensors.index.json"):
+        assert (tmp_path / "auto" / name).read_text() == (tmp_path / "named" / name).read_text()
+    code = main(["export", str(run), str(tmp_path / "olmoe"), "--target", "olmoe"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and not (tmp_path / "olmoe").exists()
+    assert "export --target olmoe: moetrain config field model.qk_norm = 'head': OlmoeForCausalLM does not" in err
+    (run / "hf" / "config.json").unlink()  # now a run moetrain trained: nothing imported to start from
+    cli(capsys, "export", run, tmp_path / "fresh", "--target", "qwen3_moe")
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fresh")
+    assert type(fresh).__name__ == "Qwen3MoeForCausalLM"
+    x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (fresh(x).logits - hf(x).logits).abs().max().item() <= 1e-5
