@@ -48,14 +48,22 @@ VARIANTS = {
     "olmoe": ("olmoe", dict()),
     "olmoe-gqa-bias-clip-renorm": ("olmoe", dict(num_key_value_heads=2, attention_bias=True, clip_qkv=0.8,
                                                  norm_topk_prob=True)),
+    # rotary scaling (moetrain/hf/families/rope.py), the same for every family
+    "qwen3_moe-yarn": ("qwen3_moe", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1234.0, factor=4.0,
+                                                               original_max_position_embeddings=16))),
+    "mixtral-linear": ("mixtral", dict(rope_parameters=dict(rope_type="linear", rope_theta=1234.0, factor=2.5))),
+    "olmoe-llama3": ("olmoe", dict(rope_parameters=dict(rope_type="llama3", rope_theta=1234.0, factor=8.0,
+                                                        low_freq_factor=1.0, high_freq_factor=4.0,
+                                                        original_max_position_embeddings=16))),
 }  # fmt: skip
 
 
-def hf_model(variant: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """The variant's tiny ``XxxForCausalLM``, every weight redrawn (see the module docstring)."""
+def hf_model(variant: str, seed: int = 0, **changes) -> transformers.PreTrainedModel:
+    """The variant's tiny ``XxxForCausalLM``, every weight redrawn (see the module docstring); ``changes``:
+    config fields set besides the variant's (e.g. ``vocab_size``)."""
     model_type, fields = VARIANTS[variant]
     config_cls, model_cls = CLASSES[model_type]
-    config = config_cls(**{**COMMON, **SIZES[model_type], **fields})
+    config = config_cls(**{**COMMON, **SIZES[model_type], **fields, **changes})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     gen = torch.Generator().manual_seed(seed + 1)

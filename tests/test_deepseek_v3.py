@@ -214,6 +214,9 @@ def test_export_config_and_tensors_load_back_into_transformers(tmp_path):
         value = state[rule.target] if rule.expert is None else state[rule.target][:, rule.expert]
         tensors.update(zip(rule.sources, (t.contiguous() for t in rule.to_hf(value))))
     save_file(tensors, str(tmp_path / "model.safetensors"))
+    mtp_layers = lambda c: deepseek_v3.fields(c)["num_mtp_layers"]  # noqa: E731 - under either of its names
+    assert mtp_layers(out_cfg) == mtp_layers(hc) == 1  # the file's own count, kept
+    out_cfg.update(deepseek_v3.without_skipped(out_cfg))  # what export writes for a trained model
     (tmp_path / "config.json").write_text(json.dumps(out_cfg))
     back = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
     assert back.config.num_nextn_predict_layers == 0

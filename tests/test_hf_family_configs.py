@@ -14,17 +14,17 @@ import dataclasses
 import pytest
 from hf_tiny import CLASSES, VARIANTS, hf_model
 
-from moetrain.hf.families import FAMILIES, family_for, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moetrain.hf.families import FAMILIES, deepseek_v3, family_for, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moetrain.hf.families.base import UnsupportedConfigError
-from moetrain.hf.families.decoder import Fields, rope_theta
 
 transformers = pytest.importorskip("transformers")
+CONFIG_CLASSES = {**{t: classes[0] for t, classes in CLASSES.items()}, "deepseek_v3": transformers.DeepseekV3Config}
 
 
-@pytest.mark.parametrize("model_type", [t for t in FAMILIES if t != "deepseek_v3"])  # its defaults: test_deepseek_v3.py
+@pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_the_defaults_are_those_of_the_transformers_config_class(model_type):
     family = family_for(model_type)
-    config_cls = CLASSES[model_type][0]
+    config_cls = CONFIG_CLASSES[model_type]
     declared = {f.name: f.default for f in dataclasses.fields(config_cls)}
     aliases = getattr(family, "ALIASES", {})
     for name, value in family.DEFAULTS.items():
@@ -35,12 +35,30 @@ def test_the_defaults_are_those_of_the_transformers_config_class(model_type):
     assert family.to_moetrain({"model_type": model_type}) == family.to_moetrain(config_cls().to_dict())
 
 
-def test_rope_theta_is_read_where_each_transformers_version_writes_it():
-    read = lambda raw: rope_theta(Fields(raw, {}), 10000.0)  # noqa: E731
-    assert read({}) == 10000.0
-    assert read({"rope_theta": 5.0, "rope_scaling": None}) == 5.0  # transformers 4
-    assert read({"rope_parameters": {"rope_type": "default", "rope_theta": 7.0}, "rope_theta": 5.0}) == 7.0
-    assert read({"rope_scaling": {"type": "default"}, "rope_theta": 5.0}) == 5.0
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_every_family_reads_rotary_positions_as_its_transformers_class(model_type):
+    """One reader for every family (rope.rope_fields): where each transformers version writes the base and
+    the scaling, the class's default theta (Mixtral's 1e6) when none is given, and rope_scaling winning over
+    rope_parameters when a file has both (transformers 5.24 takes ``rope_scaling or rope_parameters``)."""
+    family, config_cls = family_for(model_type), CONFIG_CLASSES[model_type]
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    forms = [
+        {},
+        {"rope_theta": 5.0, "rope_scaling": None},  # transformers 4
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 7.0}, "rope_theta": 5.0},
+        {"rope_scaling": {"type": "default"}, "rope_theta": 5.0},
+        {"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 5.0},
+        {"rope_parameters": {**yarn, "rope_theta": 9.0}},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 7.0}, "rope_scaling": yarn, "rope_theta": 3.0},
+    ]
+    for form in forms:
+        raw = {"model_type": model_type, "max_position_embeddings": 64, **form}
+        ours = family.to_moetrain(raw)["model"]
+        theirs = config_cls(**{k: v for k, v in raw.items() if k != "model_type"}).rope_parameters
+        assert ours["rope_theta"] == theirs["rope_theta"], form
+        assert (ours["rope_scaling"] or {"kind": "default"})["kind"] == theirs["rope_type"], form
+        if theirs["rope_type"] != "default":
+            assert ours["rope_scaling"]["factor"] == theirs["factor"], form
 
 
 def test_an_expert_count_given_under_both_names_must_agree():
@@ -57,9 +75,10 @@ REFUSED = [  # (variant, config.json fields changed, the field named)
     ("mixtral", {"hidden_act": "gelu"}, "hidden_act"),
     ("mixtral", {"router_jitter_noise": 0.01}, "router_jitter_noise"),
     ("mixtral", {"sliding_window": 16}, "sliding_window"),
-    ("mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_parameters.rope_type"),
-    ("mixtral", {"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type"),
+    ("mixtral", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_parameters.rope_type"),
+    ("mixtral", {"rope_scaling": {"type": "longrope", "factor": 4.0}}, "rope_scaling.rope_type"),
     ("mixtral", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("qwen3_moe-yarn", {"rope_parameters": {"rope_type": "linear"}}, "rope_parameters.factor"),
     ("mixtral", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
     ("mixtral", {"attention_dropout": 0.1}, "attention_dropout"),
     ("mixtral", {"num_experts_per_tok": 5}, "num_experts_per_tok"),
@@ -156,8 +175,9 @@ def test_to_hf_config_writes_moetrains_changes_and_keeps_the_rest():
 
 
 def test_family_for_names_the_supported_model_types():
-    assert {t: family_for(t) for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")} == {
-        "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe}  # fmt: skip
+    assert {t: family_for(t) for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")} == {
+        "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
+        "deepseek_v3": deepseek_v3}  # fmt: skip
     for family in FAMILIES.values():
         assert getattr(transformers, family.ARCHITECTURE).config_class.model_type in family.MODEL_TYPES
     with pytest.raises(UnsupportedConfigError) as err:

@@ -39,10 +39,12 @@ def open_tensors(path: Path, what: str = "checkpoint.resume"):
 
 
 class ExpertIndex:
-    """Every expert slice of a checkpoint, whichever EP rank's file holds it; reads only what is asked."""
+    """Every expert slice of a checkpoint, whichever file holds it (an EP rank's, or an import's per-layer
+    files); reads only what is asked, and lists what it read in ``read`` (the keys, in order)."""
 
     def __init__(self, folder: Path) -> None:
         self.where: dict[str, Any] = {}
+        self.read: list[str] = []
         for f in sorted(folder.glob("experts_*.safetensors")):
             handle = open_tensors(f)
             self.where.update({k: handle for k in handle.keys()})
@@ -60,6 +62,7 @@ class ExpertIndex:
                 missing = wanted[have.index(False)]
                 raise UserError(f"checkpoint.resume: the checkpoint holds no {missing} (saved with fewer experts?)")
             out[key] = torch.stack([self.where[k].get_tensor(k) for k in wanted], dim=1)
+            self.read += wanted
         if f"step/{name}" in self.where:
             out["step"] = self.where[f"step/{name}"].get_tensor(f"step/{name}")
         return out

@@ -44,9 +44,11 @@ def add_parsers(sub) -> None:
     )
     p.add_argument(
         "--target",
-        choices=["auto", "mixtral", "remote-code"],
+        choices=["auto", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "remote-code"],
         default="auto",
-        help="auto: native MixtralForCausalLM where the model's math is Mixtral's, else remote code",
+        help="auto: an imported run's own family (its transformers class, no remote code); otherwise native "
+        "MixtralForCausalLM where the model's math is Mixtral's, else remote code. A family name: that class "
+        "(refused, naming why, when it does not compute the model)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 200MB")
     p.set_defaults(run=run_export)

@@ -11,11 +11,19 @@ Imports point one way: this package imports no torch and no other moetrain modul
 """
 
 from moetrain.config.job import JobConfig, check_world_size
-from moetrain.config.loading import dump_config, load_config, parse_overrides, read_yaml, validate_dict
+from moetrain.config.loading import (
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    validate_dict,
+)
 
 __all__ = [
     "JobConfig",
     "check_world_size",
+    "config_from_dict",
     "dump_config",
     "load_config",
     "parse_overrides",

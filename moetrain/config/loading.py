@@ -138,8 +138,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read YAML (or start from defaults), apply overrides, validate; raise UserError on any problem."""
     raw = read_yaml(path) if path is not None else {}
     source = f"config file {str(path)!r}" if path is not None else "the config"
-    raw = _deep_merge(raw, parse_overrides(overrides or []), source)
-    return validate_dict(raw)
+    return config_from_dict(raw, overrides, source)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "the config") -> JobConfig:
+    """A config given as a mapping (e.g. one ``moetrain import`` builds), with overrides applied as on a
+    YAML file's; ``source`` names it in messages."""
+    return validate_dict(_deep_merge(raw, parse_overrides(overrides or []), source))
 
 
 def validate_dict(raw: dict[str, Any]) -> JobConfig:

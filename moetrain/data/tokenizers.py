@@ -12,8 +12,9 @@ import numpy as np
 from moetrain.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
-# End-of-document tokens looked up in a tokenizer.json, in this order (GPT-2 and moetrain's BPE first).
-EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
+# End-of-document tokens looked up in a tokenizer.json, in this order (GPT-2 and moetrain's BPE first;
+# DeepSeek-V3's last, for imported models).
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]", "<｜end▁of▁sentence｜>")
 
 
 class ByteTokenizer:

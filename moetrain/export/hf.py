@@ -1,11 +1,12 @@
 """Write a checkpoint as a Hugging Face model folder (see ``moetrain/export/__init__.py``).
 
     OUT_DIR/
-        config.json                     Mixtral's, or moetrain's with ``auto_map`` -> modeling_moetrain.py
+        config.json                     a family's (an imported run's own, or Mixtral's for a model with
+                                        Mixtral's math), or moetrain's with ``auto_map`` -> modeling_moetrain.py
         generation_config.json
         model-00001-of-0000N.safetensors ...   fp32, at most --max-shard-size each
         model.safetensors.index.json    tensor name -> shard
-        tokenizer.json, tokenizer_config.json, special_tokens_map.json
+        tokenizer.json, tokenizer_config.json, special_tokens_map.json   (an import's: its files as imported)
         modeling_moetrain.py            remote code only
 
 The folder is built beside OUT_DIR and renamed into place: OUT_DIR is complete or absent. The tensors
@@ -19,14 +20,21 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from types import ModuleType
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
 
 from moetrain.errors import UserError
 from moetrain.export import mixtral
+from moetrain.export.family import family_config, family_tensors
+from moetrain.hf.families import FAMILIES, family_for
+from moetrain.hf.families.base import UnsupportedConfigError
+from moetrain.hf.run_files import imported_config_path
+from moetrain.hf.tokenizer import FILES as TOKENIZER_FILES
 from moetrain.inference.loading import LoadedCheckpoint, load_checkpoint
 from moetrain.inference.text import RunTokenizer, byte_level_alphabet, run_tokenizer
 
@@ -34,31 +42,39 @@ MODELING = Path(__file__).with_name("modeling_moetrain.py")
 EOS_TOKEN = "<|endoftext|>"  # the byte tokenizer's end-of-document token (id 256)
 
 
+FAMILY_TARGETS = tuple(sorted(FAMILIES))  # deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
+
+
+@dataclass(frozen=True)
+class Target:
+    """What export writes: a family's own class (``family``, its config.json grown from ``base``) or, with
+    ``family`` None, remote code; ``why_not``: why --target auto did not pick a native class."""
+
+    family: ModuleType | None
+    base: dict[str, Any]
+    why_not: list[str]
+
+
 def export_hf(
     checkpoint: str, out_dir: Path, target: str, max_shard_size: str, overrides: list[str] | None = None
 ) -> Iterator[str]:
-    """1. check the output folder and the target; 2. load; 3. write into a temp folder; 4. rename."""
+    """1. check the output folder; 2. load; 3. choose the target (refusing one that does not compute the
+    model) and build config.json; 4. write into a temp folder; 5. rename."""
     shard_bytes = parse_size(max_shard_size)
     _check_out_dir(out_dir)
     loaded = load_checkpoint(checkpoint, overrides)
     cfg = loaded.cfg
-    why = mixtral.mismatches(cfg.model, cfg.moe)
-    if target == "mixtral" and why:
-        reasons = "\n".join(f"  - {w}" for w in why)
-        raise UserError(
-            f"export --target mixtral: MixtralForCausalLM does not compute this model:\n{reasons}\n"
-            "export with --target remote-code (what --target auto picks) and load it with "
-            "AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)"
-        )
-    native = target in ("mixtral", "auto") and not why
     tok = run_tokenizer(cfg.data, loaded.state.get("data_store") or loaded.state.get("data_fingerprint"))
+    chosen = choose_target(target, loaded, tok)
+    native = chosen.family is not None
+    config = family_config(chosen.family, loaded, chosen.base) if native else _remote_config(loaded, tok)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        config, tensors = _native(loaded, tok) if native else _remote(loaded, tok)
+        tensors = family_tensors(chosen.family, loaded, config) if native else _weights(loaded)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(_generation(tok), indent=2) + "\n")
+        _write_generation_config(loaded.run_dir, tok, tmp)
         shards = write_shards(tensors, tmp, shard_bytes)
         write_tokenizer(tok, tmp, cfg.model.max_seq_len)
         if not native:
@@ -75,12 +91,60 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(t.numel() * t.element_size() for t in tensors.values())
-    kind = "MixtralForCausalLM" if native else "remote code (modeling_moetrain.py)"
+    kind = chosen.family.ARCHITECTURE if native else "remote code (modeling_moetrain.py)"
     yield f"exported {loaded.folder} (step {loaded.step}) to {out_dir}: {kind}, {len(tensors)} tensors, {size / 1e6:.1f} MB in {shards} shard(s)"
-    if not native and target == "auto" and why:
-        yield "not MixtralForCausalLM because: " + "; ".join(why)
+    if not native and target == "auto" and chosen.why_not:
+        yield f"not {_auto_family_name(loaded)} because: " + "; ".join(chosen.why_not)
     trust = "" if native else ", trust_remote_code=True"
     yield f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out_dir)!r}{trust})"
+
+
+def imported_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config.json a run made by ``moetrain import`` keeps (``RUN_DIR/hf/config.json``), else None."""
+    path = imported_config_path(run_dir)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _auto_family_name(loaded: LoadedCheckpoint) -> str:
+    imported = imported_config(loaded.run_dir)
+    return family_for(imported["model_type"]).ARCHITECTURE if imported else "MixtralForCausalLM"
+
+
+def choose_target(target: str, loaded: LoadedCheckpoint, tok: RunTokenizer) -> Target:
+    """``--target``: auto (an imported run: its family; else Mixtral where the model's math is Mixtral's; else
+    remote code), a family by model type (refused, naming why, when it does not compute the model), or
+    remote-code."""
+    if target == "remote-code":
+        return Target(None, {}, [])
+    imported = imported_config(loaded.run_dir)
+    cfg = loaded.cfg
+    own = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id}  # a model trained here: its tokenizer's ids
+    if imported is not None and target in ("auto", imported.get("model_type")):
+        family, base = family_for(imported.get("model_type")), imported
+    elif target == "auto" or target == "mixtral":
+        why = mixtral.mismatches(cfg.model, cfg.moe)
+        if not why:
+            return Target(family_for("mixtral"), own, [])
+        if target == "auto":
+            return Target(None, {}, why)
+        reasons = "\n".join(f"  - {w}" for w in why)
+        raise UserError(
+            f"export --target mixtral: MixtralForCausalLM does not compute this model:\n{reasons}\n"
+            "export with --target remote-code (what --target auto picks) and load it with "
+            "AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)"
+        )
+    else:
+        family, base = family_for(target), own
+    try:
+        family_config(family, loaded, base)
+    except UnsupportedConfigError as exc:
+        if target == "auto":
+            return Target(None, {}, [str(exc)])
+        raise UserError(
+            f"export --target {target}: {exc}\nexport with --target remote-code and load it with "
+            "AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)"
+        ) from None
+    return Target(family, base, [])
 
 
 def parse_size(text: str) -> int:
@@ -115,16 +179,10 @@ def _weights(loaded: LoadedCheckpoint) -> dict[str, torch.Tensor]:
     return out
 
 
-def _native(loaded: LoadedCheckpoint, tok: RunTokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    cfg = loaded.cfg
-    tensors = mixtral.state_dict(_weights(loaded), cfg.model)
-    return mixtral.config_json(cfg.model, cfg.moe, tok.eos_id), {k: v.contiguous() for k, v in tensors.items()}
-
-
-def _remote(loaded: LoadedCheckpoint, tok: RunTokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
+def _remote_config(loaded: LoadedCheckpoint, tok: RunTokenizer) -> dict:
     cfg = loaded.cfg
     moe = cfg.moe.model_copy(update={"expert_parallel_size": 1}).model_dump(mode="json") if cfg.moe else None
-    config = {
+    return {
         "architectures": ["MoetrainForCausalLM"],
         "model_type": "moetrain",
         "auto_map": {
@@ -138,7 +196,15 @@ def _remote(loaded: LoadedCheckpoint, tok: RunTokenizer) -> tuple[dict, dict[str
         "use_cache": False,
         "torch_dtype": "float32",
     }
-    return config, _weights(loaded)
+
+
+def _write_generation_config(run_dir: Path, tok: RunTokenizer, folder: Path) -> None:
+    """An imported run's generation_config.json as imported; else the run tokenizer's end-of-document id."""
+    imported = imported_config_path(run_dir).with_name("generation_config.json")
+    if imported.is_file():
+        shutil.copyfile(imported, folder / "generation_config.json")
+    else:
+        (folder / "generation_config.json").write_text(json.dumps(_generation(tok), indent=2) + "\n")
 
 
 def _generation(tok: RunTokenizer) -> dict:
@@ -174,6 +240,11 @@ def write_tokenizer(tok: RunTokenizer, folder: Path, max_len: int) -> None:
     inner = getattr(tok.tok, "tok", None)
     if tok.file is None and inner is not None:  # a hub tokenizer (transformers is installed: it loaded)
         inner.save_pretrained(str(folder))
+        return
+    if tok.file is not None and (tok.file.parent / "tokenizer_config.json").is_file():
+        for name in TOKENIZER_FILES:  # a Hugging Face tokenizer folder (an import's): its files as they are
+            if (tok.file.parent / name).is_file():
+                shutil.copyfile(tok.file.parent / name, folder / name)
         return
     if tok.file is not None:
         shutil.copyfile(tok.file, folder / "tokenizer.json")

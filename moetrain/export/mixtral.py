@@ -1,16 +1,15 @@
-"""The native target: moetrain's llama backbone with top-k softmax experts is ``MixtralForCausalLM``.
+"""When a model trained in moetrain is ``MixtralForCausalLM``: what ``--target auto`` checks.
 
 Mixtral computes, per block: ``h += o_proj(attn(RMSNorm(h)))`` with rotary positions (``rotate_half``)
 and grouped-query attention; ``h += sum_k w_k * Expert_k(RMSNorm(h))`` where the router takes the top
 k of ``softmax(x W^T)`` and renormalises the k weights to sum to 1, and every expert is
 ``w2 (silu(w1 x) * w3 x)``, dropless, in every block. :func:`mismatches` lists what of a moetrain model
-differs from that; the weights are written in Mixtral's original layout (``block_sparse_moe.experts.N.w1``
-...), which every transformers version since Mixtral's release loads.
+differs from that. The files are written through the Mixtral family mapping (``moetrain/export/family.py``,
+``moetrain/hf/families/mixtral.py``), in Mixtral's original layout (``block_sparse_moe.experts.N.w1`` ...),
+which every transformers version since Mixtral's release loads.
 """
 
 from __future__ import annotations
-
-import torch
 
 from moetrain.config.model import ModelConfig, MoEConfig
 from moetrain.config.routers import TopKRouterConfig
@@ -78,55 +77,3 @@ def mismatches(model: ModelConfig, moe: MoEConfig | None) -> list[str]:
         if r.gate_scale != 1.0:
             why.append(f"moe.router.gate_scale is {r.gate_scale} (Mixtral does not scale its gates)")
     return why
-
-
-def config_json(model: ModelConfig, moe: MoEConfig, eos_id: int) -> dict:
-    return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.d_model,
-        "intermediate_size": moe.expert_hidden or model.d_ff,
-        "num_hidden_layers": model.n_layers,
-        "num_attention_heads": model.n_heads,
-        "num_key_value_heads": model.kv_heads,
-        "head_dim": model.resolved_head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": model.max_seq_len,
-        "rms_norm_eps": model.norm_eps,
-        "rope_theta": model.rope_theta,  # transformers < 5
-        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},  # transformers >= 5
-        "num_local_experts": moe.num_experts,
-        "num_experts_per_tok": moe.router.top_k,
-        "router_jitter_noise": 0.0,
-        "sliding_window": None,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": model.tie_embeddings,
-        "bos_token_id": eos_id,
-        "eos_token_id": eos_id,
-        "torch_dtype": "float32",
-    }
-
-
-def state_dict(weights: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """moetrain names -> Mixtral's (``model.layers.N.self_attn.q_proj.weight`` ...), experts unstacked."""
-    H, G, A = model.n_heads, model.kv_heads, model.resolved_head_dim
-    out = {"model.embed_tokens.weight": weights["embed.weight"], "model.norm.weight": weights["ln_f.weight"]}
-    if not model.tie_embeddings:
-        out["lm_head.weight"] = weights["lm_head.weight"]
-    for i in range(model.n_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        q, k, v = weights[src + "attn.qkv.weight"].split([H * A, G * A, G * A])
-        out[dst + "self_attn.q_proj.weight"] = q
-        out[dst + "self_attn.k_proj.weight"] = k
-        out[dst + "self_attn.v_proj.weight"] = v
-        out[dst + "self_attn.o_proj.weight"] = weights[src + "attn.proj.weight"]
-        out[dst + "input_layernorm.weight"] = weights[src + "ln1.weight"]
-        out[dst + "post_attention_layernorm.weight"] = weights[src + "ln2.weight"]
-        out[dst + "block_sparse_moe.gate.weight"] = weights[src + "ffn.router.weight_ED"]
-        w1, w2, w3 = (weights[src + f"ffn.experts.{n}"][0] for n in ("w1_SLDF", "w2_SLFD", "w3_SLDF"))
-        for e in range(w1.shape[0]):  # ours multiply x @ w ([D, F]); nn.Linear stores w^T ([F, D])
-            out[dst + f"block_sparse_moe.experts.{e}.w1.weight"] = w1[e].t()
-            out[dst + f"block_sparse_moe.experts.{e}.w2.weight"] = w2[e].t()
-            out[dst + f"block_sparse_moe.experts.{e}.w3.weight"] = w3[e].t()
-    return out

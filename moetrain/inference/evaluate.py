@@ -104,7 +104,8 @@ def evaluate_val(loaded: LoadedCheckpoint, tok: RunTokenizer, log: Callable[[str
     cfg, state = loaded.cfg, loaded.state
     data.check_data_reachable(cfg.data)
     prepared = data.prepare_data(cfg.data, log=log)
-    if prepared.fingerprint != state.get("data_fingerprint"):
+    # an initial checkpoint (an import's) has no data of its own to differ from
+    if state.get("data_fingerprint") is not None and prepared.fingerprint != state["data_fingerprint"]:
         log(
             f"note: the data differ from the run's (fingerprint {prepared.fingerprint}, the run's "
             f"{state.get('data_fingerprint')}): this is not the run's validation split"

@@ -69,9 +69,14 @@ class RunTokenizer:
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tok.encode(text)]
 
+    def piece(self, i: int) -> bytes:
+        """The bytes of token ``i`` (with ``token_bytes``). An id past the tokenizer's vocabulary -- a model's
+        embedding may be padded beyond it, as imported models' often are -- stands for no text."""
+        return self.token_bytes[i] if 0 <= i < len(self.token_bytes) else b""
+
     def decode(self, ids: list[int]) -> str:
         if self.token_bytes is not None:
-            return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+            return b"".join(self.piece(i) for i in ids).decode("utf-8", errors="replace")
         if isinstance(self.tok, HFTokenizer):
             return self.tok.tok.decode(ids)
         return self.tok.decode(ids)
@@ -79,7 +84,7 @@ class RunTokenizer:
     def num_bytes(self, ids: list[int]) -> int:
         """UTF-8 bytes the tokens ``ids`` stand for (special tokens: none)."""
         if self.token_bytes is not None:
-            return sum(len(self.token_bytes[i]) for i in ids)
+            return sum(len(self.piece(i)) for i in ids)
         return len(self.decode(ids).encode("utf-8"))
 
     def stream(self) -> StreamDecoder:
@@ -97,7 +102,7 @@ class StreamDecoder:
 
     def push(self, token: int) -> str:
         if self.tok.token_bytes is not None:
-            return self.bytes.decode(self.tok.token_bytes[token])
+            return self.bytes.decode(self.tok.piece(token))
         self.ids.append(token)
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete character: wait for the next token

@@ -32,6 +32,7 @@ from moetrain.checkpoint.folders import (  # noqa: F401 - part of this module's 
     set_aside_newer,
     step_folders,
 )
+from moetrain.checkpoint.initial import is_weights_only
 from moetrain.checkpoint.manifest import file_entries
 from moetrain.checkpoint.tensors import SHARED, ExpertIndex, experts_file, open_tensors, shared_entry, write_tensors
 from moetrain.errors import UserError
@@ -160,9 +161,18 @@ def optimizer_state(engine) -> dict[str, Any]:
 # --- load ------------------------------------------------------------------------------------------
 
 
-def load(engine, model: nn.Module, folder: Path, layout: ParallelLayout, state: dict) -> list[str]:
-    """Restore parameters, Adam state, buffers, LR schedule and RNG from ``folder`` into this layout.
-    Returns notes for the user. Local reads only (each rank takes what it holds)."""
+@dataclass
+class LocalState:
+    """What one rank reads of a checkpoint: its parameters' entries (``value`` and, where saved, the Adam
+    state) with only the experts it holds, the buffers, and the expert keys read (in order)."""
+
+    tensors: dict[str, dict[str, torch.Tensor]]
+    buffers: dict[str, torch.Tensor]
+    expert_keys_read: list[str]
+
+
+def read_local_state(model: nn.Module, folder: Path) -> LocalState:
+    """Read what ``model`` (as parallelized on this rank) holds from ``folder``; local, no collective."""
     shared = open_tensors(folder / SHARED)
     experts = ExpertIndex(folder)
     shared_keys = set(shared.keys())
@@ -178,8 +188,20 @@ def load(engine, model: nn.Module, folder: Path, layout: ParallelLayout, state: 
                     f"checkpoint.resume: {folder} holds no parameter {name}; it was saved from another model"
                 )
     buffers = {k[len("buffer/") :]: shared.get_tensor(k) for k in shared_keys if k.startswith("buffer/")}
-    model.load_state_dict(buffers, strict=False)  # buffers (router stage, hash table) through their hooks
-    state_io.load_full_state(model, engine.optimizer, tensors)
+    return LocalState(tensors, buffers, experts.read)
+
+
+def load(engine, model: nn.Module, folder: Path, layout: ParallelLayout, state: dict) -> list[str]:
+    """Restore parameters, Adam state, buffers, LR schedule and RNG from ``folder`` into this layout.
+    Returns notes for the user. Local reads only (each rank takes what it holds).
+
+    An initial (weights-only) checkpoint (:mod:`moetrain.checkpoint.initial`, an import's) sets the values
+    and buffers only: the optimizer, the LR schedule and the random streams start as a fresh run's."""
+    local = read_local_state(model, folder)
+    model.load_state_dict(local.buffers, strict=False)  # buffers (router stage, hash table) through their hooks
+    state_io.load_full_state(model, engine.optimizer, local.tensors)
+    if is_weights_only(state):
+        return [f"{folder} holds weights only: the optimizer, LR schedule and random streams start fresh"]
     _restore_optimizer_state(engine, state)
     return _restore_rng(folder, state, layout)
 

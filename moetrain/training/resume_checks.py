@@ -50,6 +50,19 @@ ALLOWED = (
 )
 
 
+# Fields of the model and moe sections that change neither the weights nor what the model computes at a
+# given step (dropout and the routers' training losses and bias updates act only while training): a job
+# starting from an initial (weights-only) checkpoint may set them, and ``moetrain import`` takes them as
+# overrides. On a resume with optimizer state they stay refused above: the restored state was made with them.
+TRAINING_ONLY = (
+    "model.dropout",
+    "moe.router.load_balance_coeff",
+    "moe.router.z_loss_coeff",
+    "moe.router.seq_aux_coeff",
+    "moe.router.bias_update_rate",
+)
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a null section stays one entry)."""
     if not isinstance(tree, dict) or not tree:
@@ -60,8 +73,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _allowed(path: str) -> bool:
-    return any(path == a or path.startswith(a + ".") for a in ALLOWED)
+def _allowed(path: str, allowed: tuple[str, ...] = ALLOWED) -> bool:
+    return any(path == a or path.startswith(a + ".") for a in allowed)
 
 
 def config_differences(
@@ -148,3 +161,40 @@ def check_resume(folder, state: dict, current_model: BaseModel, world_size: int)
             f"{lines}\nrestore them, or start a new run (checkpoint.resume=none or another run_dir)"
         )
     return allowed
+
+
+def model_differences(saved: dict, current: dict) -> list[str]:
+    """``"path: old -> new"`` for every difference of the ``model`` and ``moe`` sections (JSON form) that
+    changes the weights or what the model computes (:data:`TRAINING_ONLY` and the layout fields of
+    :data:`ALLOWED` do not)."""
+    old = flatten({k: saved.get(k) for k in ("model", "moe")})
+    new = flatten({k: current.get(k) for k in ("model", "moe")})
+    free = ALLOWED + TRAINING_ONLY
+    return [
+        f"{path}: {old.get(path, '<unset>')!r} -> {new.get(path, '<unset>')!r}"
+        for path in sorted(set(old) | set(new))
+        if old.get(path, "<unset>") != new.get(path, "<unset>") and not _allowed(path, free)
+    ]
+
+
+def check_initial(folder, state: dict, current_model: BaseModel) -> list[str]:
+    """A job starting from an initial (weights-only) checkpoint (``moetrain.checkpoint.initial``): its model
+    must be the saved one; the data, batch, optimizer and layout are the job's own (the checkpoint holds no
+    state made with them). Raises UserError naming every difference; returns the training-only model fields
+    the job changed (to be reported)."""
+    saved = resolved_saved_config(state["config"], current_model)
+    current = current_model.model_dump(mode="json")
+    refused = model_differences(saved, current)
+    if refused:
+        lines = "\n".join(f"  - {r}" for r in refused)
+        raise UserError(
+            f"checkpoint.resume: {folder} holds the weights of another model (an import's or initial checkpoint); "
+            f"these differences are not allowed:\n{lines}\nrestore them (the run's config.yaml has the model's "
+            "values), or start a new run (checkpoint.resume=none or another run_dir)"
+        )
+    old, new = flatten(saved), flatten(current)
+    return [
+        f"{path}: {old.get(path)!r} -> {new.get(path)!r}"
+        for path in sorted(set(old) | set(new))
+        if _allowed(path, TRAINING_ONLY) and old.get(path) != new.get(path)
+    ]

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from moetrain import data
+from moetrain.checkpoint.initial import is_weights_only
 from moetrain.config.job import JobConfig
 from moetrain.config.loading import dump_config
 from moetrain.errors import UserError
@@ -34,7 +35,7 @@ from moetrain.training.host_memory import bound_kernel_caches, retain_freed_memo
 from moetrain.training.moe_hooks import MoEHooksCallback
 from moetrain.training.nonfinite import NonFiniteGuard
 from moetrain.training.optim import isolate_tagged_params, lr_lambda, param_groups
-from moetrain.training.resume_checks import check_resume
+from moetrain.training.resume_checks import check_initial, check_resume
 from moetrain.training.run_dir import check_run_dir_shared
 
 
@@ -189,9 +190,14 @@ class Trainer:
     def _check_resume(self, folder: Path, saved: dict, data_now: data.PreparedData) -> None:
         """Refuse a checkpoint of another job (exit 2, every difference listed); report allowed changes.
 
-        The data must be the same tokens (a content hash: the corpus may move or be copied); an older
+        An initial (weights-only) checkpoint, e.g. an import's, is checked for the model alone. Otherwise
+        the data must be the same tokens (a content hash: the corpus may move or be copied); an older
         checkpoint's location fingerprint is accepted too. ``checkpoint.allow_data_change`` resumes on
         other data anyway, and says so."""
+        if is_weights_only(saved):
+            for line in check_initial(folder, saved, self.resolved):
+                self._say(f"starting with a changed training-only setting: {line}")
+            return
         allowed = check_resume(folder, saved, self.resolved, self.layout.world_size)
         was = saved.get("data_fingerprint")
         if was not in (data_now.fingerprint, data_now.location_fingerprint):

@@ -24,6 +24,30 @@ from typing import Any, Protocol
 import torch
 
 
+class Fields:
+    """A config.json read as its ``transformers`` class reads it: ``f["hidden_size"]`` is the file's
+    value, or the class's default when the file omits it. ``aliases`` (the class's ``attribute_map``,
+    alias -> field) name one field twice; a file that gives both with different values is refused
+    (transformers then takes whichever comes first in the file)."""
+
+    def __init__(self, raw: dict, defaults: dict[str, Any], aliases: dict[str, str] | None = None) -> None:
+        self.raw, self.defaults, self.aliases = raw, defaults, aliases or {}
+        for alias, name in self.aliases.items():
+            if alias in raw and name in raw and raw[alias] != raw[name]:
+                raise UnsupportedConfigError(
+                    alias, raw[alias], f"it names the same setting as {name} ({raw[name]!r}); give one of them"
+                )
+
+    def __getitem__(self, name: str) -> Any:
+        name = self.aliases.get(name, name)
+        if name in self.raw:
+            return self.raw[name]
+        for alias, target in self.aliases.items():
+            if target == name and alias in self.raw:
+                return self.raw[alias]
+        return self.defaults[name]
+
+
 class UnsupportedConfigError(ValueError):
     """A Hugging Face config field whose value moetrain cannot represent exactly (``where``:
     ``"config.json"``), or, on export, a moetrain field the family cannot represent
@@ -136,3 +160,8 @@ class Family(Protocol):
         """The ``config.json`` for export: the imported one with the fields moetrain owns updated from
         the (possibly trained/changed) moetrain sections; raises UnsupportedConfigError if the moetrain model
         is no longer this family."""
+
+    # Optional, for a family whose checkpoints hold tensors outside its class's forward pass (DeepSeek-V3's
+    # multi-token-prediction layers): ``skipped_tensors(hf_config, tensor_names) -> list[str]`` names them
+    # (import keeps them beside its step-0 checkpoint), and ``without_skipped(hf_config) -> dict`` is the
+    # config update for an export that leaves them out.

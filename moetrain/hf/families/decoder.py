@@ -7,7 +7,7 @@ tied output head. The families differ in attention biases, query/key norms, dens
 expert and whether the top-k weights are renormalised: each family module says which.
 
 Reading a ``config.json``: a field the file omits takes the default of the family's ``transformers``
-5.24 config class (:class:`Fields`), as ``XxxConfig.from_dict`` does; ``tests/test_hf_family_configs.py``
+5.24 config class (:class:`~moetrain.hf.families.base.Fields`), as ``XxxConfig.from_dict`` does; ``tests/test_hf_family_configs.py``
 checks the defaults against those classes.
 
 Shape letters (tensor rules): the legend in ``moetrain/moe/__init__.py`` and ``moetrain/backbone/__init__.py``.
@@ -20,7 +20,8 @@ from typing import Any
 
 from moetrain.config.model import ModelConfig, MoEConfig
 from moetrain.config.routers import TopKRouterConfig
-from moetrain.hf.families.base import (
+from moetrain.hf.families.base import (  # noqa: F401 - Fields: the families read their configs through it
+    Fields,
     TensorRule,
     UnsupportedConfigError,
     concat_rule,
@@ -29,30 +30,7 @@ from moetrain.hf.families.base import (
     fused_expert_rule,
     linear_rule,
 )
-
-
-class Fields:
-    """A config.json read as its ``transformers`` class reads it: ``f["hidden_size"]`` is the file's
-    value, or the class's default when the file omits it. ``aliases`` (the class's ``attribute_map``,
-    alias -> field) name one field twice; a file that gives both with different values is refused
-    (transformers then takes whichever comes first in the file)."""
-
-    def __init__(self, raw: dict, defaults: dict[str, Any], aliases: dict[str, str] | None = None) -> None:
-        self.raw, self.defaults, self.aliases = raw, defaults, aliases or {}
-        for alias, name in self.aliases.items():
-            if alias in raw and name in raw and raw[alias] != raw[name]:
-                raise UnsupportedConfigError(
-                    alias, raw[alias], f"it names the same setting as {name} ({raw[name]!r}); give one of them"
-                )
-
-    def __getitem__(self, name: str) -> Any:
-        name = self.aliases.get(name, name)
-        if name in self.raw:
-            return self.raw[name]
-        for alias, target in self.aliases.items():
-            if target == name and alias in self.raw:
-                return self.raw[alias]
-        return self.defaults[name]
+from moetrain.hf.families.rope import hf_rope_parameters, reads_as, rope_fields
 
 
 def refuse(field: str, value: Any, why: str) -> UnsupportedConfigError:
@@ -60,8 +38,8 @@ def refuse(field: str, value: Any, why: str) -> UnsupportedConfigError:
 
 
 def check_common(f: Fields, model_types: tuple[str, ...], default_theta: float) -> None:
-    """The checks every family makes: model type, plain weights, SiLU, no attention dropout, the
-    default rope, head counts, top-k."""
+    """The checks every family makes: model type, plain weights, SiLU, no attention dropout, rotary
+    positions moetrain computes, head counts, top-k."""
     if f.raw.get("model_type") not in model_types:
         raise refuse("model_type", f.raw.get("model_type"), f"this mapping reads {' or '.join(model_types)}")
     if f.raw.get("quantization_config") is not None:
@@ -78,7 +56,7 @@ def check_common(f: Fields, model_types: tuple[str, ...], default_theta: float) 
             f["attention_dropout"],
             "moetrain has no dropout on attention weights alone; supported: 0.0",
         )
-    rope_theta(f, default_theta)
+    rope(f, default_theta)
     heads, kv_heads = f["num_attention_heads"], kv_head_count(f)
     if heads % kv_heads:
         raise refuse("num_key_value_heads", kv_heads, f"must divide num_attention_heads ({heads})")
@@ -91,25 +69,11 @@ def check_common(f: Fields, model_types: tuple[str, ...], default_theta: float) 
         raise refuse("num_experts_per_tok", top_k, f"must be between 1 and the number of experts ({experts})")
 
 
-def rope_theta(f: Fields, default_theta: float) -> float:
-    """The base of the default rope; other rope types and partial rotary are refused (not supported yet).
-
-    As transformers 5.24: ``rope_scaling`` (older files) wins over ``rope_parameters``; ``rope_theta``
-    inside it wins over a top-level ``rope_theta``; then the class's default."""
-    key = "rope_scaling" if f.raw.get("rope_scaling") else "rope_parameters"
-    params = f.raw.get(key) or {}
-    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-        raise refuse(key, params, "rope parameters per layer type are not supported yet")
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise refuse(f"{key}.rope_type", kind, "rope scaling is not supported yet; supported: default")
-    partial = params.get("partial_rotary_factor", f.raw.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise refuse("partial_rotary_factor", partial, "partial rotary is not supported yet; supported: 1.0")
-    theta = params.get("rope_theta", f.raw.get("rope_theta", default_theta))
-    if not isinstance(theta, (int, float)) or theta <= 0:
-        raise refuse("rope_theta", theta, "must be a positive number")
-    return float(theta)
+def rope(f: Fields, default_theta: float) -> dict[str, Any]:
+    """``model.rope_theta`` and ``model.rope_scaling``, read as every family reads them
+    (:func:`moetrain.hf.families.rope.rope_fields`); ``max_position_embeddings`` at the class default
+    where the file leaves it out (yarn and llama3 fall back to it)."""
+    return rope_fields({"max_position_embeddings": f["max_position_embeddings"], **f.raw}, default_theta)
 
 
 def kv_head_count(f: Fields) -> int:
@@ -157,7 +121,7 @@ def model_section(f: Fields, default_theta: float, **attention: Any) -> dict[str
         "n_heads": f["num_attention_heads"],
         "n_kv_heads": kv_head_count(f),
         "head_dim": head_dim_of(f),
-        "rope_theta": rope_theta(f, default_theta),
+        **rope(f, default_theta),
         "norm_eps": float(f["rms_norm_eps"]),
         "ffn_type": "swiglu",
         "norm": "rmsnorm",
@@ -287,11 +251,18 @@ def qwen_moe_blocks(f: Fields) -> list[int]:
     return blocks
 
 
-def qwen_block_fields(model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
-    """The MoE blocks written back as Qwen's fields: ``decoder_sparse_step`` 1 and the dense blocks
-    listed in ``mlp_only_layers``; the dense MLPs' width ``intermediate_size``."""
-    moe_at = set(moe.moe_blocks(model.n_layers))
-    dense = [i for i in range(model.n_layers) if i not in moe_at]
+def qwen_block_fields(f: Fields, model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
+    """The MoE blocks written back as Qwen's fields: the imported file's ``decoder_sparse_step`` and
+    ``mlp_only_layers`` where they give moetrain's blocks, else ``decoder_sparse_step`` 1 and the dense
+    blocks listed in ``mlp_only_layers``; the dense MLPs' width ``intermediate_size``."""
+    moe_at = moe.moe_blocks(model.n_layers)
+    try:
+        same = f["num_hidden_layers"] == model.n_layers and qwen_moe_blocks(f) == moe_at
+    except UnsupportedConfigError:
+        same = False
+    if same:
+        return {"intermediate_size": model.d_ff}
+    dense = [i for i in range(model.n_layers) if i not in set(moe_at)]
     return {"decoder_sparse_step": 1, "mlp_only_layers": dense, "intermediate_size": model.d_ff}
 
 
@@ -376,9 +347,10 @@ def raise_mismatches(why: list[Mismatch], architecture: str) -> None:
         )
 
 
-def common_hf_fields(model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
-    """The config.json fields every family writes from the moetrain sections (tied head, rope written
-    both as ``rope_parameters`` (transformers 5) and ``rope_theta`` (4))."""
+def common_hf_fields(model: ModelConfig, moe: MoEConfig, hf_config: dict, default_theta: float) -> dict[str, Any]:
+    """The config.json fields every family writes from the moetrain sections over ``hf_config`` (tied head;
+    the rope: the imported file's own fields where they read as the model's rotary, else
+    :func:`hf_rope_fields`)."""
     assert isinstance(moe.router, TopKRouterConfig)
     out = {
         "vocab_size": model.vocab_size,
@@ -389,9 +361,7 @@ def common_hf_fields(model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": model.norm_eps,
-        "rope_theta": model.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
-        "rope_scaling": None,
+        **({} if reads_as(hf_config, model.model_dump(mode="json"), default_theta) else hf_rope_fields(model)),
         "attention_dropout": 0.0,
         "tie_word_embeddings": model.tie_embeddings,
         "initializer_range": model.init_std,
@@ -402,6 +372,32 @@ def common_hf_fields(model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
     else:
         out["output_router_logits"] = False
     return out
+
+
+def head_dim_field(hf_config: dict, model: ModelConfig) -> dict[str, Any]:
+    """``head_dim`` for export: written where the imported file gave one or it is not ``hidden_size //
+    num_attention_heads`` (what every class computes without it); else left as the file had it (absent,
+    or Mixtral's null), so an import exports the config.json it came from."""
+    A = model.resolved_head_dim
+    if A == model.d_model // model.n_heads and hf_config.get("head_dim") is None:
+        return {}
+    return {"head_dim": A}
+
+
+def keeps_window(hf_config: dict, model: ModelConfig, in_use: bool) -> bool:
+    """Whether export writes the imported file's sliding-window fields back as they were: the window is not
+    in use, or hides no key within ``model.max_seq_len`` (what import accepts). Otherwise the families write
+    them as off, which computes the same over those positions."""
+    window = hf_config.get("sliding_window")
+    return not in_use or (isinstance(window, int) and window >= model.max_seq_len)
+
+
+def hf_rope_fields(model: ModelConfig) -> dict[str, Any]:
+    """``rope_parameters`` for transformers 5; ``rope_theta`` and (scaled) ``rope_scaling`` for 4, which
+    5 reads as the same parameters (``rope_scaling`` wins there when set: the same dict)."""
+    params = hf_rope_parameters(model.model_dump(mode="json"))
+    legacy = {k: v for k, v in params.items() if k != "rope_theta"} if params["rope_type"] != "default" else None
+    return {"rope_theta": model.rope_theta, "rope_parameters": params, "rope_scaling": legacy}
 
 
 def sections(model: dict, moe: dict | None) -> tuple[ModelConfig, MoEConfig | None]:

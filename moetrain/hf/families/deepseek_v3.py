@@ -14,9 +14,12 @@ export writes the per-expert layout. A fused ``gate_up_proj`` slice feeds two ru
 rows: w3), so each of those two rules' ``to_hf`` returns the rows it read, and the two together give
 back the slice bit for bit.
 
-Multi-token-prediction layers (``num_nextn_predict_layers``; the Hub's ``model.layers.61.*``) are not
-part of ``DeepseekV3ForCausalLM``'s forward (transformers ignores them on load): :func:`skipped_tensors`
-names them, the import leaves them out, and export writes ``num_nextn_predict_layers: 0``.
+Multi-token-prediction layers (``num_nextn_predict_layers``, ``num_mtp_layers`` in transformers 5.24; the
+Hub's ``model.layers.61.*``) are not part of ``DeepseekV3ForCausalLM``'s forward (transformers loads them
+only for speculative decoding): :func:`skipped_tensors` names them. moetrain's model leaves them out; the
+import keeps them beside its step-0 checkpoint, so that checkpoint exports them back, and
+:func:`without_skipped` is the config of an export without them (a trained model's: they were not
+trained with it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 
 from moetrain.hf.families.base import (
+    Fields,
     TensorRule,
     UnsupportedConfigError,
     concat_rule,
@@ -33,119 +37,182 @@ from moetrain.hf.families.base import (
     expert_rule,
     linear_rule,
 )
-from moetrain.hf.families.rope import hf_rope_parameters, rope_fields
+from moetrain.hf.families.rope import hf_rope_parameters, reads_as, rope_fields
 
 MODEL_TYPES = ("deepseek_v3",)
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 LATENT_NORM_EPS = 1e-6  # transformers' q_a_layernorm / kv_a_layernorm: DeepseekV3RMSNorm's default eps
+# DeepseekV3Config's defaults (transformers 5.24) for every field read here: a field the file leaves out
+# reads as the class fills it (tests/test_hf_family_configs.py checks them against the class).
+DEFAULTS: dict[str, Any] = {
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "n_group": 8,
+    "topk_group": 4,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "pretraining_tp": 1,
+    "tie_word_embeddings": False,
+    "rope_interleave": True,
+    "attention_bias": False,
+    "num_mtp_layers": 1,
+}
+DEFAULT_THETA = 10000.0  # DeepseekV3Config.default_theta
+# DeepseekV3Config.attribute_map: the Hub's files say num_nextn_predict_layers, transformers 5.24 num_mtp_layers
+ALIASES = {"num_local_experts": "n_routed_experts", "num_nextn_predict_layers": "num_mtp_layers"}
+# Fields that transformers 5.24 has no attribute for, but the Hub's files carry: accepted with these values only.
+FIXED_EXTRA = {
+    "topk_method": ("noaux_tc", "moetrain routes as noaux_tc (sigmoid scores, correction bias, group limit)"),
+    "scoring_func": ("sigmoid", "DeepSeek-V3's router scores are sigmoids"),
+    "moe_layer_freq": (1, "transformers 5.24 puts an MoE layer in every block from first_k_dense_replace on"),
+}
+# Fields that must not be null: transformers cannot build the model with them null.
+NOT_NULL = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "n_shared_experts", "n_routed_experts", "routed_scaling_factor", "kv_lora_rank",
+    "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group", "num_experts_per_tok",
+    "first_k_dense_replace", "max_position_embeddings", "rms_norm_eps",
+)  # fmt: skip
 
 
-def _get(hf_config: dict, name: str, default: Any = None) -> Any:
-    return hf_config[name] if hf_config.get(name) is not None else default
+def fields(hf_config: dict) -> Fields:
+    """``hf_config`` read as ``DeepseekV3Config`` reads it (class defaults for what it leaves out)."""
+    return Fields(hf_config, DEFAULTS, ALIASES)
 
 
 def check(hf_config: dict) -> None:
     """Refuse every field value that moetrain does not compute exactly as ``DeepseekV3ForCausalLM``."""
     c = hf_config
+    f = fields(c)
     if c.get("model_type") not in MODEL_TYPES:
         raise UnsupportedConfigError("model_type", c.get("model_type"), f"this family maps {MODEL_TYPES[0]}")
     if c.get("quantization_config") is not None:
+        quant = c["quantization_config"]
         raise UnsupportedConfigError(
             "quantization_config",
-            c["quantization_config"].get("quant_method", "?"),
+            quant.get("quant_method", "?") if isinstance(quant, dict) else quant,
             "quantized weights (the Hub's fp8 blocks) are not imported; dequantize the checkpoint to bf16 or fp32 first",
         )
+    for name in NOT_NULL:
+        if f[name] is None:
+            raise UnsupportedConfigError(name, None, "must be set (transformers cannot build the model without it)")
     fixed = {
         "hidden_act": ("silu", "the experts and dense FFNs are SwiGLU (silu)"),
         "attention_bias": (False, "multi-head latent attention has no biases in moetrain"),
-        "topk_method": ("noaux_tc", "moetrain routes as noaux_tc (sigmoid scores, correction bias, group limit)"),
-        "scoring_func": ("sigmoid", "DeepSeek-V3's router scores are sigmoids"),
-        "moe_layer_freq": (1, "transformers 5.24 puts an MoE layer in every block from first_k_dense_replace on"),
         "pretraining_tp": (1, "tensor-parallel slicing of the pretraining is not reproduced"),
     }
     for name, (want, why) in fixed.items():
-        if name in c and c[name] is not None and c[name] != want:
+        if f[name] is not None and f[name] != want:
+            raise UnsupportedConfigError(name, f[name], f"only {want!r}: {why}")
+    for name, (want, why) in FIXED_EXTRA.items():
+        if c.get(name) is not None and c[name] != want:
             raise UnsupportedConfigError(name, c[name], f"only {want!r}: {why}")
-    heads = c.get("num_attention_heads")
-    if _get(c, "num_key_value_heads", heads) != heads:
+    heads = f["num_attention_heads"]
+    if kv_heads(f) != heads:
         raise UnsupportedConfigError(
             "num_key_value_heads",
-            c["num_key_value_heads"],
+            kv_heads(f),
             f"must equal num_attention_heads ({heads}): latent attention gives every head its own keys and values",
         )
-    for name in ("first_k_dense_replace", "n_group", "topk_group", "v_head_dim", "num_experts_per_tok"):
-        if c.get(name) is None:
-            raise UnsupportedConfigError(name, None, "must be set (transformers cannot build the model without it)")
-    if _get(c, "n_shared_experts", 0) < 1:
-        raise UnsupportedConfigError("n_shared_experts", c.get("n_shared_experts"), "at least 1 shared expert")
-    experts, groups = c["n_routed_experts"], c["n_group"]
+    if f["n_shared_experts"] < 1:
+        raise UnsupportedConfigError("n_shared_experts", f["n_shared_experts"], "at least 1 shared expert")
+    experts, groups = f["n_routed_experts"], f["n_group"]
     if experts % groups or experts // groups < 2:
         raise UnsupportedConfigError(
             "n_group", groups, f"must split n_routed_experts ({experts}) into groups of at least 2 experts"
         )
-    if not 1 <= c["topk_group"] <= groups:
-        raise UnsupportedConfigError("topk_group", c["topk_group"], f"must be between 1 and n_group ({groups})")
-    if c["num_experts_per_tok"] > c["topk_group"] * (experts // groups):
+    if not 1 <= f["topk_group"] <= groups:
+        raise UnsupportedConfigError("topk_group", f["topk_group"], f"must be between 1 and n_group ({groups})")
+    if f["num_experts_per_tok"] > f["topk_group"] * (experts // groups):
         raise UnsupportedConfigError(
-            "num_experts_per_tok", c["num_experts_per_tok"], "more than the experts of topk_group groups"
+            "num_experts_per_tok", f["num_experts_per_tok"], "more than the experts of topk_group groups"
         )
-    if _get(c, "routed_scaling_factor", 1.0) <= 0:
-        raise UnsupportedConfigError("routed_scaling_factor", c["routed_scaling_factor"], "must be positive")
-    rope_fields(c)  # refuses what rotary scaling cannot compute
+    if f["routed_scaling_factor"] <= 0:
+        raise UnsupportedConfigError("routed_scaling_factor", f["routed_scaling_factor"], "must be positive")
+    _rope(f)  # refuses what rotary scaling cannot compute
+
+
+def kv_heads(f: Fields) -> int:
+    """``num_key_value_heads``; null means one per query head (``DeepseekV3Config.__post_init__``)."""
+    kv = f["num_key_value_heads"]
+    return f["num_attention_heads"] if kv is None else kv
+
+
+def _rope(f: Fields) -> dict[str, Any]:
+    return rope_fields({"max_position_embeddings": f["max_position_embeddings"], **f.raw}, DEFAULT_THETA)
 
 
 def moe_blocks(hf_config: dict) -> list[int]:
     """Blocks whose FFN is routed: every block from ``first_k_dense_replace`` on (transformers 5.24)."""
-    return list(range(hf_config["first_k_dense_replace"], hf_config["num_hidden_layers"]))
+    f = fields(hf_config)
+    return list(range(f["first_k_dense_replace"], f["num_hidden_layers"]))
 
 
 def to_moetrain(hf_config: dict) -> dict[str, Any]:
     check(hf_config)
-    c = hf_config
+    f = fields(hf_config)
     model = {
         "arch": "llama",
-        "vocab_size": c["vocab_size"],
-        "d_model": c["hidden_size"],
-        "n_layers": c["num_hidden_layers"],
-        "n_heads": c["num_attention_heads"],
-        "norm_eps": _get(c, "rms_norm_eps", 1e-6),
-        "d_ff": c["intermediate_size"],
+        "vocab_size": f["vocab_size"],
+        "d_model": f["hidden_size"],
+        "n_layers": f["num_hidden_layers"],
+        "n_heads": f["num_attention_heads"],
+        "norm_eps": float(f["rms_norm_eps"]),
+        "d_ff": f["intermediate_size"],
         "ffn_type": "swiglu",
         "norm": "rmsnorm",
         "bias": False,
-        "max_seq_len": c["max_position_embeddings"],
-        "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
-        "init_std": _get(c, "initializer_range", 0.02),
+        "max_seq_len": f["max_position_embeddings"],
+        "tie_embeddings": bool(f["tie_word_embeddings"]),
+        "init_std": f["initializer_range"],
         "attention": "mla",
         "mla": {
-            "q_lora_rank": c.get("q_lora_rank"),
-            "kv_lora_rank": c["kv_lora_rank"],
-            "qk_nope_head_dim": c["qk_nope_head_dim"],
-            "qk_rope_head_dim": c["qk_rope_head_dim"],
-            "v_head_dim": c["v_head_dim"],
+            "q_lora_rank": f["q_lora_rank"],
+            "kv_lora_rank": f["kv_lora_rank"],
+            "qk_nope_head_dim": f["qk_nope_head_dim"],
+            "qk_rope_head_dim": f["qk_rope_head_dim"],
+            "v_head_dim": f["v_head_dim"],
             "latent_norm_eps": LATENT_NORM_EPS,
         },
-        **rope_fields(c),
+        **_rope(f),
     }
-    blocks = moe_blocks(c)
+    blocks = moe_blocks(hf_config)
     if not blocks:
         return {"model": model, "moe": None}
     moe = {
         "placement": "replace_ffn",
         "layers": blocks,
-        "num_experts": c["n_routed_experts"],
+        "num_experts": f["n_routed_experts"],
         "expert_type": "swiglu",
-        "expert_hidden": c["moe_intermediate_size"],
-        "shared_experts": c["n_shared_experts"],
-        "shared_expert_hidden": c["moe_intermediate_size"],
+        "expert_hidden": f["moe_intermediate_size"],
+        "shared_experts": f["n_shared_experts"],
+        "shared_expert_hidden": f["moe_intermediate_size"],
         "router": {
             "kind": "topk",
-            "top_k": c["num_experts_per_tok"],
+            "top_k": f["num_experts_per_tok"],
             "score_func": "sigmoid",
-            "renormalize": bool(_get(c, "norm_topk_prob", True)),
-            "gate_scale": float(_get(c, "routed_scaling_factor", 1.0)),
-            "num_groups": c["n_group"],
-            "topk_groups": c["topk_group"],
+            "renormalize": bool(f["norm_topk_prob"]),
+            "gate_scale": float(f["routed_scaling_factor"]),
+            "num_groups": f["n_group"],
+            "topk_groups": f["topk_group"],
             "correction_bias": True,
             "load_balance_coeff": 0.0,
         },
@@ -160,9 +227,10 @@ def to_moetrain(hf_config: dict) -> dict[str, Any]:
 def _rotary_order(hf_config: dict) -> torch.Tensor | None:
     """moetrain's rotary dims as indices into DeepSeek's (``rope_interleave``: pairs (2i, 2i+1) become
     (i, i + P2/2)); None when the checkpoint already pairs dim i with i + P2/2."""
-    if not hf_config.get("rope_interleave", True):
+    f = fields(hf_config)
+    if not f["rope_interleave"]:
         return None
-    p2 = hf_config["qk_rope_head_dim"]
+    p2 = f["qk_rope_head_dim"]
     return torch.cat([torch.arange(0, p2, 2), torch.arange(1, p2, 2)])
 
 
@@ -235,7 +303,7 @@ def _fused_expert_rules(ours: str, theirs: str, e: int, width: int) -> list[Tens
 
 
 def _attention_rules(hf_config: dict, ours: str, theirs: str) -> list[TensorRule]:
-    c, order = hf_config, _rotary_order(hf_config)
+    c, order = fields(hf_config), _rotary_order(hf_config)
     heads, nope = c["num_attention_heads"], c["qk_nope_head_dim"]
     rules = [
         _rotary_rows_rule(
@@ -245,7 +313,7 @@ def _attention_rules(hf_config: dict, ours: str, theirs: str) -> list[TensorRule
         linear_rule(f"{ours}.kv_b_proj.weight", f"{theirs}.kv_b_proj.weight"),
         linear_rule(f"{ours}.proj.weight", f"{theirs}.o_proj.weight"),
     ]
-    if c.get("q_lora_rank") is None:
+    if c["q_lora_rank"] is None:
         return [_rotary_rows_rule(f"{ours}.q_proj.weight", f"{theirs}.q_proj.weight", heads, nope, order), *rules]
     return [
         linear_rule(f"{ours}.q_a_proj.weight", f"{theirs}.q_a_proj.weight"),
@@ -256,9 +324,9 @@ def _attention_rules(hf_config: dict, ours: str, theirs: str) -> list[TensorRule
 
 
 def _ffn_rules(hf_config: dict, i: int, fused: bool) -> list[TensorRule]:
-    c = hf_config
+    c = fields(hf_config)
     ours, theirs = f"layers.{i}.ffn", f"model.layers.{i}.mlp"
-    if i not in moe_blocks(c):
+    if i not in moe_blocks(hf_config):
         return [
             concat_rule(
                 f"{ours}.up.weight",
@@ -293,12 +361,13 @@ def is_fused(hf_config: dict, tensor_names: set[str] | None) -> bool:
 
 
 def rules(hf_config: dict, tensor_names: set[str] | None = None) -> list[TensorRule]:
+    check(hf_config)
     c = hf_config
     fused = is_fused(c, tensor_names)
     out = [copy_rule("embed.weight", "model.embed_tokens.weight"), copy_rule("ln_f.weight", "model.norm.weight")]
-    if not c.get("tie_word_embeddings", False):
+    if not fields(c)["tie_word_embeddings"]:
         out.append(linear_rule("lm_head.weight", "lm_head.weight"))
-    for i in range(c["num_hidden_layers"]):
+    for i in range(fields(c)["num_hidden_layers"]):
         theirs = f"model.layers.{i}"
         out += [
             copy_rule(f"layers.{i}.ln1.weight", f"{theirs}.input_layernorm.weight"),
@@ -312,7 +381,7 @@ def rules(hf_config: dict, tensor_names: set[str] | None = None) -> list[TensorR
 def skipped_tensors(hf_config: dict, tensor_names: set[str]) -> list[str]:
     """The checkpoint's tensors that no rule reads, on purpose: the multi-token-prediction layers
     ``model.layers.{n}.*`` for n >= num_hidden_layers, which ``DeepseekV3ForCausalLM`` never runs."""
-    first_mtp = hf_config["num_hidden_layers"]
+    first_mtp = fields(hf_config)["num_hidden_layers"]
     out = []
     for name in sorted(tensor_names):
         parts = name.split(".")
@@ -321,11 +390,21 @@ def skipped_tensors(hf_config: dict, tensor_names: set[str]) -> list[str]:
     return out
 
 
+def without_skipped(hf_config: dict) -> dict:
+    """The config fields that say an exported folder holds no multi-token-prediction layers (0 under both
+    names where the file uses both: transformers 4's and 5.24's)."""
+    out = {"num_mtp_layers": 0}
+    if "num_nextn_predict_layers" in hf_config:
+        out["num_nextn_predict_layers"] = 0
+    return out
+
+
 def to_hf_config(hf_config: dict, model: dict, moe: dict | None) -> dict:
     """``config.json`` for export: the imported one with moetrain's fields written back."""
     _check_still_deepseek(model, moe)
     mla = model["mla"]
-    out = {k: v for k, v in hf_config.items() if k not in ("rope_scaling", "rope_theta")}
+    keep_rope = reads_as(hf_config, model, DEFAULT_THETA)  # the imported file's rope fields, as they were
+    out = {k: v for k, v in hf_config.items() if keep_rope or k not in ("rope_scaling", "rope_theta")}
     out.update(
         model_type=MODEL_TYPES[0],
         architectures=[ARCHITECTURE],
@@ -344,11 +423,13 @@ def to_hf_config(hf_config: dict, model: dict, moe: dict | None) -> dict:
         qk_nope_head_dim=mla["qk_nope_head_dim"],
         qk_rope_head_dim=mla["qk_rope_head_dim"],
         v_head_dim=mla["v_head_dim"],
-        rope_parameters=hf_rope_parameters(model),
-        num_nextn_predict_layers=0,  # the multi-token-prediction layers are not imported
         hidden_act="silu",
         attention_bias=False,
     )
+    if not keep_rope:
+        out["rope_parameters"] = hf_rope_parameters(model)
+    if not any(name in hf_config for name in ("num_mtp_layers", "num_nextn_predict_layers")):
+        out.update(without_skipped(out))  # a model trained in moetrain has no multi-token-prediction layers
     n = model["n_layers"]
     if moe is None:
         out.update(first_k_dense_replace=n)

@@ -92,16 +92,17 @@ def to_hf_config(hf_config: dict, model: dict, moe: dict | None) -> dict:
         why += decoder.expected_values(e, "moe", {"shared_experts": 0, "router.renormalize": True}, "Mixtral")
         why += decoder.every_block_mismatch(m, e, "Mixtral")
     decoder.raise_mismatches(why, ARCHITECTURE)
-    out = {**hf_config, **decoder.common_hf_fields(m, e)}
+    out = {**hf_config, **decoder.common_hf_fields(m, e, hf_config, DEFAULT_THETA)}
     out.update(
         model_type="mixtral",
         architectures=[ARCHITECTURE],
-        head_dim=m.resolved_head_dim,
+        **decoder.head_dim_field(hf_config, m),
         intermediate_size=e.expert_hidden or m.d_ff,
         num_local_experts=e.num_experts,
-        sliding_window=None,
         router_jitter_noise=0.0,
     )
+    if not decoder.keeps_window(hf_config, m, hf_config.get("sliding_window") is not None):
+        out["sliding_window"] = None
     if "num_experts" in hf_config:
         out["num_experts"] = e.num_experts
     return out

@@ -104,7 +104,7 @@ def to_hf_config(hf_config: dict, model: dict, moe: dict | None) -> dict:
         if m.head_dim is not None and m.head_dim * m.n_heads != m.d_model:
             why.append(Mismatch("model.head_dim", m.head_dim, "OLMoE's head dim is d_model / n_heads"))
     decoder.raise_mismatches(why, ARCHITECTURE)
-    out = {**hf_config, **decoder.common_hf_fields(m, e)}
+    out = {**hf_config, **decoder.common_hf_fields(m, e, hf_config, DEFAULT_THETA)}
     out.update(
         model_type="olmoe",
         architectures=[ARCHITECTURE],

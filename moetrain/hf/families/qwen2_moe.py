@@ -150,17 +150,23 @@ def to_hf_config(hf_config: dict, model: dict, moe: dict | None) -> dict:
             why.append(decoder.Mismatch(field, value, "Qwen2-MoE has a gated shared expert in every MoE block"))
     decoder.raise_mismatches(why, ARCHITECTURE)
     expert_width = e.expert_hidden or m.d_ff
-    out = {**hf_config, **decoder.common_hf_fields(m, e), **decoder.qwen_block_fields(m, e)}
+    out = {
+        **hf_config,
+        **decoder.common_hf_fields(m, e, hf_config, DEFAULT_THETA),
+        **decoder.qwen_block_fields(_fields(hf_config), m, e),
+    }
     out.update(
         model_type="qwen2_moe",
         architectures=[ARCHITECTURE],
-        head_dim=m.resolved_head_dim,
+        **decoder.head_dim_field(hf_config, m),
         qkv_bias=m.qkv_bias,
         moe_intermediate_size=expert_width,
         shared_expert_intermediate_size=e.shared_experts * (e.shared_expert_hidden or expert_width),
         num_experts=e.num_experts,
         norm_topk_prob=e.router.renormalize,
-        use_sliding_window=False,
-        layer_types=None,
     )
+    kinds = layer_types(_fields(hf_config | {"num_hidden_layers": m.n_layers}))
+    in_use = len(kinds) != m.n_layers or "sliding_attention" in kinds
+    if not decoder.keeps_window(hf_config, m, in_use):
+        out.update(use_sliding_window=False, layer_types=None)
     return out

@@ -100,16 +100,21 @@ def to_hf_config(hf_config: dict, model: dict, moe: dict | None) -> dict:
         why += decoder.expected_values(m, "model", expected, "Qwen3-MoE")
         why += decoder.expected_values(e, "moe", {"shared_experts": 0}, "Qwen3-MoE")
     decoder.raise_mismatches(why, ARCHITECTURE)
-    out = {**hf_config, **decoder.common_hf_fields(m, e), **decoder.qwen_block_fields(m, e)}
+    out = {
+        **hf_config,
+        **decoder.common_hf_fields(m, e, hf_config, DEFAULT_THETA),
+        **decoder.qwen_block_fields(_fields(hf_config), m, e),
+    }
     out.update(
         model_type="qwen3_moe",
         architectures=[ARCHITECTURE],
-        head_dim=m.resolved_head_dim,
+        **decoder.head_dim_field(hf_config, m),
         attention_bias=m.qkv_bias,
         moe_intermediate_size=e.expert_hidden or m.d_ff,
         num_local_experts=e.num_experts,
         num_experts=e.num_experts,  # the name transformers 4 reads
         norm_topk_prob=e.router.renormalize,
-        use_sliding_window=False,
     )
+    if not decoder.keeps_window(hf_config, m, bool(hf_config.get("use_sliding_window"))):
+        out["use_sliding_window"] = False
     return out

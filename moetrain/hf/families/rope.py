@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter
+
+from moetrain.config.rope import RopeScaling
 from moetrain.hf.families.base import UnsupportedConfigError
 
 DEFAULT_THETA = 10000.0
@@ -42,12 +45,12 @@ REFUSED_WHY = {
 }
 
 
-def _rope_dict(hf_config: dict) -> tuple[str, dict[str, Any]]:
+def _rope_dict(hf_config: dict, default_theta: float) -> tuple[str, dict[str, Any]]:
     """(the field it came from, the rope parameters as one flat dict)."""
-    params = hf_config.get("rope_parameters")
-    field = "rope_parameters"
-    if params is None:
-        params, field = hf_config.get("rope_scaling"), "rope_scaling"
+    field = "rope_scaling" if hf_config.get("rope_scaling") else "rope_parameters"
+    params = hf_config.get(field)
+    if params is not None and not isinstance(params, dict):
+        raise UnsupportedConfigError(field, params, "must be a mapping of rotary parameters (or null)")
     params = dict(params or {})
     if params and all(isinstance(v, dict) for v in params.values()):
         raise UnsupportedConfigError(
@@ -56,26 +59,31 @@ def _rope_dict(hf_config: dict) -> tuple[str, dict[str, Any]]:
     if "rope_type" not in params and "type" in params:
         params["rope_type"] = params["type"]
     params.setdefault("rope_type", "default")
-    params.setdefault("rope_theta", hf_config.get("rope_theta", DEFAULT_THETA))
-    if "partial_rotary_factor" in hf_config:
-        params.setdefault("partial_rotary_factor", hf_config["partial_rotary_factor"])
+    params.setdefault("rope_theta", hf_config.get("rope_theta", default_theta))
     return field, params
 
 
-def rope_fields(hf_config: dict) -> dict[str, Any]:
-    """``{"rope_theta": float, "rope_scaling": dict | None}`` for moetrain's ``model`` section."""
-    field, params = _rope_dict(hf_config)
+def rope_fields(hf_config: dict, default_theta: float = DEFAULT_THETA) -> dict[str, Any]:
+    """``{"rope_theta": float, "rope_scaling": dict | None}`` for moetrain's ``model`` section.
+
+    ``default_theta``: the family config class's ``default_theta``, taken when no ``rope_theta`` is given."""
+    field, params = _rope_dict(hf_config, default_theta)
     kind = params["rope_type"]
     if kind not in SUPPORTED:
         why = REFUSED_WHY.get(kind, f"unknown rotary kind; moetrain computes {', '.join(SUPPORTED)}")
         raise UnsupportedConfigError(f"{field}.rope_type", kind, why)
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
+    # a factor inside the rope parameters wins over a top-level one (transformers' setdefault)
+    partial, where = params.get("partial_rotary_factor"), f"{field}.partial_rotary_factor"
+    if partial is None:
+        partial, where = hf_config.get("partial_rotary_factor"), "partial_rotary_factor"
+    if partial is not None and partial != 1.0:
         raise UnsupportedConfigError(
-            f"{field}.partial_rotary_factor",
-            params["partial_rotary_factor"],
-            "rotary positions on part of the head dims are not supported (1.0 only)",
+            where, partial, "rotary positions on part of the head dims are not supported (1.0 only)"
         )
-    theta = float(params["rope_theta"])
+    theta = params["rope_theta"]
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise UnsupportedConfigError("rope_theta", theta, "must be a positive number")
+    theta = float(theta)
     if kind == "default":
         return {"rope_theta": theta, "rope_scaling": None}
     if kind != "yarn" and params.get("mscale_all_dim"):
@@ -114,3 +122,17 @@ def hf_rope_parameters(model: dict) -> dict[str, Any]:
         if name != "kind" and value is not None:
             params[name] = value
     return params
+
+
+def reads_as(hf_config: dict, model: dict, default_theta: float = DEFAULT_THETA) -> bool:
+    """Whether ``hf_config``'s own rope fields read as the rotary positions of moetrain's ``model`` section
+    (a dict): then export writes the file's fields back as they were, not :func:`hf_rope_parameters`."""
+    if not any(k in hf_config for k in ("rope_parameters", "rope_scaling", "rope_theta")):
+        return False
+    try:
+        fields = rope_fields({"max_position_embeddings": model["max_seq_len"], **hf_config}, default_theta)
+        scaling = TypeAdapter(RopeScaling | None)
+        same = scaling.validate_python(fields["rope_scaling"]) == scaling.validate_python(model.get("rope_scaling"))
+    except (UnsupportedConfigError, ValueError):
+        return False
+    return same and fields["rope_theta"] == model["rope_theta"]
