@@ -218,3 +218,34 @@ def test_a_tokenizer_without_a_template_is_refused_before_anything_is_written(tm
     assert_refused(
         proc, tmp_path, "data.chat_template: the tokenizer 'byte' has no chat template; set data.chat_template"
     )
+
+
+EOS_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def test_a_mixture_of_chat_and_text_trains_one_bpe_and_prepares_both(tmp_path):
+    """A trained BPE learns from the chat source's message texts too; the chat store renders with the BPE
+    (its <|endoftext|>, id 0, is the template's eos_token, here after each answer); the text source stays a
+    store of documents."""
+    chat = write_jsonl(tmp_path / "chat.jsonl", [conversation(i) for i in range(30)])
+    text = tmp_path / "prose.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    cfg = data.DataConfig(
+        sources=[{"name": "chat", "paths": [str(chat)], "format": "chat", "weight": 1},
+                 {"name": "prose", "paths": [str(text)], "weight": 1}],
+        tokenizer={"train": "bpe", "vocab_size": 300}, chat_template=EOS_TEMPLATE,
+        seq_len=128, val_fraction=0.1, cache_dir=str(tmp_path / "cache"), num_workers=0,
+    )  # fmt: skip
+    lines = []
+    prepared = data.prepare_data(cfg, log=lines.append)
+    chat_store, text_store = prepared.stores
+    assert chat_store.holds_samples and not text_store.holds_samples
+    tokens, mask = split_samples(chat_store, "train")[0]
+    assert tokens[-2] == 0 and mask[-2] == 1  # <|endoftext|> after the answer: a target
+    from moetrain.data.bpe import training_texts
+
+    assert any("answer 1.0" in t for t in training_texts(cfg, None))
+    assert any(line.startswith("source 'chat': samples: train 27 samples") for line in lines)
