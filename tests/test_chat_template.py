@@ -134,6 +134,7 @@ def test_a_tokenizer_without_a_template_needs_one_in_the_config(tmp_path):
         ("{% set ns = namespace(_x=1) %}", "SecurityError"),
         ("{{ raise_exception('roles must alternate') }}", "TemplateError: roles must alternate"),
         ("{{ messages[0]['content'].nope() }}", "UndefinedError"),
+        ("{{ messages[0]['content'] + 1 }}", "TypeError"),  # the template's own code failing
     ],
 )
 def test_a_template_that_does_not_render_is_one_clear_error(template, expect):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from chat_data import CHAT_CONFIG
+from chat_data import CHAT_CONFIG, CHAT_SMALL
 from conftest import REPO, clean_env, read_metrics, run_cli, run_train
 
 from moetrain.inference.generate import ReplyStream
@@ -74,6 +74,29 @@ def test_eval_reproduces_the_masked_validation_loss_of_the_ep_run(runs):
     assert result["masked"] is True and f"masked loss {result['loss']:.4f}" in proc.stdout
     assert "counts the" in proc.stdout and "target tokens of the loss mask only" in proc.stdout
     assert abs(result["loss"] - losses(ep, "val_loss")[STEPS]) <= 1e-5
+
+
+def test_eval_on_given_chat_files_packs_and_masks_them_as_training_does(runs, tmp_path):
+    """``--data`` with chat records: encoded, packed and scored as training would (every row of the file);
+    the same records prepared as a store and evaluated through it give the same loss."""
+    one, _ = runs
+    out = tmp_path / "files.json"
+    proc = run_cli("eval", str(one), "--data", str(CHAT_SMALL), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["masked"] is True and "masked loss" in proc.stdout
+    from moetrain import data
+    from moetrain.inference.evaluate import score
+    from moetrain.inference.loading import load_checkpoint
+    from moetrain.inference.text import run_tokenizer
+
+    loaded = load_checkpoint(one)
+    cfg = loaded.cfg.data.model_copy(update={"cache_dir": str(tmp_path / "c"), "val_fraction": 0.001})
+    rows = [data.split_rows(data.prepare_tokens(cfg), split, cfg) for split in ("train", "val")]
+    micro = loaded.cfg.train.micro_batch_size
+    batches = [r.get(list(range(i, min(i + micro, r.num_blocks)))) for r in rows for i in range(0, r.num_blocks, micro)]
+    _, nll, tokens, _ = score(loaded.model, batches, run_tokenizer(loaded.cfg.data, None))
+    assert tokens == result["tokens"] and abs(nll / tokens - result["loss"]) < 1e-5  # other rows, same samples
 
 
 def test_generate_chat_renders_the_prompt_and_stops_at_the_end_of_turn(runs):

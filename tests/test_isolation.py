@@ -26,13 +26,15 @@ ROUTERS = {
 LENGTHS = (7, 19, 1, 11)  # four samples, one of a single token; 38 positions, a row of 40 with padding
 
 
-def model_for(attention: str, router: str, max_seq_len: int = 64) -> MoETransformer:
+def model_for(
+    attention: str, router: str, max_seq_len: int = 64, activation_checkpointing: str = "none"
+) -> MoETransformer:
     moe = None if ROUTERS[router] is None else {"num_experts": 4, "expert_hidden": 32, "router": ROUTERS[router]}
     model = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "vocab_size": 257}
     model["max_seq_len"] = max_seq_len
     cfg = validate_dict({"model": {**model, **ATTENTION[attention]}, "moe": moe, "data": {"seq_len": 40}})
     torch.manual_seed(0)
-    return MoETransformer(cfg.model, cfg.moe).eval()
+    return MoETransformer(cfg.model, cfg.moe, activation_checkpointing).eval()
 
 
 def packed_row(samples: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,21 +47,34 @@ def packed_row(samples: list[torch.Tensor], size: int) -> tuple[torch.Tensor, to
 
 @pytest.mark.parametrize("router", list(ROUTERS))
 @pytest.mark.parametrize("attention", list(ATTENTION))
-@torch.no_grad()
 def test_a_packed_sample_computes_what_it_computes_alone(attention, router):
-    model = model_for(attention, router)
+    check_isolation(model_for(attention, router), torch.device("cpu"), atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", list(ATTENTION))
+def test_on_cuda_a_packed_sample_computes_what_it_computes_alone(attention):
+    """The same check through CUDA's SDPA with a mask (the memory-efficient kernel), fp32 without TF32;
+    part of scripts/gpu_check.sh (the gpu-marked tests). Tolerance 1e-5: other kernels alone and packed."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_isolation(model_for(attention, "topk").cuda(), torch.device("cuda"), atol=1e-5)
+
+
+@torch.no_grad()
+def check_isolation(model: MoETransformer, device: torch.device, atol: float) -> None:
     gen = torch.Generator().manual_seed(1)
     samples = [torch.randint(1, 97, (n,), generator=gen) for n in LENGTHS]
     tokens, segments = packed_row(samples, 40)
     other = packed_row(samples[::-1], 40)  # the same samples in another order, in a batch of two rows
-    logits = model(torch.cat([tokens, other[0]]), segments_BS=torch.cat([segments, other[1]])).logits
-    plain = model(tokens).logits[0]  # today's packing: one causal sequence
+    rows, row_segments = torch.cat([tokens, other[0]]).to(device), torch.cat([segments, other[1]]).to(device)
+    logits = model(rows, segments_BS=row_segments).logits
+    plain = model(tokens.to(device)).logits[0]  # today's packing: one causal sequence
     at, worst_plain = 0, 0.0
     for k, sample in enumerate(samples):
-        alone = model(sample[None]).logits[0]
-        torch.testing.assert_close(logits[0, at : at + len(sample)], alone, rtol=0, atol=1e-6)
+        alone = model(sample[None].to(device)).logits[0]
+        torch.testing.assert_close(logits[0, at : at + len(sample)], alone, rtol=0, atol=atol)
         at_other = sum(len(s) for s in samples[k + 1 :])
-        torch.testing.assert_close(logits[1, at_other : at_other + len(sample)], alone, rtol=0, atol=1e-6)
+        torch.testing.assert_close(logits[1, at_other : at_other + len(sample)], alone, rtol=0, atol=atol)
         worst_plain = max(worst_plain, float((plain[at : at + len(sample)] - alone).abs().max()))
         at += len(sample)
     assert worst_plain > 1e-2  # unmasked packing: later samples see earlier ones and positions run on
@@ -72,3 +87,20 @@ def test_packed_rows_are_for_training_not_the_kv_cache():
     tokens, segments = packed_row([torch.tensor([1, 2, 3])], 4)
     with pytest.raises(ValueError, match="not KV-cache decoding"):
         model(tokens, segments_BS=segments, cache=KVCache(2))
+
+
+@pytest.mark.parametrize("recompute", ["moe", "block"])
+def test_packed_rows_under_activation_checkpointing_give_the_same_loss_and_gradients(recompute):
+    """The mask travels into recomputed blocks: the same loss and gradients as without recomputing."""
+    tokens, segments = packed_row([torch.arange(1, 12), torch.arange(20, 45)], 40)
+    targets = torch.roll(tokens, -1, dims=1)
+    runs = []
+    for mode in ("none", recompute):
+        model = model_for("llama", "topk", activation_checkpointing=mode).train()
+        loss = model(tokens, targets, segments_BS=segments).loss
+        loss.backward()
+        runs.append((loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert torch.equal(loss_a, loss_b) and len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -3,11 +3,12 @@ and non-decreasing along a row): positions that restart at every sample, and blo
 attention (shapes: ``backbone/__init__.py``).
 
 The attention path: a boolean mask [B, 1, S, S] (a query sees the keys of its own sample up to itself) given
-to ``F.scaled_dot_product_attention``, on every device. Measured on the CPU (torch 2.13, 2 cores of an
-AMD EPYC, fp32, forward + backward of one attention call, docs/benchmarks.md): the same time as the
-unmasked causal kernel at the tiny LM's shape (B 16, 4 heads, S 128, head dim 32: 16.6 vs 16.6 ms) and
-1.46x at S 1024 (B 4, 8 heads, head dim 64). FlexAttention has no backward on the CPU in torch 2.13, and
-its compiled forward was slower there; ``torch.nn.attention.varlen`` is CUDA's flash kernel.
+to ``F.scaled_dot_product_attention``, on every device. Measured on the CPU (torch 2.13, a loaded 2-core
+AMD EPYC, fp32, forward + backward, ``bench/packed_attention.py``, docs/benchmarks.md): 1.0-1.13x the
+unmasked causal kernel at the tiny LM's shape (B 16, 4 heads, S 128, head dim 32), 1.36-1.46x at S 1024
+(B 4, 8 heads, head dim 64), and 1.07-1.08x a whole training step of the tiny LMs. FlexAttention has no
+backward on the CPU in torch 2.13, and its compiled forward was slower than the mask there;
+``torch.nn.attention.varlen`` is CUDA's flash kernel.
 
 On a GPU the same mask is correct (it is what the tests check) but it keeps SDPA off the flash kernel
 (the memory-efficient kernel takes the mask) and the mask costs B * S^2 bytes. The path to build there is

@@ -117,7 +117,7 @@ class ChatTemplate:
                     **self.variables,
                 ):
                     blocks.append(block)
-        except jinja2.TemplateError as exc:
+        except Exception as exc:  # noqa: BLE001 - a template is input: TemplateError, or TypeError from its own code
             raise UserError(
                 f"{where}: the chat template ({self.origin}) does not render it: {type(exc).__name__}: {exc}; "
                 "fix the record or the template"

@@ -285,13 +285,13 @@ def _build(cfg: DataConfig, tokenizer: str, files: list[Path], folder: Path, log
 
 
 def num_workers(cfg: DataConfig) -> int:
-    """``data.num_workers``; when null, the number of cores, except for the byte tokenizer on documents,
-    which runs in-process: it encodes at 130-155 MB/s there, and shipping its chunks to 2 workers made it
-    slower (56-75 MB/s on 2 cores, docs/benchmarks.md). Chat records spend their time rendering the
-    template, which workers share whatever the tokenizer."""
+    """``data.num_workers``; when null, the number of cores, except for the byte tokenizer, which runs
+    in-process: it encodes at 130-155 MB/s there, and shipping its chunks to 2 workers made it slower
+    (56-75 MB/s on 2 cores, docs/benchmarks.md). Chat records with the byte tokenizer too: 2 workers
+    prepared them at about half the in-process speed on 2 cores (docs/benchmarks.md)."""
     if cfg.num_workers is not None:
         return cfg.num_workers
-    if cfg.tokenizer == "byte" and cfg.format not in SAMPLE_FORMATS:
+    if cfg.tokenizer == "byte":
         return 0
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
