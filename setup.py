@@ -55,6 +55,7 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",  # checkpoints: tensors without pickles
         "matplotlib>=3.7",
+        "jinja2>=3.1.6",  # chat templates, rendered in its sandbox (older releases have known sandbox escapes)
     ],
     extras_require={
         # transformers: tests/test_export.py loads exported models with it (skipped without it)

@@ -275,7 +275,7 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict:
     cuda = engine.device.type == "cuda"
     for step in range(cfg.train.steps):
         start = time.perf_counter()
-        x_BS, y_BS = stream.batch(step, 0)
+        x_BS, y_BS, _ = stream.batch(step, 0)
         lm_loss, aux = engine(x_BS.to(engine.device), y_BS.to(engine.device))
         engine.backward(lm_loss + coeff * aux)
         engine.step()

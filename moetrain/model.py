@@ -32,6 +32,7 @@ from moetrain.backbone.attention import Attention, Rotary
 from moetrain.backbone.kv_cache import KVCache
 from moetrain.backbone.mla import MLAttention
 from moetrain.backbone.norm import make_norm
+from moetrain.backbone.packing import block_causal_mask, segment_positions
 from moetrain.config.model import ModelConfig, MoEConfig
 from moetrain.config.training import ActivationCheckpointing
 from moetrain.moe.layer import MoELayer, MoEOutput
@@ -127,9 +128,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, h_BSD: torch.Tensor, token_ids_T: torch.Tensor, rotary=None, cache: KVCache | None = None
+        self, h_BSD: torch.Tensor, token_ids_T: torch.Tensor, rotary=None, cache: KVCache | None = None, mask_B1SS=None
     ) -> tuple[torch.Tensor, object]:
-        h_BSD = h_BSD + self.drop(self.attn(self.ln1(h_BSD), rotary, cache))
+        h_BSD = h_BSD + self.drop(self.attn(self.ln1(h_BSD), rotary, cache, mask_B1SS))
         x_BSD = self.ln2(h_BSD)
         if isinstance(self.ffn, MoELayer):
             x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
@@ -152,7 +153,7 @@ class InsertedMoE(nn.Module):
         self.recompute_moe = recompute_moe  # train.activation_checkpointing: moe
 
     def forward(
-        self, h_BSD: torch.Tensor, token_ids_T: torch.Tensor, rotary=None, cache: KVCache | None = None
+        self, h_BSD: torch.Tensor, token_ids_T: torch.Tensor, rotary=None, cache: KVCache | None = None, mask_B1SS=None
     ) -> tuple[torch.Tensor, object]:
         x_TD = self.ln(h_BSD).reshape(-1, h_BSD.shape[-1])
         out = _run_moe(self.moe, self.recompute_moe, x_TD, token_ids_T, h_BSD.shape[1])
@@ -236,27 +237,47 @@ class MoETransformer(nn.Module):
             layer.compile()
 
     def forward(
-        self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        tokens_BS: torch.Tensor,
+        targets_BS: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        segments_BS: torch.Tensor | None = None,
+        loss_tokens: torch.Tensor | float | None = None,
     ) -> ModelOutput:
-        """1. embed (positions continue after ``cache.length`` when decoding with a KV cache); 2. blocks
-        (MoE layers return their aux loss and stats); 3. LM loss + aux losses."""
+        """1. embed (positions continue after ``cache.length`` when decoding with a KV cache; with
+        ``segments_BS`` -- rows of packed samples -- they restart at every sample and attention stays inside
+        each, ``backbone/packing.py``); 2. blocks (MoE layers return their aux loss and stats); 3. LM loss
+        + aux losses.
+
+        The LM loss is the mean cross-entropy over the targets that are not -100; with ``loss_tokens`` it
+        is their sum divided by ``loss_tokens`` instead (the trainer's share of the global batch's target
+        tokens, ``training/masked_loss.py``)."""
         B, S = tokens_BS.shape
         token_ids_T = tokens_BS.reshape(-1)
-        start = cache.length if cache is not None else 0
-        positions_S = torch.arange(start, start + S, device=tokens_BS.device)
-        rotary = self.rotary(positions_S) if self.cfg.arch == "llama" else None
+        mask_B1SS = None
+        if segments_BS is not None:
+            if cache is not None:
+                raise ValueError("packed samples (segments_BS) are for training and evaluation, not KV-cache decoding")
+            positions = segment_positions(segments_BS)  # [B, S]
+            mask_B1SS = block_causal_mask(segments_BS)
+        else:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + S, device=tokens_BS.device)  # [S]
+        rotary = self.rotary(positions) if self.cfg.arch == "llama" else None
+        if rotary is not None and segments_BS is not None:
+            rotary = (rotary[0][:, None], rotary[1][:, None])  # [B, 1, S, A]: one per row, every head
         h = self.embed(tokens_BS)
         if self.cfg.embed_scale == "sqrt_d":
             h = h * math.sqrt(self.cfg.d_model)
-        h = self.drop(h + self.pos(positions_S) if self.cfg.arch == "gpt2" else h)
+        h = self.drop(h + self.pos(positions) if self.cfg.arch == "gpt2" else h)
         aux = torch.zeros((), device=tokens_BS.device)
         stats: list[LayerStats] = []
         recompute = self.recompute_blocks and self.training and torch.is_grad_enabled()
         for layer, moe in zip(self.layers, self._moe_of_layer):
             if recompute:
-                h, moe_out = recompute_in_backward(layer, moe, h, token_ids_T, rotary, cache)
+                h, moe_out = recompute_in_backward(layer, moe, h, token_ids_T, rotary, cache, mask_B1SS)
             else:
-                h, moe_out = layer(h, token_ids_T, rotary, cache)
+                h, moe_out = layer(h, token_ids_T, rotary, cache, mask_B1SS)
             if moe_out is not None:
                 aux = aux + moe_out.aux_loss
                 stats.append(moe_out.stats)
@@ -265,5 +286,9 @@ class MoETransformer(nn.Module):
         logits = self.lm_head(self.ln_f(h))
         if targets_BS is None:
             return ModelOutput(None, None, aux, logits, stats)
-        lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
+        logits_TV, targets_T = logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1)
+        if loss_tokens is None:
+            lm_loss = F.cross_entropy(logits_TV, targets_T)
+        else:
+            lm_loss = F.cross_entropy(logits_TV, targets_T, reduction="sum") / loss_tokens
         return ModelOutput(lm_loss + aux, lm_loss, aux, logits, stats)

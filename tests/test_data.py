@@ -19,7 +19,8 @@ def test_byte_tokenizer_roundtrip():
 def test_packed_blocks_shift_targets_by_one():
     blocks = data.PackedBlocks(np.arange(25, dtype=np.uint16), seq_len=4)
     assert blocks.num_blocks == 6
-    x, y = blocks.get([0, 5])
+    x, y, segments = blocks.get([0, 5])
+    assert segments is None  # plain text: one sequence per row
     assert x.tolist() == [[0, 1, 2, 3], [20, 21, 22, 23]]
     assert y.tolist() == [[1, 2, 3, 4], [21, 22, 23, 24]]
 
@@ -83,6 +84,6 @@ def test_default_corpus_is_the_standard_library():
 
 def test_val_split_is_held_out_and_fixed():
     blocks = data.PackedBlocks(np.arange(81, dtype=np.uint16), seq_len=4)
-    a = [x for x, _ in data.val_batches(blocks, 2, 3, dp_rank=0, dp_size=1)]
-    r = [[x for x, _ in data.val_batches(blocks, 1, 3, dp_rank=k, dp_size=2)] for k in range(2)]
+    a = [x for x, _, _ in data.val_batches(blocks, 2, 3, dp_rank=0, dp_size=1)]
+    r = [[x for x, _, _ in data.val_batches(blocks, 1, 3, dp_rank=k, dp_size=2)] for k in range(2)]
     assert torch.equal(torch.cat([r[0][0], r[1][0]]), a[0])

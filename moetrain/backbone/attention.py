@@ -77,9 +77,11 @@ class Attention(nn.Module):
         x_BSD: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
+        mask_B1SS: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """1. project to queries, keys, values (normalised, clamped); 2. rotate (llama); 3. append to the
-        cache; 4. causal attention (each new position sees every cached one and the new ones up to itself)."""
+        cache; 4. causal attention (each new position sees every cached one and the new ones up to itself),
+        or, given ``mask_B1SS`` (packed samples, no cache: ``backbone/packing.py``), where it allows."""
         B, S, _ = x_BSD.shape
         H, G, A = self.n_heads, self.n_kv_heads, self.head_dim
         q_BHSA, k_BGSA, v_BGSA = self.queries_keys_values(x_BSD)
@@ -92,7 +94,7 @@ class Attention(nn.Module):
         if G != H:  # query head i reads key/value head i // (H / G)
             k_BGSA = k_BGSA.repeat_interleave(H // G, dim=1)
             v_BGSA = v_BGSA.repeat_interleave(H // G, dim=1)
-        mask = None
+        mask = mask_B1SS
         if past and S > 1:  # new queries after cached keys: SDPA's is_causal aligns to the top left
             keys = torch.arange(past + S, device=x_BSD.device)
             mask = keys[None, :] <= (past + torch.arange(S, device=x_BSD.device))[:, None]
@@ -101,7 +103,7 @@ class Attention(nn.Module):
             k_BGSA,
             v_BGSA,
             attn_mask=mask,
-            is_causal=not past and S > 1,
+            is_causal=not past and S > 1 and mask_B1SS is None,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.proj(y_BHSA.transpose(1, 2).reshape(B, S, H * A))

@@ -75,9 +75,11 @@ class MLAttention(nn.Module):
         x_BSD: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
+        mask_B1SS: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """1. queries; 2. latent + shared rotary key; 3. rotate; 4. append the latent to the cache;
-        5. expand keys and values; 6. causal attention over every cached and new position."""
+        5. expand keys and values; 6. causal attention over every cached and new position, or, given
+        ``mask_B1SS`` (packed samples, no cache: ``backbone/packing.py``), where it allows."""
         B, S, _ = x_BSD.shape
         c, H = self.cfg, self.n_heads
         N, P2, W, R = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
@@ -97,7 +99,7 @@ class MLAttention(nn.Module):
         k_nope_BHPN, v_BHPW = kv_BHPX.split([N, W], dim=-1)
         k_BHPA = torch.cat([k_nope_BHPN, k_rot_B1SP.expand(B, H, P, P2)], dim=-1)
         q_BHSA = torch.cat([q_nope_BHSN, q_rot_BHSP], dim=-1)
-        mask = None
+        mask = mask_B1SS
         if past and S > 1:  # new queries after cached keys: SDPA's is_causal aligns to the top left
             keys = torch.arange(P, device=x_BSD.device)
             mask = keys[None, :] <= (past + torch.arange(S, device=x_BSD.device))[:, None]
@@ -106,7 +108,7 @@ class MLAttention(nn.Module):
             k_BHPA,
             v_BHPW,
             attn_mask=mask,
-            is_causal=not past and S > 1,
+            is_causal=not past and S > 1 and mask_B1SS is None,
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.scale,
         )

@@ -103,9 +103,9 @@ def _llama3(dim: int, theta: float, s: Llama3RopeScaling, device: torch.device |
 
 def rotary_cos_sin(positions_S: torch.Tensor, freqs: RopeFrequencies) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [S, dim] in fp32, each half the same (Hugging Face's ``rotate_half`` layout), times the
-    attention factor."""
+    attention factor. Positions [B, S] (packed samples, each from 0) give [B, S, dim]."""
     inv_freq = freqs.inv_freq.to(positions_S.device)
-    freqs_SA2 = positions_S.float()[:, None] * inv_freq[None, :]
+    freqs_SA2 = positions_S.float()[..., None] * inv_freq
     emb_SA = torch.cat([freqs_SA2, freqs_SA2], dim=-1)
     if freqs.attention_factor == 1.0:
         return emb_SA.cos(), emb_SA.sin()

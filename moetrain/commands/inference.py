@@ -29,6 +29,13 @@ def add_parsers(sub) -> None:
     p.add_argument("checkpoint", help=WHERE)
     p.add_argument("overrides", nargs="*", help=OVERRIDES)
     p.add_argument("--prompt", default="", help="the text to continue (default: a new document)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user message: rendered with the chat template (data.chat_template or the "
+        "tokenizer's) and its generation prompt; the reply stops at the template's end-of-turn",
+    )
+    p.add_argument("--system", default=None, help="--chat: a system message before the prompt")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (argmax)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -68,10 +75,16 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         result = evaluate.evaluate_val(loaded, tok, log=lambda line: print(line, flush=True))
     bpb = f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "n/a"
+    what = "masked loss" if result.masked else "loss"
     print(
-        f"step {result.step} | {result.data} | {result.tokens} tokens | loss {result.loss:.4f} | "
+        f"step {result.step} | {result.data} | {result.tokens} tokens | {what} {result.loss:.4f} | "
         f"ppl {result.perplexity:.2f} | bits/byte {bpb}"
     )
+    if result.masked:
+        print(
+            f"masked: the loss counts the {result.tokens} target tokens of the loss mask only (chat: the assistant's "
+            "tokens; prompt-completion: the completion; document masking: within each document)"
+        )
     if result.logged_val_loss is not None:
         print(f"training logged val_loss {result.logged_val_loss:.4f} at step {result.step}")
     out.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
@@ -117,8 +130,12 @@ def run_generate(args: argparse.Namespace) -> int:
             "generate: expert-choice routing picks tokens from whole sequences (not causal), so it cannot "
             "route one new token at a time; evaluate the model with `moetrain eval` instead"
         )
+    if args.system is not None and not args.chat:
+        raise UserError("--system is a message of a chat: add --chat")
     tok = text.run_tokenizer(loaded.cfg.data, loaded.state.get("data_store") or loaded.state.get("data_fingerprint"))
     sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    if args.chat:
+        return _generate_chat(args, loaded, tok, sampling)
     stream = tok.stream()
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
@@ -129,6 +146,29 @@ def run_generate(args: argparse.Namespace) -> int:
 
     generate.generate(loaded.model, tok.encode(args.prompt), sampling, tok.eos_id, on_token=show)
     sys.stdout.write(stream.flush() + "\n")
+    return 0
+
+
+def _generate_chat(args: argparse.Namespace, loaded, tok, sampling) -> int:
+    """The reply to ``--prompt`` as a user message (after ``--system``), rendered with the run's chat template
+    and its generation prompt; shown as it streams, up to the template's end-of-turn marker."""
+    from moetrain.data.chat_template import data_chat_template
+    from moetrain.inference import generate
+
+    template = data_chat_template(loaded.cfg.data.tokenizer, loaded.cfg.data.chat_template)
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    prompt = template.render(messages, add_generation_prompt=True, where="--prompt")
+    reply = generate.ReplyStream(tok.stream(), template.end_of_turn())
+
+    def show(token: int) -> bool:
+        sys.stdout.write(reply.push(token))
+        sys.stdout.flush()
+        return reply.done
+
+    generate.generate(loaded.model, tok.encode(prompt), sampling, tok.eos_id, on_token=show)
+    sys.stdout.write(reply.flush() + "\n")
     return 0
 
 

@@ -35,7 +35,13 @@ class TrainedTokenizerConfig(StrictModel):
         return v
 
 
-Format = Literal["auto", "text", "jsonl", "parquet"]
+Format = Literal["auto", "text", "jsonl", "parquet", "chat", "prompt_completion"]
+# Formats whose records are samples with a loss mask (docs/data.md, "Chat and prompt-completion data").
+SAMPLE_FORMATS = ("chat", "prompt_completion")
+FORMAT_HELP = (
+    "auto (by extension), text, jsonl or parquet (documents); chat ({messages: [{role, content}, ...]} records) "
+    "or prompt_completion ({prompt, completion} records), from JSON Lines files or a datasets folder"
+)
 
 
 class DataSourceConfig(StrictModel):
@@ -46,7 +52,7 @@ class DataSourceConfig(StrictModel):
     paths: list[str] = Field(default_factory=list, description="files, folders or globs")
     hub: str | None = Field(None, description="a Hugging Face hub dataset name (needs a network)")
     hub_split: str = "train"
-    format: Format = "auto"
+    format: Format = Field("auto", description=FORMAT_HELP)
     text_field: str = Field("text", description="jsonl / parquet column holding the text")
 
     @model_validator(mode="after")
@@ -55,14 +61,30 @@ class DataSourceConfig(StrictModel):
             raise ValueError("a source needs exactly one of paths (a list of files, folders or globs) or hub")
         if self.name is not None and not self.name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"name {self.name!r} must be letters, digits, '-' or '_' (it names metrics)")
+        _check_sample_source(self.format, self.paths, self.hub, "format")
         return self
+
+
+def _check_sample_source(fmt: str, paths: list[str], hub: str | None, key: str) -> None:
+    """Chat and prompt-completion records come from local files (JSON Lines or a datasets folder)."""
+    if fmt not in SAMPLE_FORMATS:
+        return
+    if hub is not None:
+        raise ValueError(
+            f"{key} {fmt!r} reads local JSON Lines files or a datasets folder (paths), not a hub dataset; "
+            "save it once with datasets' save_to_disk(FOLDER) and list FOLDER in paths"
+        )
+    if not paths:
+        raise ValueError(f"{key} {fmt!r} needs paths: the JSON Lines files or datasets folder of the records")
 
 
 class DataConfig(StrictModel):
     paths: list[str] = Field(default_factory=list, description="files, folders or globs; empty = built-in corpus")
     hub: str | None = Field(None, description="a Hugging Face hub dataset name (needs a network)")
-    hub_split: str = "train"
-    format: Format = "auto"
+    hub_split: str = Field(
+        "train", description="the split of a hub dataset, or of a datasets folder that holds several"
+    )
+    format: Format = Field("auto", description=FORMAT_HELP)
     text_field: str = Field("text", description="jsonl / parquet column holding the text")
     sources: list[DataSourceConfig] | None = Field(
         None,
@@ -87,6 +109,29 @@ class DataConfig(StrictModel):
     )
     max_tokens: int | None = Field(None, ge=1000, description="cap on the corpus size (of each source), in tokens")
     cache_dir: str = Field(".cache/moetrain/data", description="token stores live in cache_dir/<fingerprint>/")
+    chat_template: str | None = Field(
+        None,
+        description="chat data: a Jinja chat template, or the name of one of the tokenizer's named templates; null = "
+        "the tokenizer's own (chat_template.jinja or tokenizer_config.json's chat_template beside its tokenizer.json)",
+    )
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="chat data: the loss counts the tokens of every assistant turn, or of the last one"
+    )
+    packing: Literal["best_fit", "none"] = Field(
+        "best_fit",
+        description="chat / prompt_completion data: best_fit packs several samples into a row of seq_len + 1 tokens "
+        "(best fit decreasing; positions restart and attention stays inside each sample); none: one sample per row",
+    )
+    overlong: Literal["refuse", "truncate"] = Field(
+        "refuse",
+        description="a chat / prompt_completion sample of more than seq_len + 1 tokens: refuse the data (an error "
+        "naming the record) or keep its first seq_len + 1 tokens; counted and reported by prepare",
+    )
+    document_masking: bool = Field(
+        False,
+        description="text data: each document (ended by the end-of-document token) is a sample of its own: positions "
+        "restart and attention never crosses into the next document; the token after an end-of-document is not a target",
+    )
     num_workers: int | None = Field(
         None,
         ge=0,
@@ -97,6 +142,7 @@ class DataConfig(StrictModel):
     @model_validator(mode="after")
     def _check_sources(self) -> DataConfig:
         if self.sources is None:
+            _check_sample_source(self.format, self.paths, self.hub, "data.format")
             return self
         if self.paths or self.hub is not None:
             raise ValueError(
@@ -109,6 +155,16 @@ class DataConfig(StrictModel):
         if len(set(names)) != len(names):
             raise ValueError(f"data.sources: the names {names} repeat; give each source its own name")
         return self
+
+    def formats(self) -> list[str]:
+        """The format of each source (one: ``data.format``)."""
+        return [s.format for s in self.sources] if self.sources is not None else [self.format]
+
+    @property
+    def isolated(self) -> bool:
+        """Training rows hold several samples kept apart (chat data, or document masking): the loss is masked
+        and attention is block-diagonal."""
+        return self.document_masking or any(f in SAMPLE_FORMATS for f in self.formats())
 
     def source_names(self) -> list[str]:
         return [s.name or f"source{i}" for i, s in enumerate(self.sources or [])]

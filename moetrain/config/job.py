@@ -43,6 +43,13 @@ class JobConfig(StrictModel):
             if "expert_type" not in self.moe.model_fields_set:  # experts follow the backbone's FFN
                 self.moe.__dict__["expert_type"] = m.ffn_type
             self.moe.check_against_model(m.n_layers)
+            if self.moe.router.kind == "expert_choice" and self.data.isolated:
+                raise ValueError(
+                    "moe.router.kind: expert_choice lets each expert choose among all the tokens of a row, so the "
+                    "samples packed into a row (chat data, data.document_masking) and their padding would decide "
+                    "each other's experts: their isolation cannot be exact. Use another router (topk, stablemoe, "
+                    "hash, base) for this data"
+                )
         check_deepspeed_block(self)
         return self
 

@@ -10,6 +10,10 @@ different data-parallel size sees the same global stream. A mixture (``data.sour
 source and a ``MixturePlan`` that gives each global sample its source (exact shares per window). Tokenizers (``tokenizers.py``, ``bpe.py``): bytes,
 a ``tokenizer.json``, or a byte-level BPE trained on the data. The layout and the split rule: docs/data.md.
 
+Chat and prompt-completion sources (``records.py``, ``chat_template.py``, ``sample_encoding.py``,
+``prepare_samples.py``) store samples with a loss mask and a sample table; ``packing.py`` packs them into
+rows whose samples stay apart (docs/data.md, "Chat and prompt-completion data").
+
 The sampling names (torch) load on first use, so ``moetrain prepare`` and its tokenizer workers never
 import torch (~1.6 s and ~200 MB per process).
 """
@@ -17,6 +21,7 @@ import torch (~1.6 s and ~200 MB per process).
 from typing import TYPE_CHECKING
 
 from moetrain.config.data import DataConfig
+from moetrain.data.packing import split_rows
 from moetrain.data.prepare import (
     CACHE_VERSION,
     PreparedData,
@@ -43,9 +48,9 @@ from moetrain.data.store import ShardedTokens, TokenCache, open_store
 from moetrain.data.tokenizers import ByteTokenizer, HFTokenizer, build_tokenizer
 
 if TYPE_CHECKING:
-    from moetrain.data.sampling import MixturePlan, PackedBlocks, TrainStream, val_batches
+    from moetrain.data.sampling import IGNORE, Batch, MixturePlan, PackedBlocks, TrainStream, val_batches
 
-SAMPLING = ("MixturePlan", "PackedBlocks", "TrainStream", "val_batches")
+SAMPLING = ("IGNORE", "Batch", "MixturePlan", "PackedBlocks", "TrainStream", "val_batches")
 
 
 def __getattr__(name: str):
@@ -57,7 +62,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "IGNORE",
     "CACHE_VERSION",
+    "Batch",
     "EXTENSIONS",
     "ByteTokenizer",
     "DataConfig",
@@ -83,6 +90,7 @@ __all__ = [
     "prepare_data",
     "prepare_tokens",
     "resolve_files",
+    "split_rows",
     "store_folder",
     "val_batches",
     "wait_for_data",

@@ -2,7 +2,7 @@
 
 Trained with the Hugging Face ``tokenizers`` library, streaming: the trainer is fed the train split's
 pieces (the same pieces and held-out rule as preparation, so validation text does not shape the
-vocabulary), at most ``max_chars`` characters of them. A mixture (``data.sources``) trains one tokenizer on all sources, each
+vocabulary), at most ``max_chars`` characters of them; a chat source gives its records' message texts. A mixture (``data.sources``) trains one tokenizer on all sources, each
 source in turn (with ``max_chars``, each gets its weight's share of it). The result is published
 atomically as
 
@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from moetrain.config.data import DataConfig, TrainedTokenizerConfig
+from moetrain.config.data import SAMPLE_FORMATS, DataConfig, TrainedTokenizerConfig
+from moetrain.data.records import record_texts
 from moetrain.data.sources import DocumentStream, data_sources, source_files
 from moetrain.data.split import cut_pieces, is_val_piece
 from moetrain.data.tokenizers import TOKENIZER_FILE
@@ -67,17 +68,22 @@ def training_texts(cfg: DataConfig, max_chars: int | None) -> Iterator[str]:
 
 
 def _source_texts(cfg: DataConfig, files: list[Path], max_chars: int | None) -> Iterator[str]:
+    """A source's train pieces; of a chat / prompt-completion source, each train record's text (record i
+    is held out as piece i is)."""
+    if cfg.format in SAMPLE_FORMATS:
+        pieces = ((text, True) for text in record_texts(cfg))
+    else:
+        pieces = (piece for doc in DocumentStream(cfg, files) for piece in cut_pieces(doc, cfg.split_chars))
     chars, index = 0, 0
-    for doc in DocumentStream(cfg, files):
-        for text, _ in cut_pieces(doc, cfg.split_chars):
-            held_out = is_val_piece(index, cfg.val_fraction)
-            index += 1
-            if held_out:
-                continue
-            yield text
-            chars += len(text)
-            if max_chars is not None and chars >= max_chars:
-                return
+    for text, _ in pieces:
+        held_out = is_val_piece(index, cfg.val_fraction)
+        index += 1
+        if held_out:
+            continue
+        yield text
+        chars += len(text)
+        if max_chars is not None and chars >= max_chars:
+            return
 
 
 def ensure_bpe(cfg: DataConfig, spec: TrainedTokenizerConfig, log: Log | None = None) -> Path:

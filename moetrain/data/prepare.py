@@ -19,8 +19,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from moetrain.config.data import DataConfig, TrainedTokenizerConfig
+from moetrain.config.data import SAMPLE_FORMATS, DataConfig, TrainedTokenizerConfig
 from moetrain.data.bpe import bpe_fingerprint, ensure_bpe
+from moetrain.data.packing import sample_fit
+from moetrain.data.prepare_samples import build_samples, check_records, sample_settings
 from moetrain.data.sources import DocumentStream, Source, check_contents, data_sources, resolve_groups, source_files
 from moetrain.data.split import cut_pieces, is_val_piece
 from moetrain.data.store import (
@@ -50,6 +52,8 @@ def fingerprint(src: Source, files: list[Path], tokenizer: str) -> str:
     h = hashlib.sha256()
     c = src.cfg
     fields = [tokenizer, c.format, c.text_field, c.hub, c.hub_split, c.val_fraction, c.max_tokens]
+    if c.format in SAMPLE_FORMATS:  # chat data: the template and data.train_on shape the tokens and the mask
+        fields += sample_settings(c)
     h.update(json.dumps([CACHE_VERSION, *fields, c.split_chars]).encode())
     for p in files:
         st = p.stat()
@@ -116,20 +120,28 @@ def prepare_data(
         store = open_store(folder)
         if store is None:
             check_contents(src.cfg, groups, src.field)  # every source, before anything is written
-        plans.append((src, files, folder, store))
+            if src.cfg.format in SAMPLE_FORMATS:
+                check_records(src.cfg, groups)
+        plans.append((src, groups, folder, store))
     tokenizer = cfg.tokenizer
     if isinstance(tokenizer, TrainedTokenizerConfig) and any(store is None for *_, store in plans):
         tokenizer = str(ensure_bpe(cfg, tokenizer, log))  # trained once, then found in data.cache_dir
     stores = []
-    for src, files, folder, store in plans:
+    for src, groups, folder, store in plans:
         head = "" if src.field == "data" else f"source {src.name!r}: "
         if store is None:
-            index = _build(src.cfg, tokenizer, files, folder, log, shard_tokens)
+            files = [p for group in groups for p in group]
+            if src.cfg.format in SAMPLE_FORMATS:
+                index = build_samples(src.cfg, tokenizer, groups, folder, log, shard_tokens, num_workers(src.cfg))
+            else:
+                index = _build(src.cfg, tokenizer, files, folder, log, shard_tokens)
             log(_summary(f"{head}prepared {folder}", index))
             store = open_store(folder)
         else:
             log(_summary(f"{head}already prepared (nothing to tokenize): {folder}", store.index))
         check_fits(store, src)
+        if store.holds_samples:
+            log(f"{head}{sample_fit(store, src.cfg, src.field).summary()}")
         stores.append(store)
     prepared = PreparedData(sources, stores)
     if cfg.sources is not None and only is None:
@@ -180,6 +192,9 @@ def store_folder(cfg: DataConfig) -> Path:
 
 def check_fits(store: TokenCache, src: Source) -> None:
     cfg = src.cfg
+    if store.holds_samples:  # samples longer than a row: refused or truncated (data.overlong), named
+        sample_fit(store, cfg, src.field)
+        return
     splits = store.index["splits"]
     need = cfg.seq_len + 1
     if all(splits[s]["tokens"] >= need for s in SPLITS):
@@ -208,6 +223,13 @@ def _mixture_summary(prepared: PreparedData) -> str:
 def _summary(head: str, index: dict) -> str:
     tr, va = index["splits"]["train"], index["splits"]["val"]
     mb, s = index["source_bytes"] / 1e6, index["seconds"]
+    if "format" in index:  # samples
+        return (
+            f"{head}: {index['documents']} {index['format']} samples, train {tr['samples']} samples / {tr['tokens']} "
+            f"tokens ({tr['targets']} targets), val {va['samples']} samples / {va['tokens']} tokens ({va['targets']} "
+            f"targets); {mb:.1f} MB in {s:.1f} s ({mb / max(s, 1e-9):.1f} MB/s, "
+            f"{index['documents'] / max(s, 1e-9):.0f} samples/s, {index['workers']} workers)"
+        )
     return (
         f"{head}: {index['documents']} documents, train {tr['tokens']} tokens ({len(tr['shards'])} shards), "
         f"val {va['tokens']} tokens; {mb:.1f} MB tokenized in {s:.1f} s ({mb / max(s, 1e-9):.1f} MB/s, "
@@ -278,7 +300,8 @@ def _build(cfg: DataConfig, tokenizer: str, files: list[Path], folder: Path, log
 def num_workers(cfg: DataConfig) -> int:
     """``data.num_workers``; when null, the number of cores, except for the byte tokenizer, which runs
     in-process: it encodes at 130-155 MB/s there, and shipping its chunks to 2 workers made it slower
-    (56-75 MB/s on 2 cores, docs/benchmarks.md)."""
+    (56-75 MB/s on 2 cores, docs/benchmarks.md). Chat records with the byte tokenizer too: 2 workers
+    prepared them at about half the in-process speed on 2 cores (docs/benchmarks.md)."""
     if cfg.num_workers is not None:
         return cfg.num_workers
     if cfg.tokenizer == "byte":

@@ -16,13 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from moetrain.config.data import DataConfig
+from moetrain.config.data import SAMPLE_FORMATS, DataConfig
 from moetrain.errors import UserError
 
 EXTENSIONS = {"text": (".txt", ".md", ".py", ".text"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 # One read of a text file. NOTE: kept under glibc's initial mmap threshold (128 KiB): with 1 MiB reads the
 # heap fragmented and peak RSS grew with the size of a single large file (61 MB at 15 MB, 113 MB at 400 MB).
 READ_BYTES = 1 << 16
+# A folder written by datasets' save_to_disk (a Dataset: state.json; a DatasetDict: dataset_dict.json).
+DATASETS_MARKERS = ("state.json", "dataset_dict.json")
+
+
+def is_datasets_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / m).is_file() for m in DATASETS_MARKERS)
 
 
 def default_corpus_files() -> list[Path]:
@@ -80,7 +86,9 @@ def resolve_groups(cfg: DataConfig, field: str = "data") -> list[list[Path]]:
     groups: list[list[Path]] = []
     for i, pattern in enumerate(cfg.paths):
         path = Path(pattern).expanduser()
-        if path.is_dir():
+        if cfg.format in SAMPLE_FORMATS and is_datasets_folder(path):
+            found = sorted(p for p in path.rglob("*") if p.is_file())  # read whole (records.py); all in the fingerprint
+        elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and format_of(p, cfg) is not None)
         else:
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
@@ -99,8 +107,15 @@ def resolve_groups(cfg: DataConfig, field: str = "data") -> list[list[Path]]:
 def check_data_reachable(cfg: DataConfig) -> None:
     """Pre-flight check (also used by ``moetrain launch``): every configured source resolves."""
     for src in data_sources(cfg):
-        for group in resolve_groups(src.cfg, src.field):
+        for i, group in enumerate(resolve_groups(src.cfg, src.field)):
+            if src.cfg.format in SAMPLE_FORMATS and is_datasets_folder(Path(src.cfg.paths[i]).expanduser()):
+                continue
             for p in group:
+                if src.cfg.format in SAMPLE_FORMATS and format_of(p, src.cfg) is None:
+                    raise UserError(
+                        f"{src.field}.paths[{i}]: {str(p)!r} is not a JSON Lines file (.jsonl / .json); "
+                        f"{src.field}.format {src.cfg.format!r} reads records from JSON Lines files or a datasets folder"
+                    )
                 if format_of(p, src.cfg) is None:
                     raise UserError(
                         f"{src.field}.format: cannot tell the format of {str(p)!r}; set {src.field}.format to "
@@ -117,7 +132,7 @@ def check_contents(cfg: DataConfig, groups: list[list[Path]], field: str = "data
             what = "it is empty" if len(group) == 1 else f"all {len(group)} files it matches are empty"
             raise UserError(f"{field}.paths[{i}]: {cfg.paths[i]!r} holds no text ({what}); add text or remove it")
         for p in group:
-            if format_of(p, cfg) in ("text", "jsonl"):
+            if format_of(p, cfg) in ("text", "jsonl", *SAMPLE_FORMATS):
                 check_utf8(p)
 
 
@@ -128,6 +143,8 @@ def check_all_contents(cfg: DataConfig) -> None:
 
 
 def format_of(path: Path, cfg: DataConfig) -> str | None:
+    if cfg.format in SAMPLE_FORMATS:  # records: JSON Lines files (a datasets folder is resolved whole)
+        return cfg.format if path.suffix.lower() in EXTENSIONS["jsonl"] else None
     if cfg.format != "auto":
         return cfg.format
     for fmt, exts in EXTENSIONS.items():

@@ -5,6 +5,11 @@
         val_00000.bin ...
         index.json                             counts per split and shard, dtype, vocab, eos, tokenizer
 
+A store of chat / prompt-completion samples (``index["format"]``) also holds, per split, a loss mask
+beside each token shard (``train_00000.mask.bin``, uint8, 1 = the token is a target) and a sample table
+(``train_samples.bin``: the start of each sample in the split, and the index of its record source and
+its line or row, ``SAMPLE_DTYPE``). A store without them (text) reads as before.
+
 A store is built in ``cache_dir/<fingerprint>.tmp-<host>-<pid>/`` and published by renaming that
 folder, so a folder named by its fingerprint is always complete; a killed preparation leaves only a
 temp folder, which the next preparation on the same host removes.
@@ -29,6 +34,8 @@ from moetrain.errors import UserError
 INDEX = "index.json"
 SHARD_TOKENS = 1 << 28  # 512 MB of uint16 per shard file
 SPLITS = ("train", "val")
+SAMPLE_DTYPE = np.dtype([("start", "<i8"), ("source", "<i4"), ("row", "<i4")])
+MASK_SUFFIX = ".mask.bin"
 
 
 class ShardedTokens:
@@ -87,6 +94,23 @@ class TokenCache:
         shards = index["splits"][split]["shards"]
         return ShardedTokens([self.folder / s["file"] for s in shards], [s["tokens"] for s in shards], index["dtype"])
 
+    @property
+    def holds_samples(self) -> bool:
+        """A store of chat / prompt-completion samples (loss mask and sample table), not of documents."""
+        return "format" in self.index
+
+    def mask(self, split: Literal["train", "val"]) -> ShardedTokens:
+        """The loss mask of a samples store, aligned with ``tokens(split)``."""
+        shards = self.index["splits"][split]["mask_shards"]
+        return ShardedTokens([self.folder / s["file"] for s in shards], [s["tokens"] for s in shards], "uint8")
+
+    def samples(self, split: Literal["train", "val"]) -> np.ndarray:
+        """The sample table of a samples store (``SAMPLE_DTYPE``), in corpus order."""
+        info = self.index["splits"][split]
+        if not info["samples"]:
+            return np.zeros(0, SAMPLE_DTYPE)
+        return np.memmap(self.folder / info["sample_file"], dtype=SAMPLE_DTYPE, mode="r", shape=(info["samples"],))
+
 
 def open_store(folder: Path) -> TokenCache | None:
     """The store published in ``folder``, or None when there is none (yet)."""
@@ -103,8 +127,9 @@ def open_store(folder: Path) -> TokenCache | None:
 class ShardWriter:
     """Appends one split's tokens to ``<split>_NNNNN.bin`` files of at most ``shard_tokens`` tokens."""
 
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int, suffix: str = ".bin") -> None:
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.suffix = suffix  # MASK_SUFFIX: a loss mask's shards, cut where the token shards are
         self.shards: list[dict] = []
         self._file: BinaryIO | None = None
         self._sha = hashlib.sha256()  # the split's content: every piece's tokens and whether it ends a document
@@ -127,7 +152,7 @@ class ShardWriter:
 
     def _next_shard(self) -> None:
         self.close()
-        name = f"{self.split}_{len(self.shards):05d}.bin"
+        name = f"{self.split}_{len(self.shards):05d}{self.suffix}"
         self._file = open(self.folder / name, "wb")
         self.shards.append({"file": name, "tokens": 0, "documents": 0})
 
@@ -144,6 +169,22 @@ class ShardWriter:
             "shards": self.shards,
             "sha256": self._sha.hexdigest(),
         }
+
+
+class SampleWriter:
+    """Appends one split's sample table (``SAMPLE_DTYPE`` rows) to ``<split>_samples.bin``."""
+
+    def __init__(self, folder: Path, split: str) -> None:
+        self.name = f"{split}_samples.bin"
+        self._file = open(folder / self.name, "wb")
+        self.count = 0
+
+    def append(self, start: int, source: int, row: int) -> None:
+        self._file.write(np.array([(start, source, row)], dtype=SAMPLE_DTYPE).tobytes())
+        self.count += 1
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def temp_folder(folder: Path) -> Path:

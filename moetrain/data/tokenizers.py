@@ -27,6 +27,12 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8).astype(np.int32)
 
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens and the character span [start, end) of each: every byte of a character spans it."""
+        ids = self.encode(text)
+        char_T = np.cumsum((ids & 0xC0) != 0x80) - 1  # a UTF-8 continuation byte belongs to the character before
+        return ids, np.stack([char_T, char_T + 1], axis=1)
+
 
 class FileTokenizer:
     """A ``tokenizer.json`` loaded with the ``tokenizers`` library (no ``transformers``)."""
@@ -55,6 +61,11 @@ class FileTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens and the character span [start, end) of each (the tokenizers library's offsets)."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return np.asarray(enc.ids, dtype=np.int32), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
@@ -82,6 +93,18 @@ class HFTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tok(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens and the character span [start, end) of each (a fast tokenizer's offset mapping)."""
+        if not self.tok.is_fast:
+            raise UserError(
+                f"data.tokenizer: {self.name!r} is a slow (Python) tokenizer, which gives no character offsets; chat "
+                "data needs them to find the assistant's tokens: use its tokenizer.json (a fast tokenizer)"
+            )
+        out = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return np.asarray(out["input_ids"], dtype=np.int32), np.asarray(out["offset_mapping"], dtype=np.int64).reshape(
+            -1, 2
+        )
 
 
 def tokenizer_file(name: str) -> Path | None:

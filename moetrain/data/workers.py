@@ -25,9 +25,12 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from moetrain.data.tokenizers import build_tokenizer, token_dtype
+from moetrain.errors import UserError
 
 Chunk = tuple[list[str], list[bool]]  # the texts of some pieces, and whether each ends its document
 Encoded = tuple[np.ndarray, np.ndarray]  # the chunk's tokens (EOS after each document end), tokens per piece
+# ``tokenizer`` below: ``data.tokenizer`` as a string (documents, ``encode_chunk``), or an object whose
+# ``build()`` gives ``encode(*chunk)`` (records: ``sample_encoding.SampleEncoder``, chunks of (records, wheres)).
 
 
 def encode_chunk(tok, texts: list[str], ends: list[bool]) -> Encoded:
@@ -47,9 +50,9 @@ def encoded(chunks: Iterable[Chunk], tokenizer: str, workers: int) -> Iterator[t
     """``(ends, encode_chunk(...))`` per chunk, in order; in ``workers`` processes when ``workers > 1``.
     Stopping early (closing the generator) stops the workers."""
     if workers <= 1:
-        tok = build_tokenizer(tokenizer)
-        for texts, ends in chunks:
-            yield ends, encode_chunk(tok, texts, ends)
+        encode = _encoder(tokenizer)
+        for chunk in chunks:
+            yield chunk[1], encode(*chunk)
         return
     pool = _Workers(workers, tokenizer)
     try:
@@ -71,6 +74,14 @@ def encoded(chunks: Iterable[Chunk], tokenizer: str, workers: int) -> Iterator[t
             yield ends, result
     finally:
         pool.stop()
+
+
+def _encoder(tokenizer):
+    """``encode(*chunk)`` for this process: text pieces through ``encode_chunk``, or a record encoder."""
+    if not isinstance(tokenizer, str):
+        return tokenizer.build()
+    tok = build_tokenizer(tokenizer)
+    return lambda texts, ends: encode_chunk(tok, texts, ends)
 
 
 class WorkerDiedError(RuntimeError):
@@ -104,6 +115,8 @@ class _Workers:
         except (EOFError, OSError):  # OSError: it died while writing (a torn message)
             raise self._died(w) from None
         if not ok:
+            if isinstance(payload, UserError):  # bad input found by the worker: the message names it
+                raise payload
             raise RuntimeError(f"a tokenizer worker failed: {payload}")
         return payload
 
@@ -135,14 +148,16 @@ class _Workers:
 def _work(conn: Connection, tokenizer: str) -> None:
     """A worker's loop: chunks in, ``(True, encoded)`` or ``(False, the error)`` out, until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops us
-    tok = build_tokenizer(tokenizer)
+    encode = _encoder(tokenizer)
     while True:
         try:
-            texts, ends = conn.recv()
+            chunk = conn.recv()
         except EOFError:
             return
         try:
-            reply = (True, encode_chunk(tok, texts, ends))
+            reply = (True, encode(*chunk))
+        except UserError as e:  # bad input: the parent raises it as it is
+            reply = (False, UserError(str(e)))
         except Exception as e:  # the message travels; the parent raises it
             reply = (False, f"{type(e).__name__}: {e}")
         try:

@@ -7,6 +7,9 @@ from a generator seeded by ``seed``. An empty prompt starts from the end-of-docu
 
 A model never saw positions past ``model.max_seq_len``: when the context would grow past it, the cache
 is rebuilt from the last ``max_seq_len // 2`` tokens (one prefill) and decoding goes on.
+
+A chat reply (``generate --chat``) ends at the end-of-document token or at the chat template's
+end-of-turn marker (``ReplyStream``), which ``on_token`` reports by returning True.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ def generate(
     prompt_ids: list[int],
     s: Sampling,
     eos_id: int,
-    on_token: Callable[[int], None] | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
 ) -> list[int]:
-    """The new tokens (the end-of-document token, when sampled, ends the list and is not included)."""
+    """The new tokens (the end-of-document token, when sampled, ends the list and is not included).
+    ``on_token`` sees each new token; returning True stops the generation after it."""
     model.eval()
     cfg = model.cfg
     window = cfg.max_seq_len
@@ -73,8 +77,8 @@ def generate(
             break
         out.append(token)
         context.append(token)
-        if on_token is not None:
-            on_token(token)
+        if on_token is not None and on_token(token):
+            break
         if i == s.max_new_tokens - 1:
             break
         if cache.length >= window:  # past the trained positions: rebuild from the recent half
@@ -83,3 +87,32 @@ def generate(
         else:
             logits_V = model(torch.tensor([[token]], device=device), cache=cache).logits[0, -1]
     return out
+
+
+class ReplyStream:
+    """The text of a chat reply as its tokens arrive (``decoder``: a ``text.StreamDecoder``), up to the
+    template's end-of-turn marker ``end``, which is never shown: text that could still grow into the
+    marker is held back until it cannot. ``done`` once the marker has appeared."""
+
+    def __init__(self, decoder, end: str) -> None:
+        self.decoder, self.end = decoder, end
+        self.pending = ""
+        self.done = False
+
+    def push(self, token: int) -> str:
+        if self.done:
+            return ""
+        self.pending += self.decoder.push(token)
+        if self.end and (at := self.pending.find(self.end)) >= 0:
+            self.done = True
+            out, self.pending = self.pending[:at], ""
+            return out
+        keep = next(
+            (n for n in range(min(len(self.end), len(self.pending)), 0, -1) if self.end.startswith(self.pending[-n:])),
+            0,
+        )
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out
+
+    def flush(self) -> str:
+        return "" if self.done else self.pending + self.decoder.flush()

@@ -21,7 +21,7 @@ from moetrain.parallel.grad_norm import clip_grad_norm
 from moetrain.parallel.layout import ParallelLayout
 from moetrain.parallel.parallelize import parallelize
 from moetrain.run_logging import NullLogger, RunLogger
-from moetrain.training import checkpoint, engine, state_io
+from moetrain.training import checkpoint, engine, masked_loss, state_io
 from moetrain.training.batches import to_device
 from moetrain.training.callbacks import (
     Callback,
@@ -215,10 +215,10 @@ class Trainer:
 
     def _build_data(self, prepared: data.PreparedData) -> None:
         cfg, layout = self.cfg, self.layout
-        S = cfg.data.seq_len
-        train = [data.PackedBlocks(store.tokens("train"), S) for store in prepared.stores]
+        pairs = list(zip(prepared.stores, prepared.sources))
+        train = [data.split_rows(store, "train", src.cfg, src.field) for store, src in pairs]
         self.val_sources = [(src.name, src.weight) for src in prepared.sources]
-        self.val_sets = [data.PackedBlocks(store.tokens("val"), S) for store in prepared.stores]
+        self.val_sets = [data.split_rows(store, "val", src.cfg, src.field) for store, src in pairs]
         self.val_blocks = self.val_sets[0]  # the first source's: the routing probes' tokens
         self.stream = data.TrainStream(
             train if len(train) > 1 else train[0],
@@ -260,9 +260,22 @@ class Trainer:
         lm_sum = aux_sum = loss_sum = torch.zeros((), device=device)
         stats, skip = [], False
         ga = cfg.train.grad_accum_steps
+        masked = None  # a masked loss: the step's micro-batches, and the global normalisation (masked_loss.py)
+        if self.stream.isolated:
+            batches = [self.stream.batch(step, micro) for micro in range(ga)]
+            masked = (batches, masked_loss.loss_share(batches, ga, self.layout.world_size, device))
         for micro in range(ga):
-            x, y = self.stream.batch(step, micro)
-            out = engine(to_device(x, device), to_device(y, device))
+            if masked is None:
+                x, y, _ = self.stream.batch(step, micro)
+                out = engine(to_device(x, device), to_device(y, device))
+            else:
+                x, y, segments = masked[0][micro]
+                out = engine(
+                    to_device(x, device),
+                    to_device(y, device),
+                    segments_BS=to_device(segments, device),
+                    loss_tokens=masked[1],
+                )
             engine.backward(out.loss)
             lm_sum = lm_sum + out.lm_loss.detach()
             aux_sum = aux_sum + out.aux_loss.detach()
@@ -284,20 +297,34 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """``{"val_loss": ...}``; a mixture also ``val_loss/<source>`` for each source (``train.eval_batches``
-        batches of each), and ``val_loss`` is their mean weighted by the mixture's weights."""
+        batches of each), and ``val_loss`` is their mean weighted by the mixture's weights. A masked loss
+        (``masked_loss.py``) is each source's summed cross-entropy over all its batches and ranks divided by
+        their target tokens."""
         engine, cfg = self.engine, self.cfg
+        device = engine.device
         engine.eval()
-        losses = []
+        sums, counts = [], []  # per source: summed loss (plain: of batch means), target tokens
         for blocks in self.val_sets:
-            total = torch.zeros((), device=engine.device)
+            total, tokens = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64)
             batches = data.val_batches(
                 blocks, cfg.train.micro_batch_size, cfg.train.eval_batches, self.layout.rank, self.layout.world_size
             )
-            for x, y in batches:
-                total += engine(to_device(x, engine.device), to_device(y, engine.device)).lm_loss.float()
-            losses.append(total / cfg.train.eval_batches)
+            for batch in batches:
+                x, y = to_device(batch.tokens_BS, device), to_device(batch.targets_BS, device)
+                if not self.stream.isolated:
+                    total += engine(x, y).lm_loss.float()
+                    continue
+                segments = to_device(batch.segments_BS, device) if batch.segments_BS is not None else None
+                total += engine(x, y, segments_BS=segments, loss_tokens=1.0).lm_loss
+                tokens += masked_loss.target_tokens([batch])
+            sums.append(total)
+            counts.append(tokens)
         engine.train()
-        per_source = mean_over_ranks(torch.stack(losses)).tolist()
+        if self.stream.isolated:
+            sums_t = masked_loss.global_sum(torch.stack(sums), device)
+            per_source = (sums_t / masked_loss.global_sum(torch.stack(counts), device)).tolist()
+        else:
+            per_source = mean_over_ranks(torch.stack(sums) / cfg.train.eval_batches).tolist()
         if len(per_source) == 1:
             return {"val_loss": per_source[0]}
         out = {"val_loss": sum(w * loss for (_, w), loss in zip(self.val_sources, per_source))}
