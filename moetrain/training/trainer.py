@@ -14,13 +14,13 @@ from moetrain.config.loading import dump_config
 from moetrain.errors import UserError
 from moetrain.model import MoETransformer
 from moetrain.moe.hooks import collect_hooks
-from moetrain.parallel.collectives import mean_over_ranks
+from moetrain.parallel.collectives import gather_objects, mean_over_ranks
 from moetrain.parallel.deepspeed_moe import register_expert_parallel
 from moetrain.parallel.grad_norm import clip_grad_norm
 from moetrain.parallel.layout import ParallelLayout
 from moetrain.parallel.parallelize import parallelize
 from moetrain.run_logging import NullLogger, RunLogger
-from moetrain.training import checkpoint, engine, state_io
+from moetrain.training import checkpoint, engine, state_io, zero3
 from moetrain.training.batches import to_device
 from moetrain.training.callbacks import (
     Callback,
@@ -149,7 +149,7 @@ class Trainer:
         if cfg.train.compile:
             model.compile_dense()
         model = parallelize(model, layout)
-        register_expert_parallel(model, layout)
+        register_expert_parallel(model, layout, partition_weights=engine.zero_stage(cfg) == 3)
         return model
 
     def _build_engine(self) -> None:
@@ -171,6 +171,16 @@ class Trainer:
             f"{cfg.train.precision}, ZeRO stage {stage}; docs/parallelism.md, 'Precision')"
         )
         self._grad_norm = None
+        if stage == 3:
+            self._say_held_bytes()
+
+    def _say_held_bytes(self) -> None:
+        """ZeRO-3: the parameter bytes each rank holds, measured, beside the whole model's (collective)."""
+        held = gather_objects(zero3.held_parameter_bytes(self.model))
+        whole = zero3.whole_parameter_bytes(self.model, self.layout.ep_size)
+        if held is not None:
+            parts = [f"{k} {[h[k] for h in held]} of {whole[k]}" for k in ("dense", "experts")]
+            self._say(f"ZeRO-3: parameter bytes held per rank: {', '.join(parts)}")
 
     def _open_run_dir(self, resumed: bool) -> None:
         """Rank 0: set aside what this run replaces, write the resolved config, open the logger."""
