@@ -76,7 +76,8 @@ def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict
     if world_size == 1 and moetrain_clips(ds_config):
         engine.enable_backward_allreduce = False
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-        from moetrain.training.zero3 import gather_before_backward_of_dataclass_outputs
+        from moetrain.training import zero3
 
-        gather_before_backward_of_dataclass_outputs(model)
+        zero3.gather_before_backward_of_dataclass_outputs(model)
+        zero3.keep_gathered_through_recompute(model)
     return engine

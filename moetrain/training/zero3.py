@@ -12,12 +12,19 @@ helpers here:
   with DeepSpeed's ``safe_get_full_*`` API (collective);
 - :func:`load_entry`: the same written back into this rank's partitions (local);
 - :func:`sub_groups`: each sub-group's parameters and flat fp32 partition (Adam's state key);
-- :func:`gather_before_backward_of_dataclass_outputs`: see below.
+- :func:`gather_before_backward_of_dataclass_outputs` and :func:`keep_gathered_through_recompute`: see below.
 
 Stage 3 gathers a module's parameters again for its backward from a hook on the tensors the module
 returns, which it finds only in a tensor, tuple, list or dict. moetrain's routers return a frozen
 ``RoutingDecision`` dataclass (docs/design.md), so without help a router's parameters would still be
 released when their gradients arrive (a shape error in ``AccumulateGrad``).
+
+``train.activation_checkpointing`` recomputes a region's forward inside backward (non-reentrant
+``torch.utils.checkpoint``). When a module of the region has already had its parameters gathered for
+its backward before the recompute starts (its output is the region's last op, as a dense block's FFN
+output projection is), stage 3's post-forward hook in the recompute releases them again, and that
+module's backward then finds them empty. :func:`keep_gathered_through_recompute` keeps those parameters
+gathered through the recompute; stage 3 releases them after the module's backward as usual.
 
 NOTE: DeepSpeed's stage-3 getters and setters skip a parameter with ``requires_grad=False`` (they
 return None). StableMoE's stage 2 freezes the distilled router that way between steps, and its value
@@ -71,6 +78,51 @@ class _HandledDataclassWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "unknown inputs or outputs type (<class 'moetrain." not in record.getMessage()
+
+
+_HELD_FOR_BACKWARD = -1  # never a module's ds_id: stage 3 releases no parameter whose active set holds it
+
+
+def keep_gathered_through_recompute(model: nn.Module) -> None:
+    """Call after ``deepspeed.initialize`` (ZeRO-3): a forward that runs inside backward (a recompute)
+    leaves gathered the parameters that were gathered when it started (for their module's backward).
+
+    Three hooks per module with parameters of its own: before stage 3's pre-forward hook, note which are
+    gathered; before its post-forward hook (which releases them), mark them held; after it, restore the
+    set of modules stage 3 had them active for."""
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if not params:
+            continue
+        held: dict[int, set[int]] = {}
+
+        def note(module, args, params=params, held=held):
+            held.clear()
+            if torch._C._current_graph_task_id() != -1:  # this forward runs inside backward: a recompute
+                held.update({id(p): set(p.ds_active_sub_modules) for p in params if _gathered(p)})
+
+        def hold(module, args, output, params=params, held=held):
+            for p in params:
+                if id(p) in held:
+                    p.ds_active_sub_modules.add(_HELD_FOR_BACKWARD)
+
+        def restore(module, args, output, params=params, held=held):
+            for p in params:
+                if id(p) in held:
+                    p.ds_active_sub_modules.discard(_HELD_FOR_BACKWARD)
+                    p.ds_active_sub_modules.update(held[id(p)])
+            held.clear()
+
+        module.register_forward_pre_hook(note, prepend=True)
+        module.register_forward_hook(hold, prepend=True)
+        module.register_forward_hook(restore)
+
+
+def _gathered(p: nn.Parameter) -> bool:
+    """Gathered by stage 3 now, and not kept whole for good (``ds_persist``)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist
 
 
 def _gather_before_backward(module: nn.Module, inputs, output):
