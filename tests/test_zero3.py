@@ -160,7 +160,8 @@ def _empty_rank(rank: int, world: int, recompute: str) -> None:
     from moetrain.parallel.layout import ParallelLayout
     from moetrain.parallel.parallelize import parallelize
     from moetrain.training import engine as ds_engine
-    from moetrain.training import state_io, zero3
+    from moetrain.training import state_io
+    from moetrain.training.held_bytes import held_parameter_bytes
     from moetrain.training.optim import param_groups
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)  # joins this group
@@ -212,7 +213,7 @@ def _empty_rank(rank: int, world: int, recompute: str) -> None:
     optimizer = adamw(param_groups(model, cfg.optim.weight_decay, layout.ep_size))
     ds_config = ds_engine.build_ds_config(cfg, world)
     engine = ds_engine.initialize_engine(model, optimizer, None, ds_config, world)
-    partitions = zero3.held_parameter_bytes(model)
+    partitions = held_parameter_bytes(model)
     for step, tokens in enumerate(batches):
         mine = tokens[rank * MICRO : (rank + 1) * MICRO]
         out = engine(mine[:, :-1], mine[:, 1:])
@@ -221,7 +222,7 @@ def _empty_rank(rank: int, world: int, recompute: str) -> None:
         loss = out.loss.detach().clone()
         torch.distributed.all_reduce(loss)
         assert loss.item() / world == pytest.approx(ref_losses[step], rel=1e-5), (step, loss.item() / world)
-    assert zero3.held_parameter_bytes(model) == partitions  # every gathered parameter released again
+    assert held_parameter_bytes(model) == partitions  # every gathered parameter released again
     calls = len(model.moe_layers()) * len(batches) * (2 if recompute != "none" else 1)  # recomputed in backward
     if layout.ep_rank == 1:  # only the pad row of the all-to-all dispatcher, every call
         assert seen == [1] * calls, seen

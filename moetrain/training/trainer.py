@@ -14,13 +14,13 @@ from moetrain.config.loading import dump_config
 from moetrain.errors import UserError
 from moetrain.model import MoETransformer
 from moetrain.moe.hooks import collect_hooks
-from moetrain.parallel.collectives import gather_objects, mean_over_ranks
+from moetrain.parallel.collectives import mean_over_ranks
 from moetrain.parallel.deepspeed_moe import register_expert_parallel
 from moetrain.parallel.grad_norm import clip_grad_norm
 from moetrain.parallel.layout import ParallelLayout
 from moetrain.parallel.parallelize import parallelize
 from moetrain.run_logging import NullLogger, RunLogger
-from moetrain.training import checkpoint, engine, state_io, zero3
+from moetrain.training import checkpoint, engine, state_io
 from moetrain.training.batches import to_device
 from moetrain.training.callbacks import (
     Callback,
@@ -30,6 +30,7 @@ from moetrain.training.callbacks import (
     StepResult,
 )
 from moetrain.training.determinism import apply_determinism
+from moetrain.training.held_bytes import HeldBytesReport
 from moetrain.training.host_memory import bound_kernel_caches, retain_freed_memory
 from moetrain.training.moe_hooks import MoEHooksCallback
 from moetrain.training.nonfinite import NonFiniteGuard
@@ -98,6 +99,7 @@ class Trainer:
             MetricsCallback(cfg.logging.interval),
             EvalCallback(cfg.train.eval_interval),
             MoEHooksCallback(collect_hooks(self.model)),  # routing state between steps, declared by the model
+            *([HeldBytesReport()] if engine.zero_stage(cfg) == 3 else []),  # what ZeRO-3 saves, measured
             *self.extra_callbacks,
             CheckpointCallback(cfg.checkpoint.interval, cfg.checkpoint.save_at_end),
         ]
@@ -171,16 +173,6 @@ class Trainer:
             f"{cfg.train.precision}, ZeRO stage {stage}; docs/parallelism.md, 'Precision')"
         )
         self._grad_norm = None
-        if stage == 3:
-            self._say_held_bytes()
-
-    def _say_held_bytes(self) -> None:
-        """ZeRO-3: the parameter bytes each rank holds, measured, beside the whole model's (collective)."""
-        held = gather_objects(zero3.held_parameter_bytes(self.model))
-        whole = zero3.whole_parameter_bytes(self.model, self.layout.ep_size)
-        if held is not None:
-            parts = [f"{k} {[h[k] for h in held]} of {whole[k]}" for k in ("dense", "experts")]
-            self._say(f"ZeRO-3: parameter bytes held per rank: {', '.join(parts)}")
 
     def _open_run_dir(self, resumed: bool) -> None:
         """Rank 0: set aside what this run replaces, write the resolved config, open the logger."""

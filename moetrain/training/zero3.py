@@ -1,4 +1,4 @@
-"""ZeRO-3 parameters as moetrain reads and writes them: per-parameter state, and the bytes a rank holds.
+"""ZeRO-3 parameters as moetrain reads and writes them: per-parameter state and the hooks stage 3 needs.
 
 Under ``deepspeed.zero_optimization.stage: 3`` DeepSpeed's ``DeepSpeedZeroOptimizer_Stage3`` owns every
 parameter: ``p.data`` is empty between forwards (unless stage 3 keeps the parameter whole, see
@@ -16,7 +16,7 @@ helpers here:
 
 Stage 3 gathers a module's parameters again for its backward from a hook on the tensors the module
 returns, which it finds only in a tensor, tuple, list or dict. moetrain's routers return a frozen
-``RoutingDecision`` dataclass (docs/design.md), so without help a router's parameters would still be
+``RoutingDecision`` dataclass (by design: not a tuple), so without help a router's parameters would still be
 released when their gradients arrive (a shape error in ``AccumulateGrad``).
 
 ``train.activation_checkpointing`` recomputes a region's forward inside backward (non-reentrant
@@ -48,8 +48,6 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 from torch import nn
-
-from moetrain.moe.experts import is_expert_param
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -190,37 +188,3 @@ def load_entry(p: nn.Parameter, entry: dict[str, torch.Tensor]) -> None:
     part[: mine.numel()].copy_(mine.to(part.dtype))
     if p.numel() == p.ds_numel:  # kept whole (persistent) or gathered now
         p.data.copy_(value.view(p.ds_shape).to(p.dtype))
-
-
-def held_parameter_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of parameter data this rank holds now, ``{"dense": ..., "experts": ...}``: of a ZeRO-3
-    parameter its partition plus whatever whole copy stage 3 keeps (none outside a forward unless the
-    parameter is persistent), of any other parameter the tensor itself. Counted, not estimated."""
-    out = {"dense": 0, "experts": 0}
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:  # tied weights are held once
-            continue
-        seen.add(id(p))
-        held = p.numel() * p.element_size()
-        if is_partitioned(p):
-            held += p.ds_tensor.numel() * p.ds_tensor.element_size()
-        out["experts" if is_expert_param(name) else "dense"] += held
-    return out
-
-
-def whole_parameter_bytes(model: nn.Module, ep_size: int) -> dict[str, int]:
-    """The same split for the whole model (every global expert), in the model's dtype, from the shapes."""
-    out = {"dense": 0, "experts": 0}
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        numel = p.ds_numel if is_partitioned(p) else p.numel()
-        size = (p.ds_tensor if is_partitioned(p) else p).element_size()
-        if is_expert_param(name):
-            out["experts"] += numel * size * ep_size
-        else:
-            out["dense"] += numel * size
-    return out
