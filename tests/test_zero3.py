@@ -2,8 +2,8 @@
 each expert over its expert-data-parallel group (docs/parallelism.md, "ZeRO-3").
 
 - 1 process vs 2 and 4 (EP 1 and 2): the same per-step losses and grad-norms (rel 1e-5) and final weights
-  of every global expert (atol 2e-5), fp32 -- also across StableMoE's switch with recomputed MoE layers,
-  and in bf16 to bf16 rounding with an exact resume;
+  of every global expert (atol 2e-5), fp32 -- top-k, expert choice and null experts, also across
+  StableMoE's switch with recomputed MoE layers, and in bf16 to bf16 rounding with an exact resume;
 - the parameter bytes each rank holds, measured from its partitions (the trainer's start line), equal the
   single-process model's bytes split 1/world per parameter (rounded up, as stage 3 pads);
 - a rank that receives no token from the all-to-all still gathers its experts and takes part in every
@@ -39,6 +39,9 @@ CASES = {
     "top2-ep1-world2-recompute-block": (2, 1, ["moe.router.top_k=2", "train.activation_checkpointing=block"]),
     # the distilled router frozen mid-run (requires_grad off, lr 0 in its group); MoE layers recomputed
     "stablemoe-switch-ep2-recompute-moe": (2, 2, [*STABLE, "train.activation_checkpointing=moe"]),
+    # routers whose decisions leave slots unsent: expert choice (per sequence), null experts
+    "expertchoice-k2-ep2": (2, 2, ["moe.router={kind: expert_choice, top_k: 2}"]),
+    "null-top2-ep2": (2, 2, ["moe.null_experts=2", "moe.router.top_k=2"]),
 }
 
 HELD = re.compile(
