@@ -30,7 +30,41 @@ BAD = [
     ),
     (["deepspeed.optimizer={type: Adam}"], ["deepspeed.optimizer: not allowed"]),
     (["deepspeed.bf16={enabled: true}"], ["deepspeed.bf16.enabled (true) conflicts with train.precision ('fp32')"]),
-    (["deepspeed.zero_optimization={stage: 3}"], ["deepspeed.zero_optimization.stage (3) must be 0, 1 or 2"]),
+    (["deepspeed.zero_optimization={stage: 4}"], ["deepspeed.zero_optimization.stage (4) must be 0, 1, 2 or 3"]),
+    # ZeRO-3 combined with what it does not run with (moetrain/config/zero3.py): one message each
+    (
+        ["deepspeed.zero_optimization={stage: 3}", "moe.ep_overlap=true"],
+        ["moe.ep_overlap (true) does not run with deepspeed.zero_optimization.stage 3", "set moe.ep_overlap=false"],
+    ),
+    (
+        ["deepspeed.zero_optimization={stage: 3}", "train.compile=true"],
+        ["train.compile (true) is not supported with deepspeed.zero_optimization.stage 3", "set train.compile=false"],
+    ),
+    (
+        ["deepspeed.zero_optimization={stage: 3, offload_param: {device: cpu}}"],
+        [
+            "deepspeed.zero_optimization.offload_param ({'device': 'cpu'}) is not supported with deepspeed.zero_optimization.stage 3",
+            "remove deepspeed.zero_optimization.offload_param",
+        ],
+    ),
+    (
+        ["deepspeed.zero_optimization={stage: 3, offload_optimizer: {device: cpu}}"],
+        ["deepspeed.zero_optimization.offload_optimizer ({'device': 'cpu'}) is not supported"],
+    ),
+    (
+        ["deepspeed.zero_optimization={stage: 3, zero_hpz_partition_size: 2}"],
+        ["deepspeed.zero_optimization.zero_hpz_partition_size (2) is not supported", "expert-data-parallel groups"],
+    ),
+    (["deepspeed.zero_optimization={stage: 3, mics_shard_size: 2}"], ["mics_shard_size (2) is not supported"]),
+    (
+        ["deepspeed.zero_optimization={stage: 3, zero_quantized_gradients: true}"],
+        ["zero_quantized_gradients (True) is not supported"],
+    ),
+    (["deepspeed.zero_optimization={stage: 3, zero_quantized_weights: true}"], ["zero_quantized_weights (True)"]),
+    (
+        ["deepspeed.zero_optimization={stage: 3, stage3_module_granularity_threshold: 1000}"],
+        ["stage3_module_granularity_threshold (1000) is not supported"],
+    ),
     (["moe.capacity_factor=0"], ["moe.capacity_factor: Input should be greater than 0 (got 0)"]),
     (["train.precision=fp8"], ["train.precision: Input should be 'fp32' or 'bf16' (got 'fp8')"]),
     (["train.precision=fp16"], ["train.precision: 'fp16' is not supported", "use bf16"]),

@@ -36,6 +36,19 @@ def test_a_changed_api_is_named_in_the_error(monkeypatch, name):
         deepspeed_moe.check_deepspeed_moe_api()
 
 
+def test_installed_deepspeed_partitions_autoep_experts_at_zero3():
+    deepspeed_moe.check_deepspeed_zero3_moe_api()
+
+
+@pytest.mark.parametrize("module,cls,method", deepspeed_moe.ZERO3_HOOKS)
+def test_a_changed_zero3_api_is_named_in_the_error(monkeypatch, module, cls, method):
+    import importlib
+
+    monkeypatch.delattr(getattr(importlib.import_module(module), cls), method)
+    with pytest.raises(RuntimeError, match=rf"deepspeed {deepspeed.__version__} changed how ZeRO-3 .*{cls}\.{method}"):
+        deepspeed_moe.check_deepspeed_zero3_moe_api()
+
+
 def _registered(rank: int, world: int) -> None:
     from deepspeed.moe.layer import MoE
     from deepspeed.moe.utils import is_moe_param
@@ -62,12 +75,40 @@ def _registered(rank: int, world: int) -> None:
         assert is_moe_param(p) == is_expert_param(pname), pname
         if is_expert_param(pname):
             assert p.group_name == name and p.shape[1] == 2  # this rank's 2 of 4 experts
+            assert not hasattr(p, deepspeed_moe.ZERO3_FAMILY_ATTR)  # ZeRO 0-2: no stage-3 placement
+
+
+def _registered_for_zero3(rank: int, world: int) -> None:
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+    from deepspeed.moe.layer import MoE
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    layout = ParallelLayout.init(ep_size=2)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8)
+    model = parallelize(MoETransformer(cfg, MoEConfig(num_experts=4)), layout)
+    deepspeed_moe.register_expert_parallel(model, layout, partition_weights=True)
+    name = deepspeed_moe.expert_group_name(2)
+    # stage 3 accepts the marker as an AutoEP layer, and finds no native MoE module (which it refuses)
+    assert sum(isinstance(m, AutoEPMoELayer) for m in model.modules()) == 1
+    assert not any(isinstance(m, MoE) for m in model.modules())
+    for pname, p in model.named_parameters():
+        family = getattr(p, deepspeed_moe.ZERO3_FAMILY_ATTR, "replicated")
+        assert (family == deepspeed_moe.ZERO3_EXPERT_FAMILY) == is_expert_param(pname), pname
+        if is_expert_param(pname):
+            assert getattr(p, deepspeed_moe.ZERO3_GROUP_ATTR) == name
 
 
 @pytest.mark.multiproc
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_deepspeed_sees_moetrains_expert_groups_and_parameters():
     run_distributed(_registered, 2)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_zero3_tags_exactly_the_expert_parameters_with_autoeps_placement():
+    run_distributed(_registered_for_zero3, 2)
 
 
 def test_deepspeed_still_builds_its_shared_memory_op_where_moetrain_skips_it():

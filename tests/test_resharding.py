@@ -1,4 +1,4 @@
-"""Resharding: a checkpoint resumes at another world size, expert-parallel size or ZeRO stage.
+"""Resharding: a checkpoint resumes at another world size, expert-parallel size or ZeRO stage (0-3).
 
 Each case stops a run at step 3, resumes it to step 6 in another layout with the same global batch,
 and compares every step's loss with a single-process run that never stopped (fp32, <= 1e-5 relative).
@@ -19,11 +19,14 @@ COMMON = ["train.steps=6", "checkpoint.interval=3", "moe.router.kind=topk", "moe
 
 def layout(world: int, ep: int, zero: int = 0) -> list[str]:
     micro = GLOBAL_BATCH // world
-    return [
+    out = [
         f"train.micro_batch_size={micro}",
         f"moe.expert_parallel_size={ep}",
         f"deepspeed.zero_optimization.stage={zero}",
     ]
+    if zero == 3:  # partition every parameter (stage 3 keeps those under 1e5 elements whole by default: all here)
+        out.append("deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
+    return out
 
 
 def run(run_dir, data_cache, world, *overrides, expect=0):
@@ -49,6 +52,10 @@ CASES = {
     "ws1 -> ws4-ep4": ((1, 1, 0), (4, 4, 0)),
     "zero2 -> zero0": ((1, 1, 2), (1, 1, 0)),
     "ws2-ep2-zero1 -> ws2-ep1-zero2": ((2, 2, 1), (2, 1, 2)),
+    # ZeRO-3 (experts partitioned over the expert-data-parallel group) to and from ZeRO 0-2
+    "ws2-ep2-zero3 -> ws1": ((2, 2, 3), (1, 1, 0)),
+    "ws1-zero2 -> ws4-ep2-zero3": ((1, 1, 2), (4, 2, 3)),
+    "ws4-ep2-zero3 -> ws2-ep1-zero1": ((4, 2, 3), (2, 1, 1)),
 }
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from moetrain.config.zero3 import check_zero3
+
 if TYPE_CHECKING:
     from moetrain.config.job import JobConfig
 
@@ -50,7 +52,14 @@ def check_deepspeed_block(cfg: "JobConfig") -> None:
                 f"deepspeed.{fmt}.enabled (true) conflicts with train.precision ({cfg.train.precision!r}); "
                 f"set train.precision: {fmt} instead"
             )
+    stage = zero_stage(block)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_optimization.stage ({stage!r}) must be 0, 1, 2 or 3")
+    if stage == 3:
+        check_zero3(cfg)
+
+
+def zero_stage(block: dict[str, Any]) -> Any:
+    """``deepspeed.zero_optimization.stage`` (0 when unset; None when the block is not a mapping)."""
     zero = block.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
-    if stage not in (0, 1, 2):
-        raise ValueError(f"deepspeed.zero_optimization.stage ({stage!r}) must be 0, 1 or 2 (ZeRO-3 is not supported)")
+    return zero.get("stage", 0) if isinstance(zero, dict) else None

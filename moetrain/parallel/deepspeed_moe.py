@@ -6,6 +6,10 @@ gradients over the expert-data-parallel group only, ZeRO-1/2 partitions them ove
 the groups up by name in ``deepspeed.utils.groups``. Those group tables are private module globals
 of DeepSpeed: :func:`check_deepspeed_moe_api` says clearly when a DeepSpeed release changes them
 (tested on the versions ``setup.py`` allows), instead of failing deep inside the engine.
+
+ZeRO-3 (``partition_weights``) meets the contract DeepSpeed's stage 3 keeps for AutoEP's layers instead
+(docs/parallelism.md, "ZeRO-3"): stage 3 refuses a model with a native ``MoE`` module, and partitions a
+parameter over the expert-data-parallel group only when its placement family says it is an expert.
 """
 
 from __future__ import annotations
@@ -34,6 +38,22 @@ GROUP_GETTERS = (
 )
 
 
+# What DeepSpeed's stage 3 reads for expert parameters (ZeRO-3 under expert parallelism): the module class
+# its engine accepts as an MoE layer at stage 3, and the placement-family tags its partitioner reads.
+ZERO3_MARKER_CLASS = ("deepspeed.module_inject.auto_ep_layer", "AutoEPMoELayer")
+ZERO3_FAMILY_ATTR, ZERO3_EXPERT_FAMILY, ZERO3_GROUP_ATTR = (
+    "ds_zero_placement_family",
+    "autoep_expert",
+    "ds_zero_partition_group_name",
+)
+# ... and the stage-3 code that acts on those tags (its absence means the tags would be ignored silently).
+ZERO3_HOOKS = (
+    ("deepspeed.runtime.engine", "DeepSpeedEngine", "_resolve_zero3_param_placement"),
+    ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "_autoep_expert_parallel_group"),
+    ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "_gradient_averaging_world_size"),
+)
+
+
 def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"  # DeepSpeed's own naming, so its lookups find our groups
 
@@ -55,7 +75,29 @@ def check_deepspeed_moe_api() -> None:
         )
 
 
-def register_expert_parallel(model: nn.Module, layout: ParallelLayout) -> None:
+def check_deepspeed_zero3_moe_api() -> None:
+    """Raise a clear error if DeepSpeed's stage 3 does not partition AutoEP-tagged expert parameters
+    the way moetrain relies on (the names above)."""
+    import importlib
+
+    import deepspeed
+
+    missing = []
+    module, cls = ZERO3_MARKER_CLASS
+    if not isinstance(getattr(importlib.import_module(module), cls, None), type):
+        missing.append(f"{module}.{cls}")
+    for module, cls, method in ZERO3_HOOKS:
+        if not callable(getattr(getattr(importlib.import_module(module), cls, None), method, None)):
+            missing.append(f"{cls}.{method}")
+    if missing:
+        raise RuntimeError(
+            f"deepspeed {deepspeed.__version__} changed how ZeRO-3 partitions expert parameters (no "
+            f"{', '.join(missing)}); ZeRO-3 with expert parallelism in moetrain is tested with the versions "
+            "setup.py allows: install one of those, or use deepspeed.zero_optimization.stage 0, 1 or 2"
+        )
+
+
+def register_expert_parallel(model: nn.Module, layout: ParallelLayout, partition_weights: bool = False) -> None:
     """Meet DeepSpeed's MoE contract for expert parallelism (ep > 1); call before ``deepspeed.initialize``.
 
     1. Our EP and expert-data-parallel groups go into ``deepspeed.utils.groups`` under DeepSpeed's
@@ -68,10 +110,17 @@ def register_expert_parallel(model: nn.Module, layout: ParallelLayout) -> None:
        on the engine's MoE paths. It owns no experts, so DeepSpeed's own expert checkpoint files
        (which expect its module layout) stay empty: moetrain saves expert weights itself, by global
        expert id (see ``moetrain/training/checkpoint.py``).
+    4. ``partition_weights`` (ZeRO-3): expert parameters also carry stage 3's placement family for
+       experts and the EP group's name. Stage 3 then partitions their weights, gradients and Adam state
+       over the expert-data-parallel group (the shared ones over all ranks), averages their gradients
+       over the world size and sums their gradient norm over the EP group. The marker is then a
+       parameter-free ``AutoEPMoELayer``, the only MoE module stage 3 accepts.
     """
     if layout.ep_size == 1:
         return
     check_deepspeed_moe_api()
+    if partition_weights:
+        check_deepspeed_zero3_moe_api()
     from deepspeed.moe.layer import MoE
     from deepspeed.utils import groups
 
@@ -84,6 +133,12 @@ def register_expert_parallel(model: nn.Module, layout: ParallelLayout) -> None:
         if is_expert_param(pname):
             p.allreduce = False
             p.group_name = name
+            if partition_weights:
+                setattr(p, ZERO3_FAMILY_ATTR, ZERO3_EXPERT_FAMILY)
+                setattr(p, ZERO3_GROUP_ATTR, name)
+    if partition_weights:
+        model.add_module("deepspeed_moe_marker", _zero3_marker(layout.ep_size, name))
+        return
 
     class DeepSpeedMoEMarker(MoE):
         def __init__(self) -> None:
@@ -100,3 +155,27 @@ def register_expert_parallel(model: nn.Module, layout: ParallelLayout) -> None:
             raise RuntimeError("marker module")
 
     model.add_module("deepspeed_moe_marker", DeepSpeedMoEMarker())
+
+
+def _zero3_marker(ep_size: int, name: str) -> nn.Module:
+    """A parameter-free module that DeepSpeed's engine takes for an AutoEP layer (ZeRO-3's MoE check)."""
+    import importlib
+
+    module, cls = ZERO3_MARKER_CLASS
+    base = getattr(importlib.import_module(module), cls)
+
+    class DeepSpeedZeRO3MoEMarker(base):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)  # NOTE: not AutoEPMoELayer.__init__: it would build a router and experts
+            self.num_experts = 0
+            self.num_local_experts = 0
+            self.ep_size = ep_size
+            self.ep_group_name = name
+
+        def set_deepspeed_parallelism(self, *args, **kwargs) -> None:
+            pass  # the groups are ours, registered above
+
+        def forward(self, *args, **kwargs):  # pragma: no cover - never called
+            raise RuntimeError("marker module")
+
+    return DeepSpeedZeRO3MoEMarker()

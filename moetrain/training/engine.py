@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any
 
 from torch import nn
@@ -39,6 +40,11 @@ def build_ds_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def zero_stage(cfg: JobConfig) -> int:
+    """``deepspeed.zero_optimization.stage`` of the job (0 when unset)."""
+    return cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+
+
 def moetrain_clips(ds_config: dict[str, Any]) -> bool:
     """ZeRO-0 in fp32: DeepSpeed neither reports the gradient norm nor counts experts once under EP,
     so moetrain computes the norm and clips itself. ZeRO-1/2 and bf16 use DeepSpeed's optimizer."""
@@ -50,6 +56,11 @@ def quiet_deepspeed() -> None:
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
+    # ZeRO-3 calls torch's deprecated names for these two collectives on every gather and reduce; torch
+    # warns again after each change of the warning filters (checkpointing makes some), flooding the log
+    warnings.filterwarnings(
+        "ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning
+    )
 
 
 def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict[str, Any], world_size: int):
@@ -64,4 +75,9 @@ def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict
     )
     if world_size == 1 and moetrain_clips(ds_config):
         engine.enable_backward_allreduce = False
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        from moetrain.training import zero3
+
+        zero3.gather_before_backward_of_dataclass_outputs(model)
+        zero3.keep_gathered_through_recompute(model)
     return engine

@@ -12,6 +12,8 @@ torch AdamW itself    ZeRO-0, fp32                          the parameter; ``opt
 FP16_UnfusedOptimizer ZeRO-0, bf16 on CPU                   its fp32 copy in ``fp32_groups``
 ZeRO-1/2 (any dtype)  ``deepspeed.zero_optimization.stage``  partitioned flat fp32 groups, reached with
 BF16_Optimizer        ZeRO-0, bf16 on GPU                    DeepSpeed's ``safe_get/set_full_*`` API
+ZeRO-3                ``deepspeed.zero_optimization.stage``  partitioned parameters and flat fp32 sub-groups:
+                      3                                     ``moetrain/training/zero3.py``
 ====================  ====================================  =========================================
 
 Reading a partitioned value is a collective over the parameter's data-parallel group, so every rank
@@ -34,6 +36,7 @@ from deepspeed.utils import (
 from torch import nn
 
 from moetrain.errors import UserError
+from moetrain.training import zero3
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -59,6 +62,8 @@ def _masters(optimizer) -> dict[int, nn.Parameter]:
 
 def check_supported(model: nn.Module, optimizer) -> None:
     """Refuse (at setup) a DeepSpeed optimizer whose per-parameter state moetrain cannot checkpoint."""
+    if all(zero3.is_partitioned(p) for p in model.parameters()):
+        return  # ZeRO-3 owns every parameter (moetrain/training/zero3.py)
     masters = _masters(optimizer)
     if any(_partitioned(p) for p in model.parameters()) and not _lp_groups(optimizer):
         raise RuntimeError(
@@ -120,7 +125,9 @@ def full_state(model: nn.Module, optimizer) -> Iterator[tuple[str, nn.Parameter,
     _link_states(optimizer)
     part_steps = _steps_of_partitioned(optimizer)
     for name, p in model.named_parameters():
-        if _partitioned(p):
+        if zero3.is_partitioned(p):
+            entry = zero3.full_entry(optimizer, p)
+        elif _partitioned(p):
             entry = {"value": safe_get_full_fp32_param(p)}
             if id(p) in part_steps:
                 entry.update({k: safe_get_full_optimizer_state(p, k) for k in MOMENTS})
@@ -143,6 +150,9 @@ def load_full_state(model: nn.Module, optimizer, tensors: dict[str, dict[str, to
     _create_partitioned_states(model, optimizer, tensors)
     for name, p in model.named_parameters():
         entry = tensors[name]
+        if zero3.is_partitioned(p):
+            zero3.load_entry(p, entry)
+            continue
         value = entry["value"].to(p.device)
         p.copy_(value.to(p.dtype))
         if _partitioned(p):
@@ -169,19 +179,22 @@ def _step_tensor(inner: torch.optim.Optimizer, step: torch.Tensor, p: torch.Tens
 
 
 def _create_partitioned_states(model: nn.Module, optimizer, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-    """ZeRO-1/2 create Adam's flat state lazily at the first step; create it now (zeros, the saved
+    """ZeRO-1/2/3 create Adam's flat state lazily at the first step; create it now (zeros, the saved
     step) and link DeepSpeed's per-parameter views of it, so the full-state setters can write."""
-    groups = _lp_groups(optimizer)
+    inner = _inner(optimizer)
+    if any(zero3.is_partitioned(p) for p in model.parameters()):
+        groups = [(lps, [flat]) for lps, flat in zero3.sub_groups(optimizer)]
+    else:
+        groups = [(lps, group["params"]) for lps, group in zip(_lp_groups(optimizer), inner.param_groups)]
     if not groups:
         return
-    inner = _inner(optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
-    for lps, group in zip(groups, inner.param_groups):
+    for lps, flats in groups:
         steps = [tensors[names[id(p)]]["step"] for p in lps if id(p) in names and "step" in tensors[names[id(p)]]]
         if not steps:
             continue
         step = max(steps, key=float)
-        for flat in group["params"]:
+        for flat in flats:
             state = inner.state[flat]
             state["step"] = _step_tensor(inner, step, flat)
             for k in MOMENTS:

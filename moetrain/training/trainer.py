@@ -31,6 +31,7 @@ from moetrain.training.callbacks import (
     StepResult,
 )
 from moetrain.training.determinism import apply_determinism
+from moetrain.training.held_bytes import HeldBytesReport
 from moetrain.training.host_memory import bound_kernel_caches, retain_freed_memory
 from moetrain.training.moe_hooks import MoEHooksCallback
 from moetrain.training.nonfinite import NonFiniteGuard
@@ -99,6 +100,7 @@ class Trainer:
             MetricsCallback(cfg.logging.interval),
             EvalCallback(cfg.train.eval_interval),
             MoEHooksCallback(collect_hooks(self.model)),  # routing state between steps, declared by the model
+            *([HeldBytesReport()] if engine.zero_stage(cfg) == 3 else []),  # what ZeRO-3 saves, measured
             *self.extra_callbacks,
             CheckpointCallback(cfg.checkpoint.interval, cfg.checkpoint.save_at_end),
         ]
@@ -150,7 +152,7 @@ class Trainer:
         if cfg.train.compile:
             model.compile_dense()
         model = parallelize(model, layout)
-        register_expert_parallel(model, layout)
+        register_expert_parallel(model, layout, partition_weights=engine.zero_stage(cfg) == 3)
         return model
 
     def _build_engine(self) -> None:
