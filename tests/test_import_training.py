@@ -1,7 +1,7 @@
 """Training an imported model: the step-0 checkpoint under every layout, and the way back out.
 
 - ``moetrain train RUN_DIR/config.yaml`` of an import trained 10 steps under ``torchrun`` with 2 ranks
-  and ``moe.expert_parallel_size=2`` (ZeRO-1 and ZeRO-2) gives the single-process losses within 1e-5
+  and ``moe.expert_parallel_size=2`` (ZeRO-1, 2 and 3) gives the single-process losses within 1e-5
   (relative); stopped at step 5 under (2 ranks, EP 2, ZeRO-2) and resumed on one process (EP 1, ZeRO-0),
   it gives them too (the tolerance and reference as tests/test_expert_parallel.py's);
 - on each rank of an expert-parallel job the load reads only the experts that rank holds;
@@ -89,7 +89,7 @@ def single(imported):
 EP = ["train.micro_batch_size=2", "moe.expert_parallel_size=2"]
 
 
-@pytest.mark.parametrize("zero", [1, 2])
+@pytest.mark.parametrize("zero", [1, 2, 3])
 def test_an_import_trained_under_ep_2_gives_the_single_process_losses(imported, single, zero):
     run = copy_run(imported, f"ep-zero{zero}")
     train(run, *EP, f"deepspeed.zero_optimization.stage={zero}", nproc=2)
