@@ -156,3 +156,15 @@ def test_bad_input_is_one_error_and_writes_nothing(case, sources, tmp_path, caps
     else:
         assert not (tmp_path / "run").exists()
     assert not list(tmp_path.glob(".run.*"))  # no temporary folder left beside it
+
+
+def test_an_upcycled_model_exports_as_mixtral_which_computes_the_dense_model(sources, tmp_path):
+    """Top-k of a softmax with renormalised gates, SwiGLU experts in every block: Mixtral's own MoE."""
+    transformers = pytest.importorskip("transformers")
+    hf, src = sources["llama"]
+    assert main(["upcycle", str(src), str(tmp_path / "run"), "--method", "sparse", "--num-experts", "4",
+                 "--top-k", "2"]) == 0  # fmt: skip
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(exported).__name__ == "MixtralForCausalLM"
+    assert max_difference(hf, exported) <= 1e-5

@@ -104,3 +104,19 @@ def test_the_worked_example_fine_tunes_on_chat_data_alike_on_one_process_and_und
             assert abs(ep[key][step] - value) <= 1e-5 * abs(value), (key, step, value, ep[key][step])
     val = one["val_loss"]
     assert val[STEPS] < val[3] < val[0], val
+
+
+def test_stablemoe_routing_starts_from_an_upcycled_model_and_switches(tmp_path):
+    """``moe.router={kind: stablemoe, ...}`` at upcycle time: a fresh StableMoE router over the copies (its
+    sigmoid gate makes step 0 differ from the dense model); stage 2 starts at stage1_steps."""
+    dense, upcycled = tmp_path / "dense_tiny", tmp_path / "upcycle_tiny"
+    made = subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_dense.py"), str(dense)],
+                          capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=120)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-3000:]
+    router = "moe.router={kind: stablemoe, stage1_steps: 2}"
+    assert main(["upcycle", str(dense), str(upcycled), "--method", "sparse", "--num-experts", "4", "--top-k", "1",
+                 router]) == 0  # fmt: skip
+    stable = ["moe.router={kind: stablemoe, stage1_steps: 2}", "moe.layers=[0, 1]", "moe.num_experts=4"]
+    finetune(upcycled, tmp_path / "run", "train.micro_batch_size=8", *stable)
+    switched = [r for r in read_metrics(tmp_path / "run") if "moe/switch_step" in r]
+    assert switched and switched[0]["moe/switch_step"] == 2
