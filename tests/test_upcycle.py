@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+from conftest import train_ok
 from hf_dense import DENSE, dense_folder, dense_model
 from hf_runs import bpe_tokenizer
 from hf_tiny import tokens
@@ -168,3 +169,39 @@ def test_an_upcycled_model_exports_as_mixtral_which_computes_the_dense_model(sou
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(exported).__name__ == "MixtralForCausalLM"
     assert max_difference(hf, exported) <= 1e-5
+
+
+DENSE_RUN = ["moe=null", "model.arch=llama", "train.steps=2", "train.eval_interval=0", "checkpoint.interval=2"]
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory, data_cache):
+    """A moetrain run of a dense Llama-style model (byte tokenizer), trained 2 steps."""
+    run = tmp_path_factory.mktemp("dense_run") / "run"
+    train_ok(run, data_cache, *DENSE_RUN)
+    return run
+
+
+def test_a_dense_moetrain_run_upcycles_into_its_own_function(dense_run, tmp_path):
+    dense = load_checkpoint(dense_run).model
+    x = torch.randint(0, 257, (3, 16), generator=torch.Generator().manual_seed(0))
+    for name, srcs, flags in (("sparse", [dense_run], ["--method", "sparse", "--num-experts", "4", "--top-k", "2"]),
+                              ("btx", [dense_run, dense_run], ["--method", "btx", "--top-k", "1"])):  # fmt: skip
+        assert main(["upcycle", *map(str, srcs), str(tmp_path / name), *flags]) == 0
+        loaded = load_checkpoint(tmp_path / name)
+        assert loaded.cfg.data.tokenizer == "byte" and not (tmp_path / name / "tokenizer").exists()
+        with torch.no_grad():
+            assert (dense(x).logits - loaded.model(x).logits).abs().max().item() <= 1e-5
+
+
+def test_a_run_with_experts_or_another_ffn_is_refused(dense_run, tmp_path, data_cache, capsys):
+    flags = ["--method", "sparse", "--num-experts", "2", "--top-k", "1"]
+    assert main(["upcycle", str(dense_run), str(tmp_path / "moe"), *flags]) == 0
+    capsys.readouterr()
+    assert main(["upcycle", str(tmp_path / "moe"), str(tmp_path / "again"), *flags]) == 2
+    assert "the run's model has experts (moe is set)" in capsys.readouterr().err
+    gelu = tmp_path / "gelu"
+    train_ok(gelu, data_cache, *DENSE_RUN, "model.arch=gpt2")
+    assert main(["upcycle", str(gelu), str(tmp_path / "out"), *flags]) == 2
+    assert "model.ffn_type = 'gelu'" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists() and not (tmp_path / "out").exists()

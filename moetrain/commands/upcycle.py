@@ -9,14 +9,14 @@ from pathlib import Path
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "upcycle",
-        help="dense Hugging Face models (Llama, Qwen2, Qwen3) as an MoE run directory: sparse upcycling, granular "
+        help="dense Hugging Face models (Llama, Qwen2, Qwen3) or dense moetrain runs as an MoE run directory: sparse upcycling, granular "
         "upcycling or BTX (docs/finetuning.md)",
     )
     p.add_argument(
         "paths",
         nargs="+",
         metavar="SRC [SRC ...] RUN_DIR",
-        help="the dense model folders (btx: one per expert), then the run directory to create (new or empty); "
+        help="the dense model folders or run directories (btx: one per expert), then the run directory to create (new or empty); "
         "key=value overrides may follow (train.*, optim.*, data.*, moe.router.*, ...)",
     )
     p.add_argument("--method", choices=("sparse", "granular", "btx"), required=True)

@@ -1,7 +1,8 @@
 """``moetrain upcycle SRC [SRC ...] RUN_DIR --method sparse|granular|btx ...``: dense checkpoints -> an MoE run.
 
 Each SRC is a local dense Hugging Face folder (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``: :mod:`moetrain.hf.families.dense`). RUN_DIR becomes a run directory as
+``Qwen3ForCausalLM``: :mod:`moetrain.hf.families.dense`) or a moetrain run of a dense model
+(:mod:`moetrain.hf.upcycle_sources`). RUN_DIR becomes a run directory as
 ``moetrain import`` writes one (:mod:`moetrain.hf.import_run`): ``config.yaml`` with the MoE model,
 ``checkpoints/step_000000/`` (weights only), ``tokenizer/`` (the first source's) and ``upcycle.json`` (what
 was done). The methods (docs/finetuning.md):
@@ -25,12 +26,11 @@ the run directory is built in a temporary folder beside RUN_DIR and renamed into
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,14 +41,11 @@ from moetrain.config.data import DataConfig
 from moetrain.config.loading import parse_overrides
 from moetrain.config.routers import TopKRouterConfig
 from moetrain.errors import UserError
-from moetrain.hf.families import dense_family_for
-from moetrain.hf.families.base import UnsupportedConfigError
 from moetrain.hf.families.decoder import sections
 from moetrain.hf.import_run import check_run_dir
 from moetrain.hf.plan import ImportPlan, make_plan
 from moetrain.hf.run_files import TOKENIZER_DIR
-from moetrain.hf.source import HFSource, read_source
-from moetrain.hf.tokenizer import check_tokenizer, copy_tokenizer, tokenizer_files
+from moetrain.hf.upcycle_sources import Source, TokenizerOrigin, check_alike, check_tokenizer_fits, open_source
 from moetrain.hf.upcycle_weights import Layout, upcycle_entries, write_entries
 from moetrain.training.resume_checks import model_differences
 
@@ -82,32 +79,33 @@ def upcycle(
     run_dir = run_dir.resolve()
     check_run_dir(run_dir)  # 1.
     _check_count(srcs, spec)
-    sources = [read_source(src) for src in srcs]  # 2.
-    dense = [_dense_sections(s, i, len(srcs)) for i, s in enumerate(sources)]
-    _check_alike(srcs, dense)
-    layout = _layout(spec, len(srcs), dense[0]["model"]["d_ff"])  # 3.
-    cfg = _job_config(dense[0]["model"], _moe_section(spec, layout, dense[0]["model"]), run_dir, overrides or [])
+    sources = [open_source(p, "SRC" if len(srcs) == 1 else f"SRC {i + 1} ({p})") for i, p in enumerate(srcs)]  # 2.
+    own_tokenizer = "tokenizer" not in parse_overrides(overrides or []).get("data", {})
+    if not own_tokenizer:  # another tokenizer for the run: the sources' need not agree
+        sources = [replace(s, tokenizer=TokenizerOrigin(setting="(overridden)")) for s in sources]
+    check_alike(sources)
+    model = sources[0].sections["model"]
+    layout = _layout(spec, len(srcs), model["d_ff"])  # 3.
+    tokenizer = sources[0].tokenizer
+    cfg = _job_config(model, _moe_section(spec, layout, model), run_dir, _tokenizer_setting(tokenizer, overrides))
     _check_router(cfg, layout)
-    plans = [_plan(s, d) for s, d in zip(sources, dense)]
-    own_tokenizer = "tokenizer" not in parse_overrides(overrides or []).get("data", {})  # 4.
-    tokenizer = tokenizer_files(srcs[0]) if own_tokenizer else []
-    if own_tokenizer:
-        _check_same_tokenizer(srcs, tokenizer)
-    about_tokenizer = check_tokenizer(srcs[0], cfg.model.vocab_size) if own_tokenizer else ""
-    files = upcycle_entries(cfg.model, cfg.moe, plans, [s.reader() for s in sources], layout)
+    plans = [_plan(s) for s in sources]
+    about_tokenizer = check_tokenizer_fits(sources[0], cfg.model.vocab_size) if own_tokenizer else ""  # 4.
+    files = upcycle_entries(cfg.model, cfg.moe, plans, [s.tensors.reader() for s in sources], layout)
     tmp = run_dir.with_name(f".{run_dir.name}.upcycle-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)  # 5.
         log(f"upcycling {', '.join(map(str, srcs))} ({spec.method}): {cfg.moe.num_experts} experts, top "
-            f"{cfg.moe.router.top_k if isinstance(cfg.moe.router, TopKRouterConfig) else '-'}, "
-            f"MoE blocks {cfg.moe.moe_blocks(cfg.model.n_layers)}")  # fmt: skip
+            f"{getattr(cfg.moe.router, 'top_k', '-')}, MoE blocks {cfg.moe.moe_blocks(cfg.model.n_layers)}")  # fmt: skip
+        if own_tokenizer and tokenizer.files:
+            (tmp / TOKENIZER_DIR).mkdir()
+            for name, path in tokenizer.files.items():
+                shutil.copyfile(path, tmp / TOKENIZER_DIR / name)
         if own_tokenizer:
-            copy_tokenizer(srcs[0], tmp / TOKENIZER_DIR, tokenizer)
-            log(f"tokenizer: {', '.join(tokenizer)} ({about_tokenizer})")
+            log(f"tokenizer: {', '.join(tokenizer.files) or tokenizer.setting} ({about_tokenizer})")
         (tmp / "config.yaml").write_text(dump_config(cfg))
-        record = {"sources": [str(s.resolve()) for s in srcs],
-                  "architectures": [dense_family_for(s.config.get("model_type")).ARCHITECTURE for s in sources],
+        record = {"sources": [str(s.resolve()) for s in srcs], "architectures": [s.family.ARCHITECTURE for s in sources],
                   **asdict(spec), "num_experts": layout.num_experts}  # fmt: skip
         (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
         ckpt = folders.checkpoint_dir(tmp, 0)
@@ -129,6 +127,12 @@ def upcycle(
     log(f"upcycled into {run_dir}; train it: moetrain train {run_dir / 'config.yaml'}")
 
 
+def _tokenizer_setting(tokenizer: TokenizerOrigin, overrides: list[str] | None) -> list[str]:
+    """The overrides, led by ``data.tokenizer`` where the source's is a setting, not files to copy."""
+    lead = [f"data.tokenizer={tokenizer.setting}"] if not tokenizer.files and tokenizer.setting else []
+    return [*lead, *(overrides or [])]
+
+
 def _check_count(srcs: list[Path], spec: UpcycleSpec) -> None:
     if spec.method == "btx" and len(srcs) < 2:
         raise UserError(f"--method btx merges 2 or more specialists (one per expert); got {len(srcs)} SRC")
@@ -136,27 +140,6 @@ def _check_count(srcs: list[Path], spec: UpcycleSpec) -> None:
         raise UserError(f"--method {spec.method} upcycles one dense model; got {len(srcs)} SRCs (btx merges several)")
     if spec.granularity != 1 and spec.method != "granular":
         raise UserError(f"--granularity ({spec.granularity}) applies to --method granular only")
-
-
-def _dense_sections(source: HFSource, i: int, n: int) -> dict[str, Any]:
-    where = "SRC" if n == 1 else f"SRC {i + 1} ({source.folder})"
-    try:
-        family = dense_family_for(source.config.get("model_type"))
-        return family.to_moetrain(source.config)
-    except UnsupportedConfigError as exc:
-        raise UserError(f"{where}: {exc}") from None
-
-
-def _check_alike(srcs: list[Path], dense: list[dict[str, Any]]) -> None:
-    """BTX: every specialist the first one's shape and function (its init_std aside)."""
-    first = dense[0]["model"]
-    for i, other in enumerate(dense[1:], start=2):
-        for field, value in first.items():
-            if field != "init_std" and other["model"].get(field) != value:
-                raise UserError(
-                    f"SRC {i} ({srcs[i - 1]}): model.{field} = {other['model'].get(field)!r}, but SRC 1 ({srcs[0]}) "
-                    f"has {value!r}: BTX specialists must be fine-tuned from one seed model (the same shapes)"
-                )
 
 
 def _layout(spec: UpcycleSpec, n_sources: int, d_ff: int) -> Layout:
@@ -236,22 +219,6 @@ def _check_router(cfg: JobConfig, layout: Layout) -> None:
         )
 
 
-def _plan(source: HFSource, dense: dict[str, Any]) -> ImportPlan:
-    model, _ = sections(dense["model"], None)
-    family = dense_family_for(source.config.get("model_type"))
-    return make_plan(family, source.config, source, model, None)
-
-
-def _check_same_tokenizer(srcs: list[Path], names: list[str]) -> None:
-    """BTX: every specialist reads tokens as the first one does (the same tokenizer files, byte for byte)."""
-    digests = {n: hashlib.sha256((srcs[0] / n).read_bytes()).hexdigest() for n in names}
-    for i, src in enumerate(srcs[1:], start=2):
-        theirs = tokenizer_files(src)
-        differ = sorted(set(names) ^ set(theirs)) or [
-            n for n in names if hashlib.sha256((src / n).read_bytes()).hexdigest() != digests[n]
-        ]
-        if differ:
-            raise UserError(
-                f"SRC {i} ({src}): its tokenizer differs from SRC 1's ({', '.join(differ)}): BTX specialists must "
-                "share the seed model's tokenizer"
-            )
+def _plan(source: Source) -> ImportPlan:
+    model, _ = sections(source.sections["model"], None)
+    return make_plan(source.family, source.tensors.config, source.tensors, model, None)
