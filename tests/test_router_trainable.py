@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import train_ok
+from conftest import run_train, train_ok
 
 from moetrain.config import config_from_dict
 from moetrain.inference.loading import load_checkpoint
@@ -58,3 +58,18 @@ def test_router_weights_stay_while_experts_train_through_a_resume(tmp_path, data
         assert torch.equal(first[name], last[name]), name
     experts = [n for n in first if ".experts." in n]
     assert all(not torch.equal(first[n], last[n]) for n in experts)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(400)
+def test_a_frozen_router_stays_under_ep_2_and_zero_2(tmp_path, data_cache):
+    """ZeRO-2 steps flat partitions of the parameters in its groups: the frozen router is in none."""
+    run = tmp_path / "run"
+    frozen = ["moe.router={kind: topk, top_k: 2, trainable: false}", "checkpoint.interval=2", "checkpoint.keep_last=5",
+              "train.eval_interval=0", "train.steps=4", "train.micro_batch_size=2", "moe.expert_parallel_size=2",
+              "deepspeed.zero_optimization.stage=2"]  # fmt: skip
+    proc = run_train(run, data_cache, *frozen, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first, last = _weights(run, 2), _weights(run, 4)
+    assert all(torch.equal(first[n], last[n]) for n in first if ".router." in n)
+    assert all(not torch.equal(first[n], last[n]) for n in first if ".experts." in n)
