@@ -205,3 +205,14 @@ def test_a_run_with_experts_or_another_ffn_is_refused(dense_run, tmp_path, data_
     assert main(["upcycle", str(gelu), str(tmp_path / "out"), *flags]) == 2
     assert "model.ffn_type = 'gelu'" in capsys.readouterr().err
     assert not (tmp_path / "again").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_router_override_that_breaks_step_0_is_named(sources, tmp_path, capsys):
+    _, src = sources["llama"]
+    flags = ["--method", "sparse", "--num-experts", "4", "--top-k", "1"]
+    assert main(["upcycle", str(src), str(tmp_path / "a"), *flags, "moe.router.renormalize=false"]) == 0
+    assert "NOTE: step 0 will not compute the dense model: moe.router.renormalize = False" in capsys.readouterr().out
+    granular = ["--method", "granular", "--num-experts", "4", "--top-k", "2", "--granularity", "2"]
+    assert main(["upcycle", str(src), str(tmp_path / "b"), *granular, "moe.router.top_k=3"]) == 2
+    assert "top_k a multiple of --granularity (2)" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -75,47 +75,60 @@ def upcycle(
     log: Callable[[str], None] = print,
 ) -> None:  # fmt: skip
     """1. RUN_DIR; 2. the sources (family, dense sections, tensors planned and checked; BTX: all alike);
-    3. the layout and the job config; 4. the tokenizer; 5. write into a temp folder; 6. rename."""
+    3. the layout and the job config; 4. the tokenizer; 5. write into a temp folder and rename it."""
     run_dir = run_dir.resolve()
     check_run_dir(run_dir)  # 1.
     _check_count(srcs, spec)
     sources = [open_source(p, "SRC" if len(srcs) == 1 else f"SRC {i + 1} ({p})") for i, p in enumerate(srcs)]  # 2.
     own_tokenizer = "tokenizer" not in parse_overrides(overrides or []).get("data", {})
-    if not own_tokenizer:  # another tokenizer for the run: the sources' need not agree
-        sources = [replace(s, tokenizer=TokenizerOrigin(setting="(overridden)")) for s in sources]
+    if not own_tokenizer:  # the run reads another tokenizer: the sources' need not agree
+        sources = [replace(s, tokenizer=TokenizerOrigin()) for s in sources]
     check_alike(sources)
     model = sources[0].sections["model"]
     layout = _layout(spec, len(srcs), model["d_ff"])  # 3.
     tokenizer = sources[0].tokenizer
     cfg = _job_config(model, _moe_section(spec, layout, model), run_dir, _tokenizer_setting(tokenizer, overrides))
-    _check_router(cfg, layout)
+    not_dense = _check_router(cfg, layout)
     plans = [_plan(s) for s in sources]
     about_tokenizer = check_tokenizer_fits(sources[0], cfg.model.vocab_size) if own_tokenizer else ""  # 4.
     files = upcycle_entries(cfg.model, cfg.moe, plans, [s.tensors.reader() for s in sources], layout)
-    tmp = run_dir.with_name(f".{run_dir.name}.upcycle-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)  # 5.
-        log(f"upcycling {', '.join(map(str, srcs))} ({spec.method}): {cfg.moe.num_experts} experts, top "
-            f"{getattr(cfg.moe.router, 'top_k', '-')}, MoE blocks {cfg.moe.moe_blocks(cfg.model.n_layers)}")  # fmt: skip
+    record = {"sources": [str(s.resolve()) for s in srcs], "architectures": [s.family.ARCHITECTURE for s in sources],
+              **asdict(spec), "num_experts": layout.num_experts}  # fmt: skip
+    log(f"upcycling {', '.join(map(str, srcs))} ({spec.method}): {cfg.moe.num_experts} experts, top "
+        f"{getattr(cfg.moe.router, 'top_k', '-')}, MoE blocks {cfg.moe.moe_blocks(cfg.model.n_layers)}")  # fmt: skip
+    if not_dense:
+        log(f"NOTE: step 0 will not compute the dense model: {not_dense}")
+    if own_tokenizer:
+        log(f"tokenizer: {', '.join(tokenizer.files) or tokenizer.setting} ({about_tokenizer})")
+
+    def write(tmp: Path) -> None:
         if own_tokenizer and tokenizer.files:
             (tmp / TOKENIZER_DIR).mkdir()
             for name, path in tokenizer.files.items():
                 shutil.copyfile(path, tmp / TOKENIZER_DIR / name)
-        if own_tokenizer:
-            log(f"tokenizer: {', '.join(tokenizer.files) or tokenizer.setting} ({about_tokenizer})")
         (tmp / "config.yaml").write_text(dump_config(cfg))
-        record = {"sources": [str(s.resolve()) for s in srcs], "architectures": [s.family.ARCHITECTURE for s in sources],
-                  **asdict(spec), "num_experts": layout.num_experts}  # fmt: skip
         (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
         ckpt = folders.checkpoint_dir(tmp, 0)
         staging = folders.temp_dir(ckpt)
         staging.mkdir(parents=True)
         write_entries(files, staging, log)
         folders.commit(staging, ckpt, initial_state(cfg.model_dump(mode="json"), {"upcycled": record}))
+
+    _write_in_place_of(run_dir, write)  # 5.
+    log(f"upcycled into {run_dir}; train it: moetrain train {run_dir / 'config.yaml'}")
+
+
+def _write_in_place_of(run_dir: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary folder beside ``run_dir`` (new or empty), then renamed to it: RUN_DIR
+    is complete or absent; a failure removes the temporary folder."""
+    tmp = run_dir.with_name(f".{run_dir.name}.upcycle-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
         if run_dir.is_dir():
-            run_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, run_dir)  # 6.
+            run_dir.rmdir()  # empty (checked before)
+        os.replace(tmp, run_dir)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(
@@ -124,7 +137,6 @@ def upcycle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"upcycled into {run_dir}; train it: moetrain train {run_dir / 'config.yaml'}")
 
 
 def _tokenizer_setting(tokenizer: TokenizerOrigin, overrides: list[str] | None) -> list[str]:
@@ -210,13 +222,26 @@ def _job_config(model: dict, moe: dict, run_dir: Path, overrides: list[str]) -> 
     return cfg
 
 
-def _check_router(cfg: JobConfig, layout: Layout) -> None:
-    """Granular needs a top-k router (the slices of one copy tie, see :func:`router_values`)."""
-    if layout.granularity > 1 and not isinstance(cfg.moe.router, TopKRouterConfig):
+def _check_router(cfg: JobConfig, layout: Layout) -> str | None:
+    """Granular needs a top-k router choosing whole copies (the slices of one copy tie, see
+    :func:`~moetrain.hf.upcycle_weights.router_values`); refused otherwise. Returns why step 0 will not be
+    the dense model when a router override makes it so (None: it will be)."""
+    r, G = cfg.moe.router, layout.granularity
+    if G > 1 and not (isinstance(r, TopKRouterConfig) and r.top_k % G == 0):
         raise UserError(
-            f"--method granular needs moe.router.kind topk (got {cfg.moe.router.kind}): its slices of one copy share "
-            "a router row so that a token chooses whole copies"
+            f"--method granular needs moe.router.kind topk with top_k a multiple of --granularity ({G}) (got "
+            f"{r.kind}, top_k {getattr(r, 'top_k', None)}): its slices of one copy share a router row so that a "
+            "token chooses whole copies"
         )
+    if not isinstance(r, TopKRouterConfig):
+        return f"moe.router.kind {r.kind} (the exact router: topk, renormalized)"
+    exact = {"renormalize": True, "gate_scale": float(G)}
+    for name, value in exact.items():
+        if getattr(r, name) != value:
+            return f"moe.router.{name} = {getattr(r, name)!r} (exact: {value!r})"
+    if cfg.moe.capacity_factor is not None:
+        return f"moe.capacity_factor = {cfg.moe.capacity_factor} drops tokens (exact: null)"
+    return None
 
 
 def _plan(source: Source) -> ImportPlan:
