@@ -20,6 +20,9 @@ DENSE = {
                                       head_dim=12)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
               dict(intermediate_size=48, num_key_value_heads=2)),
+    "qwen2-window-tied": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+                          dict(intermediate_size=48, use_sliding_window=True, sliding_window=64, max_window_layers=1,
+                               tie_word_embeddings=True, num_key_value_heads=4)),
     "qwen3-bias": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
                    dict(intermediate_size=48, head_dim=12, attention_bias=True, num_key_value_heads=4)),
 }  # fmt: skip

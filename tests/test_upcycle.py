@@ -123,6 +123,13 @@ def _break(case: str, src, tmp_path) -> list[str]:
         config = json.loads((tmp_path / "other" / "config.json").read_text())
         (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
         return [str(tmp_path / "other"), *sparse]
+    if case == "field":
+        dense_folder(tmp_path / "other", "qwen2")
+        config = json.loads((tmp_path / "other" / "config.json").read_text())
+        slides = {"use_sliding_window": True, "sliding_window": 16,
+                  "layer_types": ["sliding_attention", "full_attention", "full_attention"]}  # fmt: skip
+        (tmp_path / "other" / "config.json").write_text(json.dumps({**config, **slides}))
+        return [str(tmp_path / "other"), *sparse]
     if case == "top-k":
         return [str(src), "--method", "sparse", "--num-experts", "4", "--top-k", "5"]
     if case == "granularity":
@@ -137,6 +144,7 @@ ERRORS = {
     "specialist-shapes": "model.d_ff = 64, but SRC 1",
     "specialist-tokenizer": "its tokenizer differs from SRC 1's (tokenizer.json, tokenizer_config.json)",
     "architecture": "model_type = 'mistral': not a supported dense family; supported: llama, qwen2, qwen3",
+    "field": "config.json field sliding_window = 16: sliding-window attention is not supported",
     "top-k": "--top-k (5) must be between 1 and --num-experts (4)",
     "granularity": "--granularity (5) must divide the dense FFN width (intermediate_size 48)",
     "run-dir-not-empty": "already holds files",
