@@ -224,3 +224,27 @@ def test_a_router_override_that_breaks_step_0_is_named(sources, tmp_path, capsys
     assert main(["upcycle", str(src), str(tmp_path / "b"), *granular, "moe.router.top_k=3"]) == 2
     assert "top_k a multiple of --granularity (2)" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_failure_while_writing_leaves_nothing(sources, tmp_path, capsys, monkeypatch):
+    """The disk fills at the 5th tensor (as tests/test_import_errors.py): one message, exit 2, no RUN_DIR
+    and no temporary folder."""
+    from moetrain.checkpoint import streaming
+
+    _, src = sources["llama"]
+    write, count = streaming.SafetensorsWriter.write, []
+
+    def failing(self, key, tensor):
+        count.append(key)
+        if len(count) == 5:
+            raise OSError(28, "No space left on device")
+        write(self, key, tensor)
+
+    monkeypatch.setattr(streaming.SafetensorsWriter, "write", failing)
+    capsys.readouterr()
+    code = main(
+        ["upcycle", str(src), str(tmp_path / "run"), "--method", "sparse", "--num-experts", "2", "--top-k", "1"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "No space left on device" in err, err
+    assert len(count) == 5 and not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.upcycle-*"))
