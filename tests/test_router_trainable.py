@@ -51,6 +51,9 @@ def test_router_weights_stay_while_experts_train_through_a_resume(tmp_path, data
     ]
     train_ok(run, data_cache, "train.steps=4", *frozen)
     train_ok(run, data_cache, "train.steps=6", *frozen)  # resumes from step 4
+    unfrozen = [f.replace("trainable: false", "trainable: true") for f in frozen]
+    refused = train_ok(run, data_cache, "train.steps=8", *unfrozen, expect=2)  # the optimizer state has no router
+    assert "moe.router.trainable: False -> True" in refused.stderr
     first, last = _weights(run, 2), _weights(run, 6)
     routers = [n for n in first if ".router." in n]
     assert routers
