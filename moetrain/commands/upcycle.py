@@ -9,13 +9,15 @@ from pathlib import Path
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "upcycle",
+        usage="moetrain upcycle SRC [SRC ...] RUN_DIR --method {sparse,granular,btx} --top-k K [--num-experts E] "
+        "[--granularity G] [--every N] [--noise S] [--seed SEED] [key=value ...]",
         help="dense Hugging Face models (Llama, Qwen2, Qwen3) or dense moetrain runs as an MoE run directory: sparse upcycling, granular "
         "upcycling or BTX (docs/finetuning.md)",
     )
     p.add_argument(
         "paths",
         nargs="+",
-        metavar="SRC [SRC ...] RUN_DIR",
+        metavar="PATH",
         help="the dense model folders or run directories (btx: one per expert), then the run directory to create (new or empty); "
         "key=value overrides may follow (train.*, optim.*, data.*, moe.router.*, ...)",
     )
@@ -36,7 +38,9 @@ def run_upcycle(args: argparse.Namespace) -> int:
     paths = [a for a in args.paths if "=" not in a]
     overrides = [a for a in args.paths if "=" in a] + list(args.overrides)
     if len(paths) < 2:
-        raise UserError("upcycle needs SRC and RUN_DIR")
+        raise UserError(
+            f"upcycle takes SRC [SRC ...] RUN_DIR, got {len(paths)} path(s): give the dense model(s), then RUN_DIR"
+        )
     spec = UpcycleSpec(args.method, args.num_experts, args.top_k, args.granularity, args.every, args.noise, args.seed)
     upcycle([Path(p) for p in paths[:-1]], Path(paths[-1]), spec, overrides, log=lambda line: print(line, flush=True))
     return 0
