@@ -59,6 +59,11 @@ class TopKRouterConfig(StrictModel):
     gate_scale: float = Field(
         1.0, gt=0.0, description="multiplies every gate, after renormalize (DeepSeek-V3's routed_scaling_factor)"
     )
+    trainable: bool = Field(
+        True,
+        description="false: the router's parameters are frozen (requires_grad false, in no optimizer group); its "
+        "gates still scale the experts' outputs and the backbone still learns through them (docs/finetuning.md)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TopKRouterConfig:
@@ -161,6 +166,11 @@ class BaseLayerRouterConfig(StrictModel):
         0.02, gt=0.0, description="auction: eps as a fraction of the score range (code: 1/50)"
     )
     init_gain: float = Field(0.1, gt=0.0, description="gain of the orthogonal init of the centroids")
+    trainable: bool = Field(
+        True,
+        description="false: the router's parameters are frozen (requires_grad false, in no optimizer group); its "
+        "gates still scale the experts' outputs and the backbone still learns through them (docs/finetuning.md)",
+    )
 
 
 class HashRouterConfig(StrictModel):
@@ -184,6 +194,11 @@ class ExpertChoiceRouterConfig(StrictModel):
     )
     capacity_factor: float = Field(1.0, gt=0.0, description="scales C (the paper: 1 and 2)")
     init_std: float = Field(0.02, gt=0.0)
+    trainable: bool = Field(
+        True,
+        description="false: the router's parameters are frozen (requires_grad false, in no optimizer group); its "
+        "gates still scale the experts' outputs and the backbone still learns through them (docs/finetuning.md)",
+    )
 
 
 ROUTER_CONFIGS: list[type[StrictModel]] = [

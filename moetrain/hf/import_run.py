@@ -50,7 +50,7 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] | None = None, log:
     planned and checked; 5. the tokenizer, loaded; 6. write into a temp folder (``log`` says each file as it
     is written); 7. rename."""
     run_dir = run_dir.resolve()
-    _check_run_dir(run_dir)  # 1.
+    check_run_dir(run_dir)  # 1.
     source = read_source(src)  # 2.
     family = _family(source.config)
     try:
@@ -97,7 +97,7 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] | None = None, log:
     log(f"imported into {run_dir}; train it: moetrain train {run_dir / 'config.yaml'}")
 
 
-def _check_run_dir(run_dir: Path) -> None:
+def check_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"RUN_DIR: {str(run_dir)!r} is a file; give a new or empty folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):

@@ -60,6 +60,7 @@ TRAINING_ONLY = (
     "moe.router.z_loss_coeff",
     "moe.router.seq_aux_coeff",
     "moe.router.bias_update_rate",
+    "moe.router.trainable",  # which parameters the optimizer steps, not their values
 )
 
 

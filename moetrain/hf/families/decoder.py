@@ -38,8 +38,18 @@ def refuse(field: str, value: Any, why: str) -> UnsupportedConfigError:
 
 
 def check_common(f: Fields, model_types: tuple[str, ...], default_theta: float) -> None:
-    """The checks every family makes: model type, plain weights, SiLU, no attention dropout, rotary
-    positions moetrain computes, head counts, top-k."""
+    """The checks every family makes: :func:`check_backbone`, and the experts and top-k."""
+    check_backbone(f, model_types, default_theta)
+    experts, top_k = f["num_experts"], f["num_experts_per_tok"]
+    if experts < 1:
+        raise refuse("num_experts", experts, "a model without experts is not supported; supported: 1 or more")
+    if not 1 <= top_k <= experts:
+        raise refuse("num_experts_per_tok", top_k, f"must be between 1 and the number of experts ({experts})")
+
+
+def check_backbone(f: Fields, model_types: tuple[str, ...], default_theta: float) -> None:
+    """What the MoE families and the dense ones (:mod:`.dense`) check alike: model type, plain weights,
+    SiLU, no attention dropout, rotary positions moetrain computes, head counts."""
     if f.raw.get("model_type") not in model_types:
         raise refuse("model_type", f.raw.get("model_type"), f"this mapping reads {' or '.join(model_types)}")
     if f.raw.get("quantization_config") is not None:
@@ -62,11 +72,6 @@ def check_common(f: Fields, model_types: tuple[str, ...], default_theta: float) 
         raise refuse("num_key_value_heads", kv_heads, f"must divide num_attention_heads ({heads})")
     if head_dim_of(f) % 2:
         raise refuse("head_dim", head_dim_of(f), "rotary positions need an even head dim")
-    experts, top_k = f["num_experts"], f["num_experts_per_tok"]
-    if experts < 1:
-        raise refuse("num_experts", experts, "a model without experts is not supported; supported: 1 or more")
-    if not 1 <= top_k <= experts:
-        raise refuse("num_experts_per_tok", top_k, f"must be between 1 and the number of experts ({experts})")
 
 
 def rope(f: Fields, default_theta: float) -> dict[str, Any]:

@@ -62,8 +62,13 @@ def register_router(config: type, build: RouterBuilder) -> None:
 def build_router(
     cfg: RouterConfig, *, d_model: int, num_experts: int, vocab_size: int, backend: KernelBackend
 ) -> Router:
-    """The router for ``cfg``, for one process; ``parallelize`` sets its ``stats_group`` later."""
+    """The router for ``cfg``, for one process; ``parallelize`` sets its ``stats_group`` later. A config
+    with ``trainable: false`` (top-k, expert-choice, BASE) gives a router whose parameters do not require
+    gradients, which :func:`moetrain.training.optim.param_groups` leaves out of the optimizer."""
     build = BUILDERS.get(type(cfg))
     if build is None:
         raise TypeError(f"no router for config {type(cfg).__name__}: register it with register_router")
-    return build(cfg, d_model=d_model, num_experts=num_experts, vocab_size=vocab_size, backend=backend)
+    router = build(cfg, d_model=d_model, num_experts=num_experts, vocab_size=vocab_size, backend=backend)
+    if not getattr(cfg, "trainable", True):  # moe.router.trainable: false -> in no optimizer group (optim.py)
+        router.requires_grad_(False)
+    return router
