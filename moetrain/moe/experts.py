@@ -231,7 +231,9 @@ class GroupedExperts(nn.Module):
         single process and any expert-parallel layout start from identical models.
         """
         d_model, d_hidden = self.w1_SLDF.shape[-2], self.w1_SLDF.shape[-1]
-        base_seed = int(torch.randint(0, 2**62, (1,)).item())
+        base_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+        if self.w1_SLDF.is_meta:  # built on the meta device (moetrain.planning): shapes only, nothing to draw
+            return
         for j in range(self.num_local):
             gen = torch.Generator().manual_seed(base_seed + self.first_expert + j)
 

@@ -12,8 +12,9 @@ import torch
 
 
 def private_generator() -> torch.Generator:
-    """A CPU generator seeded by one draw of the global RNG."""
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+    """A CPU generator seeded by one draw of the global RNG (drawn on the CPU also while the model is
+    built on the meta device, where ``.item()`` has no value to read: moetrain.planning)."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), device="cpu").item()))
 
 
 @torch.no_grad()
