@@ -199,6 +199,7 @@ class Trainer:
                 aux_sum = aux_sum + out.aux_loss.detach()
                 loss_sum = loss_sum + loss.detach()
                 stats.append(out.moe_stats)
+                del out, loss  # the logits (T x V) must not stay alive through the step and the next forward
                 if micro == cfg.train.grad_accum_steps - 1:  # before the update: the non-finite policy
                     if self.own_clipping:
                         self._grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip, self.layout.ep_group)
