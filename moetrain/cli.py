@@ -264,6 +264,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_run_dir_writable(cfg.resolved_run_dir)  # first: before data, model or DeepSpeed setup
     _prepare_process_env()
+    from moetrain.training.offload import check_offload
+
+    check_offload(cfg)  # DeepSpeed's CPU Adam must be buildable before anything heavy starts
     from moetrain.parallel.layout import ParallelLayout, env_rank_world
     from moetrain.training.trainer import Trainer
 

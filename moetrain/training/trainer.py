@@ -18,7 +18,7 @@ from moetrain.parallel.deepspeed_moe import register_expert_parallel
 from moetrain.parallel.grad_norm import clip_grad_norm
 from moetrain.parallel.layout import ParallelLayout
 from moetrain.parallel.parallelize import parallelize
-from moetrain.training import checkpoint, engine, faults, state_io
+from moetrain.training import checkpoint, engine, faults, offload, state_io
 from moetrain.training.balancing import balancing_callbacks
 from moetrain.training.callbacks import (
     Callback,
@@ -118,9 +118,7 @@ class Trainer:
         register_expert_parallel(self.model, layout)
         groups = param_groups(self.model, cfg.optim.weight_decay, layout.ep_size)
         groups = isolate_distilled_params(self.model, groups)  # StableMoE: frozen at the switch
-        optimizer = torch.optim.AdamW(
-            groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=cfg.optim.fused
-        )
+        optimizer = offload.build_optimizer(groups, cfg.optim, offload.offloads(cfg))  # CPU Adam when offloading
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
         ds_config = engine.build_ds_config(cfg, layout.world_size)
         self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config, layout.world_size)  # 4.
