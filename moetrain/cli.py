@@ -1,4 +1,4 @@
-"""``moetrain train | prepare | tokenizer train | validate | eval | generate | export | launch`` — the thin entry point.
+"""``moetrain train | prepare | tokenizer train | validate | plan | eval | generate | export | launch`` — the thin entry point.
 
 Errors in user input (config, data, checkpoint, CLI) print one ``error:`` message and exit with code 2,
 without a traceback.
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config (and the parallel layout) without training")
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=None, help="also check the layout for this many ranks")
+    p.add_argument("--gpu-memory", default=None, help="warn when the planned memory per GPU exceeds this, e.g. 80GB")
+    _add_plan_parser(sub)
     p = sub.add_parser(
         "report",
         help="draw PNG plots (loss, expert load, routing, fluctuation) of run directories; with two or more, "
@@ -102,8 +104,56 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.world_size is not None:
         cfg.check_world_size(args.world_size)
+    _quiet_cpu_accelerator()
+    from moetrain.data.vocab import with_vocab_size
+    from moetrain.planning.command import memory_lines
+    from moetrain.training.offload import check_offload
+
+    check_offload(cfg)
     where = f" for world size {args.world_size}" if args.world_size else ""
     print(f"config ok{where}: {args.config}")
+    try:
+        cfg = with_vocab_size(cfg)
+    except UserError as exc:  # a hub tokenizer not cached here: no estimate, the config is still fine
+        print(f"memory estimate skipped: {exc}")
+        return 0
+    for line in memory_lines(cfg, args.world_size or 1, args.gpu_memory):
+        print(line)
+    return 0
+
+
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="per-GPU memory of a job, itemised, and the layouts that fit, best first (docs/parallelism.md)",
+    )
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1); world size = nodes x gpus")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU (default 80GB; GB = GiB here)")
+    p.add_argument(
+        "--imbalance", type=float, default=2.0, help="the busiest EP rank receives this many times the mean rows"
+    )
+    p.add_argument("--overhead", default="2GB", help="fixed per-GPU overhead: CUDA context, NCCL, slack")
+    p.add_argument("--top", type=int, default=10, help="how many fitting layouts to list")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from moetrain.config import load_config
+
+    # logging does not change memory; a config that enables wandb plans without wandb installed
+    cfg = load_config(args.config, [*args.overrides, "logging.wandb.enabled=false"])
+    from moetrain.planning.request import check_request
+
+    request = check_request(cfg, args.gpus, args.nodes, args.gpu_memory, args.imbalance, args.overhead, args.top)
+    _quiet_cpu_accelerator()
+    from moetrain.data.vocab import with_vocab_size
+    from moetrain.planning.command import plan
+    from moetrain.training.offload import check_offload, cpu_adam_problem
+
+    check_offload(cfg)
+    cfg = with_vocab_size(cfg)
+    print("\n".join(plan(cfg, request, cpu_adam_problem())))
     return 0
 
 
@@ -308,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prepare": cmd_prepare,
         "tokenizer": cmd_tokenizer,
         "validate": cmd_validate,
+        "plan": cmd_plan,
         "report": cmd_report,
         "eval": cmd_eval,
         "generate": cmd_generate,
