@@ -321,11 +321,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     from moetrain.training.trainer import Trainer
 
     cfg.check_world_size(env_rank_world()[1])  # the layout against the launcher's world size
-    layout = ParallelLayout.init(cfg.ep_size, timeout_s=cfg.train.collective_timeout_s)
+    hierarchical = cfg.moe is not None and cfg.moe.dispatch == "hierarchical"
+    layout = ParallelLayout.init(cfg.ep_size, timeout_s=cfg.train.collective_timeout_s, hierarchical=hierarchical)
+    _print_placement(layout, hierarchical)
     trainer = Trainer(cfg, layout)
     trainer.setup()
     trainer.train()
     return 0
+
+
+def _print_placement(layout, hierarchical: bool) -> None:
+    """Rank 0, once: which ranks share a node and where the EP groups lie (docs/launching.md)."""
+    if layout.rank != 0 or layout.world_size == 1:
+        return
+    place = layout.placement
+    print(place.describe(), flush=True)
+    if place.warning:
+        print(place.warning, flush=True)
+    if hierarchical:
+        how = "two-phase" if layout.topology is not None else "flat: its EP groups do not span nodes evenly"
+        print(f"moe.dispatch hierarchical: the token exchange is {how}", flush=True)
 
 
 def _prepare_process_env() -> None:

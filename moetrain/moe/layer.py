@@ -37,6 +37,7 @@ class MoELayer(nn.Module):
         self.null_experts = cfg.null_experts  # AdaMoE: router choices with no compute (ids E .. E+M-1)
         self.capacity_factor = cfg.capacity_factor
         self.ep_overlap = cfg.ep_overlap  # used by parallelize() when the experts are sharded
+        self.dispatch = cfg.dispatch  # flat | hierarchical all-to-all, likewise
         self.backend = select_backend(cfg.kernels)
         self.router = build_router(
             cfg.router,

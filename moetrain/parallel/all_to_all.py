@@ -77,6 +77,7 @@ class AllToAllMeta:
     regroup_R: torch.Tensor  # received row -> position in local-expert order
     num_rows: int  # N = T*K (send buffer rows, including unused ones)
     dropped: torch.Tensor
+    plan: object = None  # the hierarchical exchange's plan (moetrain/parallel/hierarchical.py); flat: None
 
 
 @dataclass
@@ -97,6 +98,32 @@ class PhaseTimes:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class Traffic:
+    """Bytes and messages this rank sends in each exchange phase, within its node and across nodes
+    (a benchmark aid, off by default: ``dispatcher.traffic = Traffic(node of each EP rank)``). Exact:
+    counted from the split sizes; rows a rank keeps for itself are not sent."""
+
+    node_of: tuple[int, ...]  # the node of each rank of the EP group, by EP rank
+    sent: dict[tuple[str, str], int] = field(default_factory=dict)  # (phase, where) -> bytes
+    msgs: dict[tuple[str, str], int] = field(default_factory=dict)  # (phase, where) -> non-empty messages
+
+    def record(self, phase: str, me: int, peers: list[int], splits: list[int], row_bytes: int) -> None:
+        """``peers[j]``: the EP rank that gets ``splits[j]`` rows."""
+        for peer, rows in zip(peers, splits):
+            if peer == me or rows == 0:
+                continue
+            where = "within node" if self.node_of[peer] == self.node_of[me] else "across nodes"
+            self.sent[phase, where] = self.sent.get((phase, where), 0) + rows * row_bytes
+            self.msgs[phase, where] = self.msgs.get((phase, where), 0) + 1
+
+    def bytes(self, phase: str, where: str) -> int:
+        return self.sent.get((phase, where), 0)
+
+    def messages(self, phase: str, where: str) -> int:
+        return self.msgs.get((phase, where), 0)
 
 
 _NO_TIMER = nullcontext()  # reusable: no generator built per phase on the hot path
@@ -132,6 +159,7 @@ class AllToAllDispatcher:
         self.group = group
         self.bytes_sent = 0  # token bytes this rank sent to *other* ranks in forward (the C5 count)
         self.phases: PhaseTimes | None = None  # set to time each phase (bench/ep_phases.py)
+        self.traffic: Traffic | None = None  # set to count each phase's bytes within / across nodes
         self.overlap = overlap
         self._keys: torch.Tensor | None = None  # _own_last_keys, built on first use
 
@@ -140,7 +168,6 @@ class AllToAllDispatcher:
 
         ``own_last``: this rank's own experts sort after every other rank's (the overlapped path), so
         the send buffer is [rows for the other ranks, in rank order][own rows]."""
-        P, L = self.ep_size, self.num_local_experts
         phase, dev = self.phases or _untimed, x_TD.device
         ids_TK = decision.expert_ids_TK
         capacity = expert_capacity(ids_TK.numel(), self.num_experts, self.capacity_factor)
@@ -151,17 +178,42 @@ class AllToAllDispatcher:
             if own_last:  # back to expert order for the count exchange
                 counts_E = counts_E[self._own_last_keys(dev)[: self.num_experts]]
         with phase("count exchange + host sync", dev):  # 2.
-            recv_counts_PL = torch.empty_like(counts_E)
-            pending = dist.all_to_all_single(recv_counts_PL, counts_E.contiguous(), group=self.group, async_op=True)
+            received, pending = self._exchange_counts(counts_E)
         with phase("permute", dev):  # 3.
             x_ND = self.backend.permute(x_TD, rows_TK)
         with phase("count exchange + host sync", dev):
             pending.wait()
-            recv_counts_PL = recv_counts_PL.view(P, L)
-            # NOTE: the one host sync of this layer: split sizes must be Python ints for the collective.
-            send_PL, recv_PL = torch.stack([counts_E.view(P, L), recv_counts_PL]).tolist()
+            send_PL, recv_PL, recv_counts_PL, plan = self._count_tables(counts_E, received)
         dropped = (rows_TK < 0).sum() - null
-        return rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped
+        return rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped, plan
+
+    def _exchange_counts(self, counts_E: torch.Tensor):
+        """Start the count exchange: (the tensor it fills, its pending work)."""
+        recv_counts_E = torch.empty_like(counts_E)
+        return recv_counts_E, dist.all_to_all_single(
+            recv_counts_E, counts_E.contiguous(), group=self.group, async_op=True
+        )
+
+    def _count_tables(self, counts_E: torch.Tensor, received: torch.Tensor):
+        """(rows I send per rank and local expert, rows I receive likewise: both on the host; the received
+        counts on the device; the exchange plan or None)."""
+        P, L = self.ep_size, self.num_local_experts
+        recv_counts_PL = received.view(P, L)
+        # NOTE: the one host sync of this layer: split sizes must be Python ints for the collective.
+        send_PL, recv_PL = torch.stack([counts_E.view(P, L), recv_counts_PL]).tolist()
+        return send_PL, recv_PL, recv_counts_PL, None
+
+    def _send_rows(self, x_ND: torch.Tensor, recv_splits: list[int], send_splits: list[int], plan) -> torch.Tensor:
+        if self.traffic is not None:
+            peers = list(range(self.ep_size))
+            self.traffic.record("dispatch", self.ep_rank, peers, send_splits, x_ND.shape[-1] * x_ND.element_size())
+        return all_to_all(x_ND, recv_splits, send_splits, self.group)
+
+    def _return_rows(self, y_RD: torch.Tensor, send_splits: list[int], recv_splits: list[int], plan) -> torch.Tensor:
+        if self.traffic is not None:
+            peers = list(range(self.ep_size))
+            self.traffic.record("return", self.ep_rank, peers, recv_splits, y_RD.shape[-1] * y_RD.element_size())
+        return all_to_all(y_RD, send_splits, recv_splits, self.group)
 
     def _own_last_keys(self, device: torch.device) -> torch.Tensor:
         """Sort key of each expert id (E + 1 entries; the null id E keeps E): the other ranks' experts
@@ -187,19 +239,19 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision):
         phase, dev = self.phases or _untimed, x_TD.device
-        rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped = self._route(x_TD, decision, own_last=False)
+        rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped, plan = self._route(x_TD, decision, own_last=False)
         send_splits = [sum(r) for r in send_PL]
         recv_splits = [sum(r) for r in recv_PL]
         n_send = sum(send_splits)
         self.bytes_sent += (n_send - send_splits[self.ep_rank]) * x_ND.shape[-1] * x_ND.element_size()
         with phase("token all-to-all", dev):  # 4.
-            x_RD = all_to_all(x_ND[:n_send], recv_splits, send_splits, self.group)
+            x_RD = self._send_rows(x_ND[:n_send], recv_splits, send_splits, plan)
         with phase("regroup", dev):  # 5.
             regroup_R = self._regroup_index(recv_counts_PL, sum(recv_splits))
             x_RD = x_RD.index_select(0, regroup_R)
         counts_L = recv_counts_PL.sum(0)
         num_rows = decision.expert_ids_TK.numel()
-        meta = AllToAllMeta(rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, num_rows, dropped)
+        meta = AllToAllMeta(rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, num_rows, dropped, plan)
         return x_RD, counts_L, meta
 
     def recompute(self, x_TD: torch.Tensor, meta: AllToAllMeta) -> None:
@@ -211,7 +263,7 @@ class AllToAllDispatcher:
         with phase("regroup", dev):  # undo 5.
             y_back_RD = torch.empty_like(y_RD).index_copy(0, meta.regroup_R, y_RD)
         with phase("return all-to-all", dev):  # undo 4.
-            y_sent_ND = all_to_all(y_back_RD, meta.send_splits, meta.recv_splits, self.group)
+            y_sent_ND = self._return_rows(y_back_RD, meta.send_splits, meta.recv_splits, meta.plan)
         with phase("combine", dev):
             pad = meta.num_rows - y_sent_ND.shape[0]
             if pad:
@@ -225,7 +277,7 @@ class AllToAllDispatcher:
             return run_in_sequence(self, x_TD, decision, experts)
         P, me, dev = self.ep_size, self.ep_rank, x_TD.device
         phase = self.phases or _untimed
-        rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped = self._route(x_TD, decision, own_last=True)
+        rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped, _ = self._route(x_TD, decision, own_last=True)
         send_splits = [0 if p == me else sum(send_PL[p]) for p in range(P)]
         recv_splits = [0 if p == me else sum(recv_PL[p]) for p in range(P)]
         n_send, own = sum(send_splits), send_PL[me]
