@@ -401,13 +401,15 @@ def compare(name: str, world: int, ep: int, overrides: list[str]) -> dict:
     busiest = max(ranks, key=lambda r: r.total_peak)  # the rank that would run out of memory first
     device = "cuda" if torch.cuda.is_available() else "cpu"
     est = plan_for(world, ep, overrides, busiest.layer_rows_factors, busiest.rank, device)
+    # NOTE: on the CPU, offloaded state ("host memory") lives in the same allocator as the rest
+    host = est.states if device == "cpu" else None
     planned = {
         "parameters": est.states.parameters,
-        "gradients": est.states.gradients,
-        "optimizer": est.states.optimizer,
+        "gradients": est.states.gradients + (host.host_gradients if host else 0),
+        "optimizer": est.states.optimizer + (host.host_optimizer if host else 0),
         "activations_kept": est.activations_kept,
         "working_set": est.working_set,
-        "total_peak": est.total,
+        "total_peak": est.total + (host.host if host else 0),
     }
     measured = {k: getattr(busiest, k) for k in planned}
     return {

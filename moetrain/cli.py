@@ -104,6 +104,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.world_size is not None:
         cfg.check_world_size(args.world_size)
+    if args.gpu_memory is not None:
+        from moetrain.planning.units import parse_size
+
+        parse_size(args.gpu_memory, "--gpu-memory")  # before anything heavy
     _quiet_cpu_accelerator()
     from moetrain.data.vocab import with_vocab_size
     from moetrain.planning.command import memory_lines

@@ -1,7 +1,6 @@
 """``moetrain plan`` and ``moetrain validate``'s memory lines, from a loaded config and plain values.
 
-Every input is checked here, before the model is built (on the meta device): each bad value is one
-UserError naming the flag, the value and the fix.
+The flags are checked first, without torch (``request.py``); here the model is built on the meta device.
 """
 
 from __future__ import annotations

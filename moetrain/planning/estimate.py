@@ -87,7 +87,7 @@ class Estimate:
     terms: list[Term]  # itemised device memory
     moments: dict[str, int]  # A, B, C as in the module docstring
     total: int  # max(moments) + overhead
-    host: int  # offloaded optimizer state in host memory, per rank
+    host: int  # offloaded optimizer state, fp32 gradients and buffers in host memory, per rank
     states: StateBytes
     activations_kept: int
     working_set: int
@@ -146,7 +146,7 @@ def estimate(cfg: JobConfig, size: ModelSize, layout: Layout, assume: Assumption
         terms=[t for t in terms if t.bytes],
         moments=moments,
         total=max(moments.values()) + overhead,
-        host=states.host_optimizer,
+        host=states.host,
         states=states,
         activations_kept=kept,
         working_set=acts.working_set,

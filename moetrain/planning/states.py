@@ -21,7 +21,8 @@ ZeRO stage  optimizer DeepSpeed builds         what one rank holds
 
 ``flat`` is the group flattened as ZeRO does it: each parameter but the last padded to 16 bytes,
 the whole padded to a multiple of 2*dp elements. With ``offload_optimizer`` (ZeRO-1/2) the fp32
-master, the moments and the fp32 gradients live in host memory, beside a bit16 copy of the partition.
+master, the moments and the fp32 gradients of the partition live in host memory, beside a bit16 copy
+of the partition, and the GPU keeps no gradient past backward.
 
 ZeRO-3 is estimated only (moetrain does not run it): parameters, gradients and optimizer state all
 partitioned, plus the parameters gathered for the layer being computed (DeepSpeed's default prefetch
@@ -78,11 +79,17 @@ class StateBytes:
     parameters: int
     gradients: int  # held at the end of backward, before the optimizer step
     optimizer: int  # fp32 master weights + Adam moments + step counters (device)
-    host_optimizer: int  # the same, in host memory, with offload_optimizer
+    host_optimizer: int  # with offload_optimizer, in host memory: fp32 master + moments
     reduce_buckets: int  # ZeRO-1/2's gradient reduction buffers, during backward
     backward_end: int  # what the end of backward holds on top of parameters + optimizer
     step_transient: int  # what the optimizer step adds on top of parameters + gradients + optimizer
     flat_parameters: int  # bit16 elements per rank after ZeRO's padding (for messages)
+    host_gradients: int = 0  # with offload_optimizer: the fp32 gradients of the partition (host)
+    host_buffers: int = 0  # with offload_optimizer: a bit16 copy of the partition (host)
+
+    @property
+    def host(self) -> int:
+        return self.host_optimizer + self.host_gradients + self.host_buffers
 
 
 def _flat_numel(numels: tuple[int, ...], dp: int, elem: int) -> tuple[int, list[int]]:
@@ -184,7 +191,10 @@ def state_bytes(
     buckets = zero.reduce_bucket_size * b * (2 if zero.overlap_comm else 1)
     backward_end = full_grads * b if zero.stage == 1 else grads * b
     if zero.offload_optimizer:
-        # master, moments, fp32 gradients and a bit16 copy of the partition in host memory
-        host = optimizer + master * F32 + master * b
-        return StateBytes(params, grads * b, 0, host, buckets, backward_end, 0, params // b)
+        # master, moments, the fp32 gradients and a bit16 copy of the partition live in host memory; the
+        # GPU keeps no gradient past backward (ZeRO-2 copies each reduced bucket out; ZeRO-1 at its end)
+        return StateBytes(
+            params, 0, 0, optimizer, buckets, backward_end, 0, params // b,
+            host_gradients=master * F32, host_buffers=master * b,
+        )  # fmt: skip
     return StateBytes(params, grads * b, optimizer, 0, buckets, backward_end, biggest_part * F32, params // b)
