@@ -1,5 +1,6 @@
-"""``moetrain train | prepare | tokenizer train | validate | report | eval | generate | export | import |
-upcycle | launch``: the thin entry point. Each subcommand lives in ``moetrain/commands/`` (``launch`` in ``launch/cli.py``).
+"""``moetrain train | prepare | tokenizer train | validate | plan | report | eval | generate | export | import
+| upcycle | launch``: the thin entry point. Each subcommand lives in ``moetrain/commands/`` (``launch`` in
+``launch/cli.py``).
 
 Errors in user input (config, data, checkpoint, CLI) print one ``error:`` message and exit with code 2,
 without a traceback.
@@ -16,7 +17,7 @@ import os
 import sys
 from typing import Sequence
 
-from moetrain.commands import check, data, hf_import, inference, train, upcycle
+from moetrain.commands import check, data, hf_import, inference, plan, train, upcycle
 from moetrain.errors import UserError
 from moetrain.launch.cli import add_launch_parser, run_launch
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parsers(sub)
     data.add_parsers(sub)
     check.add_parsers(sub)
+    plan.add_parsers(sub)
     inference.add_parsers(sub)
     hf_import.add_parsers(sub)
     upcycle.add_parsers(sub)

@@ -1,7 +1,8 @@
 """Empty work through the real MoE layer and dispatchers, routing forced: an expert with no tokens, a
 micro-batch with no row to compute (every slot to a null expert), and under EP a rank that receives no
-token. Each matches the reference computation, keeps every gradient finite (empty experts' exactly
-zero), and never hands the grouped GEMM an empty input (some CUDA kernels mishandle one)."""
+token (flat, and hierarchical over 2 "nodes" x 2 ranks). Each matches the reference computation, keeps
+every gradient finite (empty experts' exactly zero), and never hands the grouped GEMM an empty input (some
+CUDA kernels mishandle one)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from moetrain.parallel.parallelize import parallelize
 E, D, F, T = 4, 16, 32, 12
 
 
-def _layer(null_experts: int = 0) -> MoELayer:
+def _layer(null_experts: int = 0, dispatch: str = "flat") -> MoELayer:
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=E, expert_type="swiglu", expert_hidden=F, null_experts=null_experts,
-                    router={"kind": "topk", "top_k": 2, "renormalize": True})  # fmt: skip
+                    router={"kind": "topk", "top_k": 2, "renormalize": True}, dispatch=dispatch)  # fmt: skip
     return MoELayer(cfg, d_model=D, d_hidden=F, vocab_size=64)
 
 
@@ -97,19 +98,34 @@ def test_a_micro_batch_with_no_row_to_compute():
     assert seen and min(seen) >= 1
 
 
-def _ep_case(rank: int, world: int, case: str) -> None:
+def _hierarchical_topology(rank: int):
+    """4 ranks as 2 nodes x 2 (EP rank = node * 2 + local index): the two-phase exchange's groups."""
+    from moetrain.parallel.hierarchical import Topology
+
+    new = torch.distributed.new_group  # NOTE: every rank creates every group, in the same order
+    node_groups, cross_groups = [new([0, 1]), new([2, 3])], [new([0, 2]), new([1, 3])]
+    return Topology(2, 2, node_groups[rank // 2], cross_groups[rank % 2])
+
+
+def _ep_case(rank: int, world: int, case: str, dispatch: str = "flat") -> None:
     layout = ParallelLayout(rank, world, rank, ep_size=world, ep_group=torch.distributed.group.WORLD)
+    if dispatch == "hierarchical":
+        layout.node_of = (0, 0, 1, 1)
+        layout.topology = _hierarchical_topology(rank)
     null = 1 if case == "nothing_at_all" else 0
     g = torch.Generator().manual_seed(10 + rank)  # each rank its own tokens
     x_TD = torch.randn(T, D, generator=g)
     if case == "nothing_at_all":
         ids_TK = torch.full((T, 2), E)
-    else:  # every slot to experts 0 and 1, which rank 0 holds: rank 1 receives nothing
+    else:  # every slot to experts 0 and 1, held by rank 0 (world 2) or ranks 0 and 1 (world 4): the rest get nothing
         ids_TK = torch.stack([torch.zeros(T, dtype=torch.long), torch.ones(T, dtype=torch.long)], dim=1)
     whole = _layer(null)
     _force(whole, ids_TK)
     y_ref, gx_ref = _step(whole, x_TD, ids_TK)
-    ep = parallelize(_layer(null), layout)
+    ep = parallelize(_layer(null, dispatch), layout)
+    assert type(ep.dispatcher).__name__ == (
+        "HierarchicalDispatcher" if dispatch == "hierarchical" else "AllToAllDispatcher"
+    )
     _force(ep, ids_TK)
     seen = _spy_rows(ep)
     y, gx = _step(ep, x_TD, ids_TK)
@@ -128,3 +144,12 @@ def _ep_case(rank: int, world: int, case: str) -> None:
 @pytest.mark.parametrize("case", ["rank_receives_nothing", "nothing_at_all"])
 def test_empty_work_under_expert_parallelism(case):
     run_distributed(_ep_case, 2, case)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("case", ["rank_receives_nothing", "nothing_at_all"])
+def test_empty_work_under_the_hierarchical_exchange(case):
+    """EP 4 over 2 "nodes" x 2: ranks 2 and 3 (one whole node) receive no row, yet take part in both
+    phases, forward and backward, and pad one zero row as on the flat path."""
+    run_distributed(_ep_case, 4, case, "hierarchical")

@@ -134,7 +134,7 @@ def test_a_planted_cycle_is_found(tmp_path, inside_function):
 LAYERS = [
     ["moetrain.errors", "moetrain.config"],  # config: pure models, imports nothing that runs
     ["moetrain.kernels"],
-    ["moetrain.moe", "moetrain.backbone", "moetrain.model"],  # the model side, built for one process
+    ["moetrain.moe", "moetrain.backbone", "moetrain.model", "moetrain.planning"],  # the model side (+ its memory)
     ["moetrain.data", "moetrain.checkpoint", "moetrain.run_logging", "moetrain.report"],  # data, the checkpoint format
     ["moetrain.parallel"],  # applied to a built model
     ["moetrain.training"],

@@ -1,4 +1,5 @@
-"""``moetrain validate`` (a config and its layout, nothing started) and ``moetrain report`` (plots)."""
+"""``moetrain validate`` (a config, its layout and the planner's memory total, nothing started) and
+``moetrain report`` (plots)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("validate", help="check a config (and the parallel layout) without training")
     add_config_args(p)
     p.add_argument("--world-size", type=int, default=None, help="also check the layout for this many ranks")
+    p.add_argument("--gpu-memory", default=None, help="warn when the planned memory per GPU exceeds this, e.g. 80GB")
     p.set_defaults(run=run_validate)
     p = sub.add_parser(
         "report",
@@ -31,8 +33,17 @@ def run_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.world_size is not None:
         cfg.check_world_size(args.world_size)
+    if args.gpu_memory is not None:
+        from moetrain.planning.units import parse_size
+
+        parse_size(args.gpu_memory, "--gpu-memory")  # before anything heavy
+    from moetrain.commands.plan import check_offload, memory_lines
+
+    check_offload(cfg)
     where = f" for world size {args.world_size}" if args.world_size else ""
     print(f"config ok{where}: {args.config}")
+    for line in memory_lines(cfg, args.world_size, args.gpu_memory):
+        print(line)
     return 0
 
 

@@ -13,6 +13,10 @@ from moetrain.config.zero3 import check_zero3
 if TYPE_CHECKING:
     from moetrain.config.job import JobConfig
 
+# The ZeRO stages moetrain runs with expert parallelism. The one switch: config validation and the
+# memory planner (moetrain/planning/) both read it.
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
+
 OWNED_ELSEWHERE = {
     "optimizer": "moetrain builds AdamW with its own parameter groups from optim.*",
     "scheduler": "moetrain builds the warmup + decay schedule from optim.*",
@@ -53,13 +57,52 @@ def check_deepspeed_block(cfg: "JobConfig") -> None:
                 f"set train.precision: {fmt} instead"
             )
     stage = zero_stage(block)
-    if stage not in (0, 1, 2, 3):
+    if stage not in SUPPORTED_ZERO_STAGES:
         raise ValueError(f"deepspeed.zero_optimization.stage ({stage!r}) must be 0, 1, 2 or 3")
     if stage == 3:
-        check_zero3(cfg)
+        check_zero3(cfg)  # refuses offload at stage 3 too
+    else:
+        check_offload_block(block.get("zero_optimization") or {}, stage)
 
 
 def zero_stage(block: dict[str, Any]) -> Any:
     """``deepspeed.zero_optimization.stage`` (0 when unset; None when the block is not a mapping)."""
     zero = block.get("zero_optimization", {})
     return zero.get("stage", 0) if isinstance(zero, dict) else None
+
+
+def offload_device(block: dict[str, Any]) -> str:
+    """``deepspeed.zero_optimization.offload_optimizer.device``: ``cpu`` or ``none``."""
+    zero = block.get("zero_optimization") or {}
+    return str((zero.get("offload_optimizer") or {}).get("device", "none"))
+
+
+def check_offload_block(zero: dict[str, Any], stage: int) -> None:
+    """Offload as moetrain runs it: the optimizer state (fp32 master, Adam moments) on the CPU with
+    DeepSpeed's CPU Adam, under ZeRO-1/2; not parameters (ZeRO-3 only) and not NVMe."""
+    if zero.get("offload_param") not in (None, {}) and (zero["offload_param"] or {}).get("device", "none") != "none":
+        raise ValueError(
+            "deepspeed.zero_optimization.offload_param: parameter offload needs ZeRO-3, and moetrain's ZeRO-3 "
+            "does not offload; offload the optimizer state under ZeRO-1/2 instead (offload_optimizer: {device: cpu}), "
+            "or use ZeRO-3 without offload"
+        )
+    offload = zero.get("offload_optimizer")
+    if offload in (None, {}):
+        return
+    if not isinstance(offload, dict):
+        raise ValueError(
+            f"deepspeed.zero_optimization.offload_optimizer ({offload!r}) must be a mapping, e.g. {{device: cpu}}"
+        )
+    device = offload.get("device", "none")
+    if device == "none":
+        return
+    if device != "cpu":
+        raise ValueError(
+            f"deepspeed.zero_optimization.offload_optimizer.device ({device!r}) must be cpu or none "
+            "(moetrain does not run NVMe offload)"
+        )
+    if stage not in (1, 2):
+        raise ValueError(
+            f"deepspeed.zero_optimization.offload_optimizer.device (cpu) needs ZeRO stage 1 or 2, but "
+            f"deepspeed.zero_optimization.stage is {stage}; set deepspeed.zero_optimization.stage=2"
+        )

@@ -229,6 +229,11 @@ class MoEConfig(StrictModel):
         "all-to-alls run, in forward and backward (moetrain/parallel/overlap.py); off under activation "
         "checkpointing. Measured slower on 2 CPU cores with gloo (docs/benchmarks.md); not measured on GPUs",
     )
+    dispatch: Literal["flat", "hierarchical"] = Field(
+        "flat",
+        description="the EP token exchange: flat (one all-to-all over the EP group) or hierarchical (gather within "
+        "each node, then exchange across nodes; only where EP groups span nodes: docs/parallelism.md)",
+    )
     kernels: Literal["auto", "triton", "torch"] = "auto"
     router: RouterConfig = TopKRouterConfig()
     fluctuation: FluctuationConfig = Field(
@@ -278,6 +283,11 @@ class MoEConfig(StrictModel):
                 f"moe.capacity_factor ({self.capacity_factor}) does not apply to expert-choice routing: each expert "
                 "takes exactly its capacity of tokens; set moe.capacity_factor: null and use "
                 "moe.router.capacity_factor"
+            )
+        if self.dispatch == "hierarchical" and self.ep_overlap:
+            raise ValueError(
+                "moe.dispatch hierarchical does not overlap its exchanges with the experts; set moe.ep_overlap: false "
+                "or moe.dispatch: flat"
             )
         if self.null_experts and self.router.kind != "topk":
             raise ValueError(

@@ -40,6 +40,7 @@ class MoELayer(nn.Module):
         self.capacity_factor = cfg.capacity_factor
         self.fluctuation = cfg.fluctuation  # the routing-fluctuation probe this layer declares (declare_hooks)
         self.ep_overlap = cfg.ep_overlap  # used by parallelize() when the experts are sharded
+        self.dispatch = cfg.dispatch  # flat | hierarchical all-to-all, likewise
         self.backend = select_backend(cfg.kernels)
         self.router = build_router(
             cfg.router,

@@ -18,9 +18,14 @@ rows last in step 1 and computes them beside the exchanges instead of 4.-5. and 
 (``moetrain/parallel/overlap.py``).
 
 Measurement is not the dispatcher's business: ``dispatcher.observer`` (None by default) is a hook a
-benchmark or test attaches (:class:`DispatchObserver`: a context manager around each named phase, and
-the token bytes each forward exchange sends to other ranks). ``bench/ep_phases.py`` times the phases
-with one; the C5 byte count of tests/test_all_to_all.py is another.
+benchmark or test attaches (:class:`DispatchObserver`: a context manager around each named phase, the
+token bytes each forward exchange sends to other ranks, and optionally every message of each exchange).
+``bench/ep_phases.py`` times the phases with one; the C5 byte count of tests/test_all_to_all.py is
+another; the bytes within / across nodes of ``bench/ep_hierarchical.py`` (``tests/traffic.py``) a third.
+
+``moe.dispatch: hierarchical`` (``moetrain/parallel/hierarchical.py``) subclasses the dispatcher: the
+count exchange, the count tables and the two token exchanges (:meth:`AllToAllDispatcher._send_rows`,
+:meth:`AllToAllDispatcher._return_rows`) are its hooks; ``AllToAllMeta.plan`` carries its exchange plan.
 
 NOTE: every rank calls both all-to-alls in forward and, through autograd, in backward, even when it
 sends or receives zero rows: skipping one would hang the ranks that did call it.
@@ -80,6 +85,7 @@ class AllToAllMeta:
     num_rows: int  # N = T*K (send buffer rows, including unused ones)
     dropped: torch.Tensor
     pad_rows: int = 0  # 1 when this rank received no row: a zero row keeps the grouped GEMM off an empty input
+    plan: object = None  # the hierarchical exchange's plan (moetrain/parallel/hierarchical.py); flat: None
 
 
 class DispatchObserver(Protocol):
@@ -91,6 +97,13 @@ class DispatchObserver(Protocol):
     def exchanged(self, nbytes: int) -> None:
         """Token bytes this rank sends to *other* ranks in one forward exchange (called once per
         dispatch, also when a recompute in backward dispatches again)."""
+
+    # Optional (called only where the observer defines it):
+    # def messages(self, phase: str, me: int, peers: list[int], rows: list[int], row_bytes: int) -> None:
+    #     """Every message of one forward token exchange: EP rank ``me`` sends ``rows[j]`` rows of
+    #     ``row_bytes`` to EP rank ``peers[j]`` (its own share included, and empty messages).
+    #     ``phase``: "dispatch" or "return" for the flat exchange; the hierarchical one reports each of
+    #     its two phases ("dispatch, within node", "dispatch, across nodes", likewise "return, ...")."""
 
 
 _NO_PHASE = nullcontext()  # reusable: nothing built per phase on the hot path
@@ -133,7 +146,6 @@ class AllToAllDispatcher:
 
         ``own_last``: this rank's own experts sort after every other rank's (the overlapped path), so
         the send buffer is [rows for the other ranks, in rank order][own rows]."""
-        P, L = self.ep_size, self.num_local_experts
         phase, dev = self._phase(), x_TD.device
         ids_TK = decision.expert_ids_TK
         capacity = expert_capacity(ids_TK.numel(), self.num_experts, self.capacity_factor)
@@ -144,17 +156,46 @@ class AllToAllDispatcher:
             if own_last:  # back to expert order for the count exchange
                 counts_E = counts_E[self._own_last_keys(dev)[: self.num_experts]]
         with phase("count exchange + host sync", dev):  # 2.
-            recv_counts_PL = torch.empty_like(counts_E)
-            pending = dist.all_to_all_single(recv_counts_PL, counts_E.contiguous(), group=self.group, async_op=True)
+            received, pending = self._exchange_counts(counts_E)
         with phase("permute", dev):  # 3.
             x_ND = self.backend.permute(x_TD, rows_TK)
         with phase("count exchange + host sync", dev):
             pending.wait()
-            recv_counts_PL = recv_counts_PL.view(P, L)
-            # NOTE: the one host sync of this layer: split sizes must be Python ints for the collective.
-            send_PL, recv_PL = torch.stack([counts_E.view(P, L), recv_counts_PL]).tolist()
+            send_PL, recv_PL, recv_counts_PL, plan = self._count_tables(counts_E, received)
         dropped = (rows_TK < 0).sum() - null
-        return rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped
+        return rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped, plan
+
+    def _exchange_counts(self, counts_E: torch.Tensor):
+        """Start the count exchange: (the tensor it fills, its pending work)."""
+        recv_counts_E = torch.empty_like(counts_E)
+        return recv_counts_E, dist.all_to_all_single(
+            recv_counts_E, counts_E.contiguous(), group=self.group, async_op=True
+        )
+
+    def _count_tables(self, counts_E: torch.Tensor, received: torch.Tensor):
+        """(rows I send per rank and local expert, rows I receive likewise: both on the host; the received
+        counts on the device; the exchange plan or None)."""
+        P, L = self.ep_size, self.num_local_experts
+        recv_counts_PL = received.view(P, L)
+        # NOTE: the one host sync of this layer: split sizes must be Python ints for the collective.
+        send_PL, recv_PL = torch.stack([counts_E.view(P, L), recv_counts_PL]).tolist()
+        return send_PL, recv_PL, recv_counts_PL, None
+
+    def _send_rows(self, x_ND: torch.Tensor, recv_splits: list[int], send_splits: list[int], plan) -> torch.Tensor:
+        if self.observer is not None:
+            self._observe_messages("dispatch", list(range(self.ep_size)), send_splits, x_ND)
+        return all_to_all(x_ND, recv_splits, send_splits, self.group)
+
+    def _return_rows(self, y_RD: torch.Tensor, send_splits: list[int], recv_splits: list[int], plan) -> torch.Tensor:
+        if self.observer is not None:
+            self._observe_messages("return", list(range(self.ep_size)), recv_splits, y_RD)
+        return all_to_all(y_RD, send_splits, recv_splits, self.group)
+
+    def _observe_messages(self, phase: str, peers: list[int], rows: list[int], x: torch.Tensor) -> None:
+        """The observer's optional ``messages`` hook (:class:`DispatchObserver`); called with an observer only."""
+        hook = getattr(self.observer, "messages", None)
+        if hook is not None:
+            hook(phase, self.ep_rank, peers, rows, x.shape[-1] * x.element_size())
 
     def _phase(self):
         return self.observer.phase if self.observer is not None else _unobserved
@@ -183,14 +224,14 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision):
         phase, dev = self._phase(), x_TD.device
-        rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped = self._route(x_TD, decision, own_last=False)
+        rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped, plan = self._route(x_TD, decision, own_last=False)
         send_splits = [sum(r) for r in send_PL]
         recv_splits = [sum(r) for r in recv_PL]
         n_send = sum(send_splits)
         if self.observer is not None:
             self.observer.exchanged((n_send - send_splits[self.ep_rank]) * x_ND.shape[-1] * x_ND.element_size())
         with phase("token all-to-all", dev):  # 4.
-            x_RD = all_to_all(x_ND[:n_send], recv_splits, send_splits, self.group)
+            x_RD = self._send_rows(x_ND[:n_send], recv_splits, send_splits, plan)
         with phase("regroup", dev):  # 5.
             regroup_R = self._regroup_index(recv_counts_PL, sum(recv_splits))
             x_RD = x_RD.index_select(0, regroup_R)
@@ -203,7 +244,7 @@ class AllToAllDispatcher:
         counts_L = recv_counts_PL.sum(0)
         num_rows = decision.expert_ids_TK.numel()
         meta = AllToAllMeta(
-            rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, num_rows, dropped, pad_rows
+            rows_TK, decision.gates_TK, send_splits, recv_splits, regroup_R, num_rows, dropped, pad_rows, plan
         )
         return x_RD, counts_L, meta
 
@@ -221,7 +262,7 @@ class AllToAllDispatcher:
         with phase("regroup", dev):  # undo 5.
             y_back_RD = torch.empty_like(y_RD).index_copy(0, meta.regroup_R, y_RD)
         with phase("return all-to-all", dev):  # undo 4.
-            y_sent_ND = all_to_all(y_back_RD, meta.send_splits, meta.recv_splits, self.group)
+            y_sent_ND = self._return_rows(y_back_RD, meta.send_splits, meta.recv_splits, meta.plan)
         with phase("combine", dev):
             pad = meta.num_rows - y_sent_ND.shape[0]
             if pad:
@@ -235,12 +276,14 @@ class AllToAllDispatcher:
             return run_in_sequence(self, x_TD, decision, experts)
         P, me, dev = self.ep_size, self.ep_rank, x_TD.device
         phase = self._phase()
-        rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped = self._route(x_TD, decision, own_last=True)
+        rows_TK, x_ND, send_PL, recv_PL, recv_counts_PL, dropped, _ = self._route(x_TD, decision, own_last=True)
         send_splits = [0 if p == me else sum(send_PL[p]) for p in range(P)]
         recv_splits = [0 if p == me else sum(recv_PL[p]) for p in range(P)]
         n_send, own = sum(send_splits), send_PL[me]
         if self.observer is not None:
             self.observer.exchanged(n_send * x_ND.shape[-1] * x_ND.element_size())
+            self._observe_messages("dispatch", list(range(P)), send_splits, x_ND)
+            self._observe_messages("return", list(range(P)), recv_splits, x_ND)
         own_a, own_b = split_own(own)
         received = recv_counts_PL.clone()
         received[me] = 0  # the own rows stay

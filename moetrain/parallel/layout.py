@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.parallel.collectives import comm_device, force_collectives
+from moetrain.parallel.placement import Placement, placement
 
 
 def free_port() -> int:
@@ -31,6 +32,15 @@ def free_port() -> int:
 
 # What a launcher sets for each process; a child that starts a job of its own must not inherit them.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def env_node() -> str:
+    """This process's node, as the launcher names it: the host plus torchrun's GROUP_RANK, SLURM's
+    SLURM_NODEID or the deepspeed launcher's CROSS_RANK (several "nodes" may share one host, as in the
+    two-agent test; the host alone tells machines apart)."""
+    env = os.environ
+    node = env.get("GROUP_RANK", env.get("SLURM_NODEID", env.get("CROSS_RANK", "")))
+    return f"{socket.gethostname()}/{node}"
 
 
 def env_rank_world() -> tuple[int, int, int]:
@@ -54,6 +64,12 @@ class ParallelLayout:
     # MOETRAIN_FORCE_COLLECTIVES=1: the all-to-all dispatcher and every collective even at EP 1 / world 1
     # (a one-GPU run exercises the multi-GPU code paths; scripts/gpu_check.py)
     force_all_to_all: bool = False
+    node_of: tuple[int, ...] = (0,)  # node index of every rank (the order nodes first appear in)
+    topology: object = field(default=None, repr=False)  # moe.dispatch hierarchical: hierarchical.Topology
+
+    @property
+    def placement(self) -> Placement:
+        return placement(self.node_of, self.ep_size)
 
     @property
     def ep_ranks(self) -> list[int]:
@@ -89,11 +105,13 @@ class ParallelLayout:
         return comm_device()
 
     @classmethod
-    def init(cls, ep_size: int = 1, timeout_s: int = 600) -> "ParallelLayout":
+    def init(cls, ep_size: int = 1, timeout_s: int = 600, hierarchical: bool = False) -> "ParallelLayout":
         """Initialise torch.distributed (gloo on CPU, NCCL on CUDA) from the environment and build groups.
 
         ``timeout_s`` (``train.collective_timeout_s``) bounds how long a collective on any of these groups
-        waits for a stuck rank before it raises, which ends the job instead of hanging it.
+        waits for a stuck rank before it raises, which ends the job instead of hanging it. Every rank
+        learns every rank's node (one all-gather; ``moetrain/parallel/placement.py``). ``hierarchical``
+        (``moe.dispatch``): also the groups of the two-phase all-to-all, where EP groups span nodes.
         """
         rank, world, local_rank = env_rank_world()
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -112,7 +130,7 @@ class ParallelLayout:
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
         force = os.environ.get("MOETRAIN_FORCE_COLLECTIVES") == "1"
         force_collectives(force)
-        layout = cls(rank, world, local_rank, ep_size, force_all_to_all=force)
+        layout = cls(rank, world, local_rank, ep_size, force_all_to_all=force, node_of=_node_of_every_rank(world))
         # NOTE: every rank must create every group, in the same order, even those it is not in.
         for start in range(0, world, ep_size):
             group = dist.new_group(list(range(start, start + ep_size)), timeout=timeout)
@@ -129,6 +147,8 @@ class ParallelLayout:
 
         if ds_groups._WORLD_GROUP is None:
             ds_groups._WORLD_GROUP = dist.new_group(list(range(world)), timeout=timeout)
+        if hierarchical:
+            layout.topology = _hierarchical_groups(layout, timeout)
         return layout
 
 
@@ -148,3 +168,35 @@ def skip_shared_memory_comm_build() -> None:
     ds_torch = importlib.import_module("deepspeed.comm.torch")
 
     ds_torch.build_shm_op = lambda: None
+
+
+def _node_of_every_rank(world: int) -> tuple[int, ...]:
+    names: list[str | None] = [None] * world
+    if world > 1:
+        dist.all_gather_object(names, env_node())
+    else:
+        names = [env_node()]
+    first: dict[str, int] = {}
+    return tuple(first.setdefault(n, len(first)) for n in names)
+
+
+def _hierarchical_groups(layout: "ParallelLayout", timeout: datetime.timedelta):
+    """The two-phase all-to-all's groups (``moetrain/parallel/hierarchical.py``), for EP groups that
+    span nodes with the same number of their ranks on each; None where an EP group lies in one node
+    (the flat exchange never leaves it) or is uneven across nodes."""
+    from moetrain.parallel.hierarchical import Topology
+
+    place = layout.placement
+    mine = None
+    for group in place.ep_groups:  # NOTE: every rank creates every group, in the same order
+        nodes = list(dict.fromkeys(place.node_of[r] for r in group))  # in the order they appear
+        by_node = [[r for r in group if place.node_of[r] == n] for n in nodes]
+        m = len(by_node[0])
+        if len(nodes) == 1 or any(len(b) != m for b in by_node) or sum(by_node, []) != group:
+            continue
+        node_groups = [dist.new_group(b, timeout=timeout) for b in by_node]
+        cross_groups = [dist.new_group([b[t] for b in by_node], timeout=timeout) for t in range(m)]
+        if layout.rank in group:
+            a, t = divmod(group.index(layout.rank), m)
+            mine = Topology(len(nodes), m, node_groups[a], cross_groups[t])
+    return mine

@@ -16,6 +16,9 @@ ZeRO-3                ``deepspeed.zero_optimization.stage``  partitioned paramet
                       3                                     ``moetrain/training/zero3.py``
 ====================  ====================================  =========================================
 
+With ``offload_optimizer`` the ZeRO-1/2 partitions live in host memory and DeepSpeed's CPU Adam steps
+them; the same API reaches them (its step count is a Python int, converted on the way in and out).
+
 Reading a partitioned value is a collective over the parameter's data-parallel group, so every rank
 walks the parameters in the same order. Anything else (e.g. fp16's fused optimizer) is refused at
 setup by :func:`check_supported`, before training starts.
@@ -26,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 from deepspeed.utils import (
     lazy_init_hp_params_optimizer_state,
     safe_get_full_fp32_param,
@@ -81,7 +85,8 @@ def check_supported(model: nn.Module, optimizer) -> None:
 def _group_step(inner: torch.optim.Optimizer, group: dict) -> torch.Tensor | None:
     for p in group["params"]:
         if "step" in inner.state.get(p, {}):
-            return inner.state[p]["step"]
+            step = inner.state[p]["step"]  # DeepSpeed's CPU Adam (offload) counts in a Python int
+            return step if torch.is_tensor(step) else torch.tensor(float(step))
     return None
 
 
@@ -171,9 +176,12 @@ def load_full_state(model: nn.Module, optimizer, tensors: dict[str, dict[str, to
                 state[k] = entry[k].to(device=master.device, dtype=master.dtype).clone()
 
 
-def _step_tensor(inner: torch.optim.Optimizer, step: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Adam's step count as torch keeps it: fp32, on the parameter's device for the fused (and capturable)
-    kernels, which read it there, wherever it was loaded (``Optimizer.load_state_dict``'s rule)."""
+def _step_tensor(inner: torch.optim.Optimizer, step: torch.Tensor, p: torch.Tensor) -> torch.Tensor | int:
+    """Adam's step count as the optimizer keeps it: torch's fp32, on the parameter's device for the fused
+    (and capturable) kernels, which read it there, wherever it was loaded (``Optimizer.load_state_dict``'s
+    rule); DeepSpeed's CPU Adam (optimizer offload) a Python int, which it passes to its C++ kernel."""
+    if isinstance(inner, DeepSpeedCPUAdam):
+        return int(round(float(step)))
     on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
     return step.clone().to(device=p.device if on_device else step.device, dtype=torch.float32)
 

@@ -21,7 +21,7 @@ from moetrain.parallel.grad_norm import clip_grad_norm
 from moetrain.parallel.layout import ParallelLayout
 from moetrain.parallel.parallelize import parallelize
 from moetrain.run_logging import NullLogger, RunLogger
-from moetrain.training import checkpoint, engine, masked_loss, state_io
+from moetrain.training import checkpoint, engine, masked_loss, offload, state_io
 from moetrain.training.batches import to_device
 from moetrain.training.callbacks import (
     Callback,
@@ -160,17 +160,17 @@ class Trainer:
         cfg, layout = self.cfg, self.layout
         groups = param_groups(self.model, cfg.optim.weight_decay, layout.ep_size)
         groups = isolate_tagged_params(self.model, groups)  # groups a hook may freeze (StableMoE's switch)
-        optimizer = torch.optim.AdamW(
-            groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=cfg.optim.fused
-        )
+        # torch's AdamW (fused per optim.fused), or DeepSpeed's CPU Adam when the state is offloaded
+        optimizer = offload.build_optimizer(groups, cfg.optim, offload.offloads(cfg))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
         ds_config = engine.build_ds_config(cfg, layout.world_size)
         self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config, layout.world_size)
         state_io.check_supported(self.model, self.engine.optimizer)
         self.own_clipping = engine.moetrain_clips(ds_config)
         stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        adam = "AdamW (DeepSpeed's CPU Adam: state offloaded)" if offload.offloads(cfg) else "AdamW"
         self._say(
-            f"optimizer: AdamW inside DeepSpeed's {type(self.engine.optimizer).__name__} (train.precision "
+            f"optimizer: {adam} inside DeepSpeed's {type(self.engine.optimizer).__name__} (train.precision "
             f"{cfg.train.precision}, ZeRO stage {stage}; docs/parallelism.md, 'Precision')"
         )
         self._grad_norm = None
@@ -283,6 +283,7 @@ class Trainer:
             aux_sum = aux_sum + out.aux_loss.detach()
             loss_sum = loss_sum + out.loss.detach()
             stats.append(out.moe_stats)
+            del out  # the logits (T x V) must not stay alive through the step and the next forward
             if micro == ga - 1:  # before the update: the non-finite policy
                 if self.own_clipping:
                     self._grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip, self.layout.ep_group)
