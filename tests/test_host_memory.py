@@ -35,8 +35,11 @@ def faults(mode: str) -> list[int]:
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
 def test_large_tensors_stop_page_faulting():
     assert all(n >= PAGES for n in faults("default"))  # each 64 MiB tensor is a fresh mmap: every page faults
-    # the freed heap memory is reused (an occasional iteration may still fault on a busy machine)
-    assert sorted(faults("retain"))[3] < PAGES // 10
+    # the freed heap memory is reused. NOTE: the least of 6 iterations, not most of them: on this project's
+    # CI VMs a DAMON kernel daemon pages out memory it finds cold (/sys/kernel/mm/damon), retained heap
+    # pages included, and a fresh-clone run of the whole suite saw 3 of 6 iterations fault every page. An
+    # allocator that did not retain would fault every page in every iteration, as "default" does.
+    assert min(faults("retain")) < PAGES // 10
 
 
 CACHE_PROBE = """
