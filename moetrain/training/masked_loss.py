@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from moetrain.data.sampling import IGNORE, Batch
-from moetrain.parallel.collectives import all_reduce_, comm_device
+from moetrain.parallel.collectives import all_reduce_
 
 
 def target_tokens(batches: list[Batch]) -> torch.Tensor:
@@ -35,9 +35,9 @@ def target_tokens(batches: list[Batch]) -> torch.Tensor:
 
 
 def global_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``values`` summed over every rank (a float64 copy on ``device``; reduced on the group's device)."""
-    values = all_reduce_(values.to(device=comm_device(), dtype=torch.float64))
-    return values.to(device)
+    """``values`` summed over every rank (a float64 copy on ``device``; ``all_reduce_`` reduces it on the
+    group's device)."""
+    return all_reduce_(values.to(device=device, dtype=torch.float64))
 
 
 def loss_share(batches: list[Batch], grad_accum: int, world_size: int, device: torch.device) -> torch.Tensor:
