@@ -344,6 +344,12 @@ def print_report(rows: list[dict]) -> None:
                 f"{r['shape']} [{r['variant']}]: moetrain's busiest rank computes {r['moetrain_busiest_rank_load']:.2f}x "
                 "the mean rank's expert rows (steady steps, all MoE layers)"
             )
+        if r["variant"] != "plain":  # e.g. --variant bf16 train.precision=bf16: bf16 over fp32, one run
+            plain = next(p for p in rows if p["shape"] == r["shape"] and p["variant"] == "plain")
+            print(
+                f"{r['shape']} [{r['variant']}]: {r['moetrain_tokens_per_s'] / plain['moetrain_tokens_per_s']:.2f}x "
+                f"moetrain's plain tokens/s; final loss {r['moetrain_final_loss']:.4f} vs {plain['moetrain_final_loss']:.4f}"
+            )
         if r["variant"] == "plain":
             print(
                 f"{r['shape']}: parameters moetrain {r['params_moetrain']}, deepspeed {r['params_deepspeed']}; step-1 "

@@ -126,3 +126,41 @@ def test_deepspeed_still_builds_its_shared_memory_op_where_moetrain_skips_it():
     assert "build_shm_op()" in inspect.getsource(ds_torch.TorchBackend.__init__)
     skip_shared_memory_comm_build()
     assert ds_torch.build_shm_op() is None
+
+
+def _zero0_engines(rank: int, world: int) -> None:
+    from moetrain.training.engine import initialize_engine
+
+    def build(precision: str, stage: int, default_allreduce: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        ds = {
+            "train_micro_batch_size_per_gpu": 2,
+            "bf16": {"enabled": precision == "bf16"},
+            "zero_optimization": {"stage": stage},
+            "gradient_clipping": 1.0 if precision == "bf16" else 0.0,
+        }
+        engine = initialize_engine(model, torch.optim.AdamW(model.parameters(), lr=0.1), None, ds, world)
+        if default_allreduce:
+            engine.enable_backward_allreduce = True  # what DeepSpeed does on its own
+        return engine
+
+    for precision, stage in [("fp32", 0), ("bf16", 0), ("bf16", 1)]:
+        engine = build(precision, stage, False)
+        assert engine.enable_backward_allreduce == (stage != 0), (precision, stage)
+        reference = build(precision, stage, True)
+        x = torch.randn(2, 8).to(engine.module[0].weight.dtype)
+        for e in (engine, reference):
+            e.backward(e(x).float().square().sum())
+            e.step()
+        for p, q in zip(engine.module.parameters(), reference.module.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_a_single_process_at_zero0_skips_the_gradient_allreduce_and_steps_alike():
+    """One process at ZeRO-0 (fp32, and bf16 in DeepSpeed's FP16_UnfusedOptimizer) turns off DeepSpeed's
+    gradient all-reduce, which there only flattens and copies back every gradient; the update is exactly
+    the one DeepSpeed makes with it. ZeRO-1 keeps it (its reduction runs inside)."""
+    run_distributed(_zero0_engines, 1)

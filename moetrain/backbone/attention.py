@@ -22,6 +22,22 @@ from moetrain.config.model import ModelConfig
 from moetrain.config.rope import RopeScaling
 
 
+def attend(q_BHSA: torch.Tensor, k_BHSA: torch.Tensor, v_BHSA: torch.Tensor, **sdpa_args) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, **sdpa_args)``; in bf16 on the CPU, computed in fp32.
+
+    NOTE: torch's CPU flash-attention kernel is 2-3x slower in bf16 than in fp32 (torch 2.13, 2-core AMD
+    EPYC with avx512_bf16, one thread, B 8, 4 heads, S 128, head dim 32, forward + backward: 13.1 ms in
+    bf16, 5.1 ms in fp32, 6.2 ms for fp32 with the casts; docs/benchmarks.md, "bf16 on the CPU"), and it
+    was a third of a bf16 training step of the end-to-end LM. So bf16 queries, keys and values on the
+    CPU are cast to fp32 and the output back to bf16: faster, and no less accurate. Masks are boolean
+    (``backbone/packing.py``) and need no cast. Other devices and dtypes call SDPA as given.
+    """
+    if q_BHSA.dtype == torch.bfloat16 and q_BHSA.device.type == "cpu":
+        y = F.scaled_dot_product_attention(q_BHSA.float(), k_BHSA.float(), v_BHSA.float(), **sdpa_args)
+        return y.to(torch.bfloat16)
+    return F.scaled_dot_product_attention(q_BHSA, k_BHSA, v_BHSA, **sdpa_args)
+
+
 class Rotary(nn.Module):
     """Rotary position embedding, Hugging Face's ``rotate_half`` convention (first half / second half of
     each head's dims form the pairs); the frequencies, scaled or not, come from ``backbone/rope.py``."""
@@ -98,7 +114,7 @@ class Attention(nn.Module):
         if past and S > 1:  # new queries after cached keys: SDPA's is_causal aligns to the top left
             keys = torch.arange(past + S, device=x_BSD.device)
             mask = keys[None, :] <= (past + torch.arange(S, device=x_BSD.device))[:, None]
-        y_BHSA = F.scaled_dot_product_attention(
+        y_BHSA = attend(
             q_BHSA,
             k_BGSA,
             v_BGSA,

@@ -22,10 +22,9 @@ exactly as the interleaved formula does, so the model has one rotary convention.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moetrain.backbone.attention import apply_rotary
+from moetrain.backbone.attention import apply_rotary, attend
 from moetrain.backbone.kv_cache import KVCache
 from moetrain.backbone.norm import RMSNorm
 from moetrain.backbone.rope import yarn_mscale
@@ -103,7 +102,7 @@ class MLAttention(nn.Module):
         if past and S > 1:  # new queries after cached keys: SDPA's is_causal aligns to the top left
             keys = torch.arange(P, device=x_BSD.device)
             mask = keys[None, :] <= (past + torch.arange(S, device=x_BSD.device))[:, None]
-        y_BHSW = F.scaled_dot_product_attention(
+        y_BHSW = attend(
             q_BHSA,
             k_BHPA,
             v_BHPW,

@@ -26,6 +26,7 @@ from torch import nn
 from moetrain.config.model import ExpertType
 from moetrain.moe.grouped_cpu import GradBuffers, grouped_mm_cpu
 from moetrain.moe.grouped_gemm import ZeroEmptyExpertGrads, plan_here
+from moetrain.moe.row_align import CPU_BF16_ROW_MULTIPLE, AlignedRows
 
 ExpertInit = Literal["default", "fairseq"]
 
@@ -283,6 +284,17 @@ class GroupedExperts(nn.Module):
         again, so backward need not keep it (the first GEMMs of GELU/SwiGLU experts)."""
         self._check_grouped_mm(x_ND)
         ends_L = group_ends(counts_L, padded)
+        if x_ND.dtype == torch.bfloat16 and not x_ND.is_cuda and not self.uses_loop:
+            # bf16 on the CPU: every expert's rows a multiple of CPU_BF16_ROW_MULTIPLE (moe/row_align.py)
+            rows = AlignedRows(ends_L, x_ND.shape[0], CPU_BF16_ROW_MULTIPLE)
+            again = None if recompute_x is None else (lambda: rows.pad(recompute_x()))
+            return rows.unpad(self._rows(rows.pad(x_ND), rows.ends_L, again))
+        return self._rows(x_ND, ends_L, recompute_x)
+
+    def _rows(
+        self, x_ND: torch.Tensor, ends_L: torch.Tensor, recompute_x: Callable[[], torch.Tensor] | None
+    ) -> torch.Tensor:
+        """The experts on rows grouped by ``ends_L`` (rows past the last end: no expert)."""
 
         def mm(x, w, recompute=None):
             return grouped_matmul(x, w, ends_L, recompute)

@@ -64,16 +64,17 @@ def quiet_deepspeed() -> None:
 
 
 def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict[str, Any], world_size: int):
-    """``deepspeed.initialize``. A single process that clips itself (fp32 ZeRO-0) gets no gradient
-    all-reduce: with nothing to reduce, DeepSpeed would still flatten and copy back every gradient each
-    step. ZeRO-1/2 and bf16 keep it: their optimizers run their own steps inside it."""
+    """``deepspeed.initialize``. A single process at ZeRO-0 (fp32 or bf16) gets no gradient all-reduce:
+    with nothing to reduce, DeepSpeed would still flatten every non-expert gradient into one buffer and
+    copy it back each step (2.8 ms of a 90 ms bf16 step of the end-to-end LM; docs/benchmarks.md). ZeRO-1/2
+    keep it: their gradient reduction and partitioning run inside it."""
     import deepspeed
 
     quiet_deepspeed()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
     )
-    if world_size == 1 and moetrain_clips(ds_config):
+    if world_size == 1 and ds_config.get("zero_optimization", {}).get("stage", 0) == 0:
         engine.enable_backward_allreduce = False
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         from moetrain.training import zero3
