@@ -1,4 +1,4 @@
-"""bf16 on the CPU: experts' rows padded to a multiple of 16 (moetrain/moe/row_align.py) and attention
+"""bf16 on the CPU: experts' rows padded to a multiple of 32 (moetrain/moe/row_align.py) and attention
 computed in fp32 (moetrain/backbone/attention.py, ``attend``). Same results as the unpadded / plain paths,
 and a bf16 training run that tracks the fp32 one."""
 
@@ -71,7 +71,7 @@ def test_padded_bf16_experts_equal_the_unpadded_ones(kind, padded, recompute):
         torch.testing.assert_close(dw_a[name], dw_b[name], **tol)
 
 
-def test_bf16_expert_gemms_see_only_multiples_of_16_rows(monkeypatch):
+def test_bf16_expert_gemms_see_only_multiples_of_the_row_multiple(monkeypatch):
     """Fails if the padding is dropped: every group of every grouped GEMM (forward and backward) and every
     per-expert weight-gradient GEMM has a multiple of CPU_BF16_ROW_MULTIPLE rows; fp32 is not padded."""
     seen = {torch.bfloat16: set(), torch.float32: set()}

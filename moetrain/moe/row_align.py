@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-CPU_BF16_ROW_MULTIPLE = 16
+CPU_BF16_ROW_MULTIPLE = 32  # 8, 16, 32 and 64 timed end to end: docs/benchmarks.md, "bf16 on the CPU"
 
 
 class AlignedRows:
