@@ -1,4 +1,4 @@
-"""bf16 on the CPU: experts' rows padded to a multiple of 32 (moetrain/moe/row_align.py) and attention
+"""bf16 on the CPU: experts' rows padded to a multiple of 8-32 (moetrain/moe/row_align.py) and attention
 computed in fp32 (moetrain/backbone/attention.py, ``attend``). Same results as the unpadded / plain paths,
 and a bf16 training run that tracks the fp32 one."""
 
@@ -9,7 +9,7 @@ from conftest import read_metrics, train_ok
 
 from moetrain.backbone.attention import attend
 from moetrain.moe import experts as ex
-from moetrain.moe.row_align import CPU_BF16_ROW_MULTIPLE, AlignedRows
+from moetrain.moe.row_align import AlignedRows, cpu_bf16_row_multiple
 
 
 def test_each_expert_starts_at_a_multiple_with_zeros_between():
@@ -46,8 +46,9 @@ def test_padded_bf16_experts_equal_the_unpadded_ones(kind, padded, recompute):
     if kind == "stacked":
         with torch.no_grad():
             m.w2_SLFD.normal_(0, 0.1)  # not the identity it starts as
-    counts = torch.tensor([5, 0, 21, 3])
+    counts = torch.tensor([70, 0, 150, 37])  # 64 rows per expert on average: padded to multiples of 16
     n = int(counts.sum()) + (7 if padded else 0)
+    assert cpu_bf16_row_multiple(n, 4) == 16
     x = torch.randn(n, 32, dtype=torch.bfloat16)
     g = torch.randn(n, 32, dtype=torch.bfloat16)
     owned = int(counts.sum())
@@ -73,7 +74,7 @@ def test_padded_bf16_experts_equal_the_unpadded_ones(kind, padded, recompute):
 
 def test_bf16_expert_gemms_see_only_multiples_of_the_row_multiple(monkeypatch):
     """Fails if the padding is dropped: every group of every grouped GEMM (forward and backward) and every
-    per-expert weight-gradient GEMM has a multiple of CPU_BF16_ROW_MULTIPLE rows; fp32 is not padded."""
+    per-expert weight-gradient GEMM has a multiple of the chosen number of rows; fp32 is not padded."""
     seen = {torch.bfloat16: set(), torch.float32: set()}
     grouped_mm, mm = torch._grouped_mm, torch.mm
 
@@ -89,13 +90,25 @@ def test_bf16_expert_gemms_see_only_multiples_of_the_row_multiple(monkeypatch):
 
     monkeypatch.setattr(torch, "_grouped_mm", spy_grouped)
     monkeypatch.setattr(torch, "mm", spy_mm)
-    counts = torch.tensor([5, 0, 21, 3])
+    counts = torch.tensor([150, 0, 281, 83])  # 128 rows per expert on average: multiples of 32
     for dtype in (torch.bfloat16, torch.float32):
         m = ex.GroupedExperts("swiglu", num_experts=4, d_model=32, d_hidden=48).to(dtype)
-        x = torch.randn(29, 32, dtype=dtype, requires_grad=True)
+        x = torch.randn(514, 32, dtype=dtype, requires_grad=True)
         m(x, counts).sum().backward()
-    assert seen[torch.bfloat16] and all(r % CPU_BF16_ROW_MULTIPLE == 0 for r in seen[torch.bfloat16])
-    assert {5, 21, 3} <= seen[torch.float32]
+    assert seen[torch.bfloat16] and all(r % 32 == 0 for r in seen[torch.bfloat16])
+    assert {150, 281, 83} <= seen[torch.float32]
+
+
+def test_the_multiple_follows_the_rows_per_expert():
+    """At most a quarter of the mean rows per expert; no padding below 32 rows per expert (padding 16-row
+    experts to 32 doubled their work)."""
+    assert cpu_bf16_row_multiple(1024, 8) == 32  # 128 per expert
+    assert cpu_bf16_row_multiple(2048, 32) == 16  # 64
+    assert cpu_bf16_row_multiple(1024, 32) == 8  # 32
+    assert cpu_bf16_row_multiple(2048, 128) == 1  # 16: not padded
+    m = ex.GroupedExperts("gelu", num_experts=128, d_model=32, d_hidden=48).to(torch.bfloat16)
+    x, counts = torch.randn(256, 32, dtype=torch.bfloat16), torch.full((128,), 2)
+    torch.testing.assert_close(m(x, counts), m._rows(x, ex.group_ends(counts), None), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mask", [False, True])

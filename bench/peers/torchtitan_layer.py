@@ -4,6 +4,7 @@ Shape suffixes: the legend in ``moetrain/moe/__init__.py``.
 
     python bench/peers/torchtitan_layer.py --threads 1                      # fp32 and bf16, all shapes
     python bench/peers/torchtitan_layer.py --threads 1 --retain-host-memory # freed memory kept (both sides)
+    python bench/peers/torchtitan_layer.py --threads 1 --new-batch-every-rep # new routing every rep, as in training
     python bench/peers/torchtitan_layer.py --device cuda                     # bf16 on one GPU
     python bench/peers/torchtitan_layer.py --smoke                           # tiny shapes: plumbing only
 
@@ -160,10 +161,16 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device):
     return x_TD, token_ids_T, w_TD
 
 
-def steps(mt, tt, x_TD, token_ids_T, w_TD):
-    """Two closures: forward + backward of loss = <y, w> on each layer, gradients cleared first."""
+def steps(mt, tt, x_TD, token_ids_T, w_TD, new_inputs: list[torch.Tensor] | None = None):
+    """Two closures: forward + backward of loss = <y, w> on each layer, gradients cleared first.
+    ``new_inputs``: moetrain's closure first copies the next of them into ``x_TD`` (in its own timing),
+    so every round (moetrain, then torchtitan) routes a new batch, as training does."""
+    rounds = iter(new_inputs * 1000) if new_inputs else None
 
     def mt_step():
+        if rounds is not None:
+            with torch.no_grad():
+                x_TD.copy_(next(rounds))
         mt.zero_grad(set_to_none=True)
         x_TD.grad = None
         out = mt(x_TD, token_ids_T)
@@ -200,13 +207,17 @@ def check_same(shape: Shape, dtype, mt, tt, mt_step, tt_step, w_TD) -> dict:
             "loss_rel_diff": rel_loss, "output_rel_diff": rel_y, "tolerance": tol}  # fmt: skip
 
 
-def measure(shape: Shape, dtype: torch.dtype, device: torch.device, reps: int) -> dict:
+def measure(shape: Shape, dtype: torch.dtype, device: torch.device, reps: int, new_batches: bool = False) -> dict:
     mt = build_moetrain(shape)
     tt = build_torchtitan(mt, shape, dtype)
     mt, tt = mt.to(device, dtype), tt.to(device, dtype)
     x_TD, token_ids_T, w_TD = make_inputs(shape, dtype, device)
-    mt_step, tt_step = steps(mt, tt, x_TD, token_ids_T, w_TD)
-    same = check_same(shape, dtype, mt, tt, mt_step, tt_step, w_TD)
+    same = check_same(shape, dtype, mt, tt, *steps(mt, tt, x_TD, token_ids_T, w_TD), w_TD)
+    pool = None
+    if new_batches:  # warm-up rounds + reps, then again: every round a batch the layers have not seen
+        g = torch.Generator().manual_seed(SEED + 1)
+        pool = [torch.randn(x_TD.shape, generator=g).to(device, dtype) for _ in range(max(reps, 11) + 2)]
+    mt_step, tt_step = steps(mt, tt, x_TD, token_ids_T, w_TD, pool)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t = interleaved_medians({"moetrain": mt_step, "torchtitan": tt_step}, reps=reps, sync=sync)
     return {
@@ -233,6 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shapes", nargs="+", default=None, help="shape names (default: all of the device's)")
     p.add_argument("--reps", type=int, default=11)
     p.add_argument("--retain-host-memory", action="store_true", help="keep freed memory in the process (both sides)")
+    p.add_argument(
+        "--new-batch-every-rep", action="store_true",
+        help="a new input, so new routing and expert row counts, every round (the same for both layers), as in "
+        "training; without it every rep repeats one batch, whose GEMM shapes oneDNN's bf16 kernels cache",
+    )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="one tiny shape: checks the plumbing, numbers mean nothing")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "torchtitan_layer.json"))
     args = p.parse_args(argv)
@@ -252,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     for dt in dtypes:
         for shape in shapes:
             progress(f"{shape.name} {dt}")
-            rows.append(measure(shape, {"fp32": torch.float32, "bf16": torch.bfloat16}[dt], device, args.reps))
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+            rows.append(measure(shape, dtype, device, args.reps, args.new_batch_every_rep))
     env = env_info(device)
     import torchtitan
 
@@ -262,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         "env": env,
         "smoke": args.smoke,
         "retain_host_memory": args.retain_host_memory,
+        "new_batch_every_rep": args.new_batch_every_rep,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "elapsed_s": time.perf_counter() - started,

@@ -26,7 +26,7 @@ from torch import nn
 from moetrain.config.model import ExpertType
 from moetrain.moe.grouped_cpu import GradBuffers, grouped_mm_cpu
 from moetrain.moe.grouped_gemm import ZeroEmptyExpertGrads, plan_here
-from moetrain.moe.row_align import CPU_BF16_ROW_MULTIPLE, AlignedRows
+from moetrain.moe.row_align import AlignedRows, cpu_bf16_row_multiple
 
 ExpertInit = Literal["default", "fairseq"]
 
@@ -284,9 +284,10 @@ class GroupedExperts(nn.Module):
         again, so backward need not keep it (the first GEMMs of GELU/SwiGLU experts)."""
         self._check_grouped_mm(x_ND)
         ends_L = group_ends(counts_L, padded)
-        if x_ND.dtype == torch.bfloat16 and not x_ND.is_cuda and not self.uses_loop:
-            # bf16 on the CPU: every expert's rows a multiple of CPU_BF16_ROW_MULTIPLE (moe/row_align.py)
-            rows = AlignedRows(ends_L, x_ND.shape[0], CPU_BF16_ROW_MULTIPLE)
+        multiple = cpu_bf16_row_multiple(x_ND.shape[0], self.num_local)
+        if x_ND.dtype == torch.bfloat16 and not x_ND.is_cuda and not self.uses_loop and multiple > 1:
+            # bf16 on the CPU: every expert's rows a multiple of ``multiple`` (moe/row_align.py)
+            rows = AlignedRows(ends_L, x_ND.shape[0], multiple)
             again = None if recompute_x is None else (lambda: rows.pad(recompute_x()))
             return rows.unpad(self._rows(rows.pad(x_ND), rows.ends_L, again))
         return self._rows(x_ND, ends_L, recompute_x)
