@@ -11,9 +11,9 @@ most P / M row counts, which the cache keeps. fp32 matmuls go to MKL, which buil
 they are not padded.
 
 The price: the padding rows are computed (at most M - 1 per expert; they are zero, so they add nothing to
-a weight gradient), and one gather of the experts' input and one of their output. So M follows the mean
-rows per expert (:func:`cpu_bf16_row_multiple`): with 128 experts of 16 rows, padding to 32 doubled the
-experts' work and made a layer 25 % slower. The padded buffer has a fixed size, N + L * (M - 1) rows, so
+a weight gradient), and one gather of the experts' input and one of their output. So experts averaging
+fewer than 32 rows are not padded (:func:`cpu_bf16_row_multiple`): with 128 experts of 16 rows, padding
+to 32 doubled the experts' work and made a layer 25 % slower. The padded buffer has a fixed size, N + L * (M - 1) rows, so
 nothing here reads the counts on the host.
 """
 
@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import torch
 
+ROW_MULTIPLE = 32
+
 
 def cpu_bf16_row_multiple(num_rows: int, num_experts: int) -> int:
-    """The multiple for ``num_rows`` rows over ``num_experts`` local experts: the largest of 32, 16 and 8 that is
-    at most a quarter of the mean rows per expert (so padding adds at most about 12 % rows on average), or 1
-    (no padding) below 32 rows per expert, where the row counts are few enough for the kernel cache and
-    padding only adds work. Static: the buffer's size, not the counts (docs/benchmarks.md, "bf16 on the CPU")."""
-    per_expert = num_rows / max(num_experts, 1)
-    return next((m for m in (32, 16, 8) if per_expert >= 4 * m), 1)
+    """32 for ``num_rows`` rows over ``num_experts`` local experts, or 1 (no padding) when the experts average
+    fewer than 32 rows: there the row counts are few enough for the kernel cache, and padding to 32 would
+    add as many rows again. Static: from the buffer's size, not the counts (docs/benchmarks.md, "bf16 on
+    the CPU", how the multiple was chosen)."""
+    return ROW_MULTIPLE if num_rows >= ROW_MULTIPLE * max(num_experts, 1) else 1
 
 
 class AlignedRows:
