@@ -12,16 +12,19 @@ Lifecycle (every step of it survives a kill -9):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moetrain.checkpoint.manifest import verify, write_manifest
+from moetrain.errors import UserError
 
 FORMAT = 2
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -41,6 +44,30 @@ def step_folders(run_dir: Path) -> list[Path]:
 
 def read_state(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "state.json").read_text())
+
+
+@contextlib.contextmanager
+def staged_in_place_of(target: Path, field_name: str, tag: str) -> Iterator[Path]:
+    """A temporary folder beside ``target`` (absent or empty) to write into; renamed to ``target`` when the
+    block ends without an error, so ``target`` is complete or absent (``moetrain import``, ``upcycle``,
+    ``export``). Any failure removes the temporary folder; an ``OSError`` (a full disk, no permission)
+    becomes one :class:`UserError` naming ``field_name`` (RUN_DIR, OUT_DIR)."""
+    tmp = target.with_name(f".{target.name}.{tag}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if target.is_dir():
+            target.rmdir()  # empty (the callers check before writing)
+        os.replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"{field_name}: cannot write {str(target)!r} ({exc.strerror or exc}); give a writable folder"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # --- choosing what to resume ------------------------------------------------------------------------

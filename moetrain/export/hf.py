@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
+from moetrain.checkpoint.folders import staged_in_place_of
 from moetrain.errors import UserError
 from moetrain.export import mixtral
 from moetrain.export.family import family_config, family_tensors
@@ -68,10 +69,7 @@ def export_hf(
     chosen = choose_target(target, loaded, tok)
     native = chosen.family is not None
     config = family_config(chosen.family, loaded, chosen.base) if native else _remote_config(loaded, tok)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with staged_in_place_of(out_dir, "OUT_DIR", "tmp") as tmp:  # 4.-5.
         tensors = family_tensors(chosen.family, loaded, config) if native else _weights(loaded)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_generation_config(loaded.run_dir, tok, tmp)
@@ -79,17 +77,6 @@ def export_hf(
         write_tokenizer(tok, tmp, cfg.model.max_seq_len)
         if not native:
             shutil.copyfile(MODELING, tmp / MODELING.name)
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"OUT_DIR: cannot write {str(out_dir)!r} ({exc.strerror or exc}); give a writable folder"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     kind = chosen.family.ARCHITECTURE if native else "remote code (modeling_moetrain.py)"
     yield f"exported {loaded.folder} (step {loaded.step}) to {out_dir}: {kind}, {len(tensors)} tensors, {size / 1e6:.1f} MB in {shards} shard(s)"

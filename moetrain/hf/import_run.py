@@ -24,7 +24,6 @@ time: :func:`moetrain.hf.plan.write_plan`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -62,10 +61,7 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] | None = None, log:
     own_tokenizer = "tokenizer" not in parse_overrides(overrides or []).get("data", {})
     tokenizer = tokenizer_files(src) if own_tokenizer else []  # 5.
     about_tokenizer = check_tokenizer(src, cfg.model.vocab_size) if own_tokenizer else ""
-    tmp = run_dir.with_name(f".{run_dir.name}.import-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with folders.staged_in_place_of(run_dir, "RUN_DIR", "import") as tmp:  # 7. renamed into place at the end
         log(f"importing {src} ({family.ARCHITECTURE}): {plan.nbytes / 1e6:.1f} MB of fp32 weights to write")
         log(_copy_kept(src, tmp / HF_DIR))
         if own_tokenizer:
@@ -81,17 +77,6 @@ def import_hf(src: Path, run_dir: Path, overrides: list[str] | None = None, log:
                   "unmapped_tensors": [t.key for t in plan.unmapped]}  # fmt: skip
         (tmp / HF_DIR / IMPORT_RECORD).write_text(json.dumps(origin, indent=1) + "\n")
         folders.commit(staging, ckpt, initial_state(cfg.model_dump(mode="json"), origin))
-        if run_dir.is_dir():
-            run_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, run_dir)  # 7.
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"RUN_DIR: cannot write {str(run_dir)!r} ({exc.strerror or exc}); give a writable folder"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if plan.skipped:
         log(f"left out of the model (not part of {family.ARCHITECTURE}'s forward pass): {len(plan.skipped)} tensors")
     log(f"imported into {run_dir}; train it: moetrain train {run_dir / 'config.yaml'}")

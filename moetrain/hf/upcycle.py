@@ -27,7 +27,6 @@ the run directory is built in a temporary folder beside RUN_DIR and renamed into
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -114,29 +113,9 @@ def upcycle(
         write_entries(files, staging, log)
         folders.commit(staging, ckpt, initial_state(cfg.model_dump(mode="json"), {"upcycled": record}))
 
-    _write_in_place_of(run_dir, write)  # 5.
-    log(f"upcycled into {run_dir}; train it: moetrain train {run_dir / 'config.yaml'}")
-
-
-def _write_in_place_of(run_dir: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a temporary folder beside ``run_dir`` (new or empty), then renamed to it: RUN_DIR
-    is complete or absent; a failure removes the temporary folder."""
-    tmp = run_dir.with_name(f".{run_dir.name}.upcycle-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with folders.staged_in_place_of(run_dir, "RUN_DIR", "upcycle") as tmp:  # 5.
         write(tmp)
-        if run_dir.is_dir():
-            run_dir.rmdir()  # empty (checked before)
-        os.replace(tmp, run_dir)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"RUN_DIR: cannot write {str(run_dir)!r} ({exc.strerror or exc}); give a writable folder"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    log(f"upcycled into {run_dir}; train it: moetrain train {run_dir / 'config.yaml'}")
 
 
 def _tokenizer_setting(tokenizer: TokenizerOrigin, overrides: list[str] | None) -> list[str]:
