@@ -21,7 +21,8 @@ class TrainConfig(StrictModel):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="fp32, or bf16 compute with fp32 master weights and optimizer state (docs/parallelism.md, "
-        "'Precision'); fp16 is refused: it needs loss scaling, which no moetrain path is tested with",
+        "'Precision'; on the CPU attention still runs in fp32 and expert rows are padded for speed, "
+        "docs/benchmarks.md); fp16 is refused: it needs loss scaling, which no moetrain path is tested with",
     )
     eval_interval: int = Field(0, ge=0, description="steps between evaluations (0: only at the end)")
     eval_batches: int = Field(8, ge=1, description="validation micro-batches per rank")
