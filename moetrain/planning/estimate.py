@@ -149,7 +149,7 @@ def estimate(cfg: JobConfig, size: ModelSize, layout: Layout, assume: Assumption
         Term("gradients kept between micro-batches", between, f"train.grad_accum_steps={layout.grad_accum}"),
         Term("fixed overhead", overhead, "CUDA context, NCCL, allocator slack" if overhead else ""),
     ]
-    runnable, why_not = runnable_layout(layout, assume.offload_buildable)
+    runnable, why_not = runnable_layout(layout, assume.offload_buildable, cfg.train.precision)
     return Estimate(
         layout=layout,
         terms=[t for t in terms if t.bytes],
@@ -169,9 +169,11 @@ def estimate(cfg: JobConfig, size: ModelSize, layout: Layout, assume: Assumption
 RUNNABLE_ZERO_STAGES = SUPPORTED_ZERO_STAGES
 
 
-def runnable_layout(layout: Layout, offload_buildable: bool = True) -> tuple[bool, str | None]:
+def runnable_layout(layout: Layout, offload_buildable: bool = True, precision: str = "fp32") -> tuple[bool, str | None]:
     if layout.zero not in RUNNABLE_ZERO_STAGES:
         return False, f"ZeRO-{layout.zero} is not supported by moetrain yet (estimate only)"
+    if layout.zero == 0 and precision == "bf16" and layout.ep > 1:  # config/deepspeed.py: the clipping norm
+        return False, "bf16 under expert parallelism needs ZeRO-1 or ZeRO-2"
     if layout.offload and layout.zero not in (1, 2):
         return False, "optimizer offload needs ZeRO-1 or ZeRO-2"
     if layout.offload and not offload_buildable:
