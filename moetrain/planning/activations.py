@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moetrain.config.model import ModelConfig, MoEConfig
+from moetrain.moe.row_align import ROW_MULTIPLE, cpu_bf16_row_multiple
 
 INDEX = 8  # int64 indices (routing rows, expert ids)
 F32 = 4
@@ -82,6 +83,12 @@ def _attention(s: Shapes) -> int:
     A = D // H
     B = T // s.seq_len
     rotary, grouped = m.arch == "llama", G != H
+    if s.device == "cpu" and b != F32:
+        # bf16 on the CPU: attention runs in fp32 (backbone/attention.py, attend). SDPA keeps fp32 copies of
+        # q, k and v (k and v already repeated for the query heads) and its fp32 output; proj keeps that
+        # output cast back; the bf16 q, k, v are freed once cast
+        kept = 4 * T * H * A * F32 + T * H * A * b + B * H * s.seq_len * F32
+        return kept + T * D * b + _dropout_masks(s, 1)
     kept = 0
     if not rotary or not grouped:
         kept += T * (H + 2 * G) * A * b  # the qkv projection's output (a view of it reaches SDPA)
@@ -160,6 +167,15 @@ def moe_layer(s: Shapes, num_experts: int, layer: int = 0) -> MoEParts:
     elif s.device != "cpu":
         experts_in = N * D * b  # torch._grouped_mm keeps its input (the CPU path gathers it again)
     experts = experts_in + _experts(moe.expert_type, R, D, F, moe.sublayers, b)
+    L = num_experts // s.ep_size
+    if s.device == "cpu" and b != F32 and cpu_bf16_row_multiple(R, L) > 1:
+        # bf16 on the CPU: the experts compute R + L * (M - 1) rows (moe/row_align.py); the padding also
+        # keeps its two row maps (int64) and the owned-row mask, and one R x D tensor (measured)
+        padded = R + L * (ROW_MULTIPLE - 1)
+        experts += _experts(moe.expert_type, padded, D, F, moe.sublayers, b) - _experts(
+            moe.expert_type, R, D, F, moe.sublayers, b
+        )
+        experts += R * D * b + R * (2 * INDEX + 1)
     shared = 0
     if moe.shared_experts:
         width = moe.shared_experts * (moe.shared_expert_hidden or F)
