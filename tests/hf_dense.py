@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import transformers
 from hf_runs import VOCAB, bpe_tokenizer
-from hf_tiny import COMMON
+from hf_tiny import COMMON, redrawn
 
 # variant -> (config class, model class, config fields besides COMMON)
 DENSE = {
@@ -34,20 +33,7 @@ def dense_model(variant: str = "llama", seed: int = 0, **changes) -> transformer
     config_cls, model_cls, fields = DENSE[variant]
     ids = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     config = config_cls(**{**COMMON, **ids, **fields, **changes})
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            elif name.endswith(".bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
-    return model
+    return redrawn(model_cls, config, seed)
 
 
 def dense_folder(folder: Path, variant: str = "llama", seed: int = 0, **changes) -> transformers.PreTrainedModel:

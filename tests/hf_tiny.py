@@ -64,6 +64,12 @@ def hf_model(variant: str, seed: int = 0, **changes) -> transformers.PreTrainedM
     model_type, fields = VARIANTS[variant]
     config_cls, model_cls = CLASSES[model_type]
     config = config_cls(**{**COMMON, **SIZES[model_type], **fields, **changes})
+    return redrawn(model_cls, config, seed)
+
+
+def redrawn(model_cls, config, seed: int) -> transformers.PreTrainedModel:
+    """``model_cls(config)`` in eval mode with every weight redrawn from ``seed``: norms U(0.5, 1.5), biases
+    N(0, 0.2), embeddings N(0, 0.3^2), matrices N(0, 1/fan_in)."""
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     gen = torch.Generator().manual_seed(seed + 1)
