@@ -45,6 +45,7 @@ bench/results/torchtitan_layer.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -165,7 +166,7 @@ def steps(mt, tt, x_TD, token_ids_T, w_TD, new_inputs: list[torch.Tensor] | None
     """Two closures: forward + backward of loss = <y, w> on each layer, gradients cleared first.
     ``new_inputs``: moetrain's closure first copies the next of them into ``x_TD`` (in its own timing),
     so every round (moetrain, then torchtitan) routes a new batch, as training does."""
-    rounds = iter(new_inputs * 1000) if new_inputs else None
+    rounds = itertools.cycle(new_inputs) if new_inputs else None
 
     def mt_step():
         if rounds is not None:

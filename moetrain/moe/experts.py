@@ -284,8 +284,9 @@ class GroupedExperts(nn.Module):
         again, so backward need not keep it (the first GEMMs of GELU/SwiGLU experts)."""
         self._check_grouped_mm(x_ND)
         ends_L = group_ends(counts_L, padded)
-        multiple = cpu_bf16_row_multiple(x_ND.shape[0], self.num_local)
-        if x_ND.dtype == torch.bfloat16 and not x_ND.is_cuda and not self.uses_loop and multiple > 1:
+        bf16_cpu = x_ND.dtype == torch.bfloat16 and not x_ND.is_cuda and not self.uses_loop
+        multiple = cpu_bf16_row_multiple(x_ND.shape[0], self.num_local) if bf16_cpu else 1
+        if multiple > 1:
             # bf16 on the CPU: every expert's rows a multiple of ``multiple`` (moe/row_align.py)
             rows = AlignedRows(ends_L, x_ND.shape[0], multiple)
             again = None if recompute_x is None else (lambda: rows.pad(recompute_x()))

@@ -44,17 +44,16 @@ class AlignedRows:
         counts_L = torch.diff(ends, prepend=ends.new_zeros(1))
         padded_L = (counts_L + multiple - 1) // multiple * multiple
         padded_ends_L = torch.cumsum(padded_L, 0)
-        self.num_rows = num_rows
         self.num_padded = num_rows + ends.numel() * (multiple - 1)
         rows_N = torch.arange(num_rows, device=ends.device)
         expert_N = torch.searchsorted(ends, rows_N, right=True)  # L for rows of no expert
         shift_L = torch.cat([padded_ends_L - padded_L - (ends - counts_L), ends.new_zeros(1)])
         dest_N = rows_N + shift_L[expert_N]
-        self._owned_N = expert_N < ends.numel()
+        owned_N = expert_N < ends.numel()
         # rows of no expert: written to a scratch row past the end; read back from row 0, which is always
         # computed (group_ends gives expert 0 row 0 when no row belongs to any expert)
-        self._write_N = torch.where(self._owned_N, dest_N, self.num_padded)
-        self._read_N = torch.where(self._owned_N, dest_N, 0)
+        self._write_N = torch.where(owned_N, dest_N, self.num_padded)
+        self._read_N = torch.where(owned_N, dest_N, 0)
         self.ends_L = padded_ends_L.to(ends_L.dtype)
 
     def pad(self, x_ND: torch.Tensor) -> torch.Tensor:

@@ -166,16 +166,13 @@ def moe_layer(s: Shapes, num_experts: int, layer: int = 0) -> MoEParts:
         experts_in = R * D * b  # the received rows, regrouped: kept by the grouped GEMMs
     elif s.device != "cpu":
         experts_in = N * D * b  # torch._grouped_mm keeps its input (the CPU path gathers it again)
-    experts = experts_in + _experts(moe.expert_type, R, D, F, moe.sublayers, b)
     L = num_experts // s.ep_size
+    rows, padding = R, 0
     if s.device == "cpu" and b != F32 and cpu_bf16_row_multiple(R, L) > 1:
         # bf16 on the CPU: the experts compute R + L * (M - 1) rows (moe/row_align.py); the padding also
-        # keeps its two row maps (int64) and the owned-row mask, and one R x D tensor (measured)
-        padded = R + L * (ROW_MULTIPLE - 1)
-        experts += _experts(moe.expert_type, padded, D, F, moe.sublayers, b) - _experts(
-            moe.expert_type, R, D, F, moe.sublayers, b
-        )
-        experts += R * D * b + R * (2 * INDEX + 1)
+        # keeps its two row maps (int64) and one R x D tensor (measured)
+        rows, padding = R + L * (ROW_MULTIPLE - 1), R * D * b + R * 2 * INDEX
+    experts = experts_in + _experts(moe.expert_type, rows, D, F, moe.sublayers, b) + padding
     shared = 0
     if moe.shared_experts:
         width = moe.shared_experts * (moe.shared_expert_hidden or F)

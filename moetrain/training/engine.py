@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from moetrain.config.deepspeed import owned_fields
+from moetrain.config.deepspeed import zero_stage as deepspeed_zero_stage
 from moetrain.config.job import JobConfig
 from moetrain.errors import UserError
 
@@ -74,7 +75,7 @@ def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
     )
-    if world_size == 1 and ds_config.get("zero_optimization", {}).get("stage", 0) == 0:
+    if world_size == 1 and deepspeed_zero_stage(ds_config) == 0:
         engine.enable_backward_allreduce = False
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         from moetrain.training import zero3
