@@ -40,9 +40,10 @@ def check_run_dir_shared(path: Path, rank: int, world_size: int) -> None:
     import torch
 
     missing = any_rank(torch.tensor(not seen))
-    barrier()
+    barrier()  # every rank has read the probe
     if rank == 0:
         probe.unlink(missing_ok=True)
+    barrier()  # the probe is gone on every rank's return, not only on rank 0's
     if missing:
         raise UserError(
             f"run_dir {str(path)!r} is not one folder for every rank: a file rank 0 wrote in {str(probe.parent)!r} "
