@@ -59,7 +59,14 @@ setup(
     ],
     extras_require={
         # transformers: tests/test_export.py loads exported models with it (skipped without it)
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "triton>=3.0", "ruff==0.17.6", "transformers==5.24.0"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.2",
+            "pytest-xdist>=3.5",
+            "triton>=3.0",
+            "ruff==0.17.6",
+            "transformers==5.24.0",
+        ],
         "wandb": ["wandb>=0.16"],
         "hf": ["transformers>=4.40"],  # hub tokenizers; loading `moetrain export` folders (tested: 5.24.0)
     },

@@ -3,6 +3,8 @@
 - Triton kernels run in the interpreter on machines without CUDA (set before triton is imported).
 - ``gpu`` tests skip without CUDA; ``slurm`` tests skip only where SLURM cannot be installed.
 - ``run_cli`` runs ``moetrain`` as a real subprocess; ``TINY`` holds overrides for a seconds-long run.
+- The suite runs as 2 pytest-xdist workers (README): one intra-op thread per process under a worker, and
+  the ``slurm`` tests in one worker (``--dist loadgroup``), since they share this machine's SLURM.
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # NOTE: the suite runs as 2 pytest-xdist workers on 2 cores (README): one intra-op thread per process,
+    # set before torch is imported here and inherited by every process a test starts, so that two workers'
+    # processes do not spin on each other's cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 try:
     import torch
@@ -58,6 +66,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "slurm" in item.keywords:  # one SLURM on this machine: its tests run one after another, in one worker
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(scope="session")
