@@ -4,6 +4,7 @@
     python bench/peers/autoep_e2e.py --allocator retained     # both sides keep freed memory (moetrain's default)
     python bench/peers/autoep_e2e.py --shapes 'top2-e8-*' --reps 5
     python bench/peers/autoep_e2e.py --quick                  # 1 shape, 1 rep, 12 steps: a smoke test
+                                                              # (tests/test_bench_peers.py runs it)
 
 AutoEP is part of DeepSpeed 0.19.8, which moetrain depends on; the Hugging Face model needs
 ``transformers`` (5.24.0 tested, in moetrain's ``test`` extra): no further environment.
@@ -124,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero", type=int, choices=(0, 1, 2), default=1, help="ZeRO stage, both sides")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--allocator", choices=("glibc", "retained"), default="glibc", help="both sides")
+    p.add_argument(
+        "--override", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+        help="overrides for both sides, after the model's (e.g. data.cache_dir=DIR data.max_tokens=200000)",
+    )  # fmt: skip
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "autoep_e2e.json"))
     args = p.parse_args(argv)
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         *MODEL, f"train.precision={args.precision}", *QUIET_RUN,
         f"deepspeed.zero_optimization={{stage: {args.zero}}}",
         f"train.retain_host_memory={'true' if args.allocator == 'retained' else 'false'}",
+        *(o for group in args.override for o in group),
     ]  # fmt: skip
     common.append(f"data.cache_dir={prepare_data(common, CONFIG)}")
     rows = []

@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,8 @@ def hf_model(cfg: JobConfig, vocab_size: int):
     from transformers import MixtralForCausalLM
 
     from moetrain.export import mixtral
+    from moetrain.export.family import family_config, family_tensors
+    from moetrain.hf.families import family_for
     from moetrain.model import MoETransformer
 
     m = cfg.model.model_copy(update={"vocab_size": cfg.model.vocab_size or vocab_size})
@@ -77,11 +80,16 @@ def hf_model(cfg: JobConfig, vocab_size: int):
         raise SystemExit("autoep_train needs a Mixtral-shaped moetrain model: " + "; ".join(why))
     torch.manual_seed(cfg.seed)
     ref = MoETransformer(m, cfg.moe)
-    weights = {k: v.detach().contiguous() for k, v in ref.state_dict().items()}
     with tempfile.TemporaryDirectory(prefix="autoep_hf_") as folder:
-        (Path(folder) / "config.json").write_text(json.dumps(mixtral.config_json(m, cfg.moe, eos_id=0)))
-        tensors = {k: v.contiguous() for k, v in mixtral.state_dict(weights, m).items()}
-        save_file(tensors, str(Path(folder) / "model.safetensors"))
+        # `moetrain export --target mixtral`'s two steps, on the initial model instead of a checkpoint (a run
+        # folder with no import record: the config is grown from the token ids alone, as for a model trained here)
+        loaded = SimpleNamespace(
+            cfg=cfg.model_copy(update={"model": m}), model=ref, run_dir=Path(folder), folder=Path(folder)
+        )
+        family = family_for("mixtral")
+        config = family_config(family, loaded, {"bos_token_id": 0, "eos_token_id": 0})
+        (Path(folder) / "config.json").write_text(json.dumps(config))
+        save_file(family_tensors(family, loaded, config), str(Path(folder) / "model.safetensors"))
         model = MixtralForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="sdpa")
     model.config.output_router_logits = False
     n_ref = sum(p.numel() for p in ref.parameters())
@@ -162,7 +170,8 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict:
     cpu = []
     for step in range(cfg.train.steps):
         start, start_cpu = time.perf_counter(), time.process_time()
-        x_BS, y_BS = stream.batch(step, 0)
+        x_BS, y_BS, segments_BS = stream.batch(step, 0)
+        assert segments_BS is None, "one sample per row: the Hugging Face side has no document masking here"
         logits_BSV = engine(input_ids=x_BS.to(engine.device)).logits
         loss = F.cross_entropy(logits_BSV.float().view(-1, logits_BSV.shape[-1]), y_BS.to(engine.device).view(-1))
         engine.backward(loss)

@@ -1,0 +1,40 @@
+"""Smoke test of bench/peers/autoep_e2e.py (DeepSpeed AutoEP is part of moetrain's DeepSpeed; the Hugging
+Face model needs transformers, in the ``test`` extra): one shape, one repetition, a few steps per side.
+
+The peer script follows moetrain's export and data APIs, so it breaks when they change; this run keeps it
+working. No timing assertions: both sides trained, the same parameter count and the same step-1 loss (the
+same model on the same batch), and the JSON row is consistent. torchtitan's comparison needs its own venv
+(bench/peers/torchtitan_layer.py) and is not run here.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, clean_env
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
+
+
+def test_autoep_quick_trains_the_same_model_on_both_sides(tmp_path, data_cache):
+    pytest.importorskip("transformers")
+    out = tmp_path / "autoep_e2e.json"
+    cmd = [
+        sys.executable, str(REPO / "bench" / "peers" / "autoep_e2e.py"),
+        "--quick", "--steps", "4", "--warmup", "1",
+        "--override", f"data.cache_dir={data_cache}", "data.max_tokens=200000",
+        "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=290)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["shape"], row["threads"], row["processes"]) == ("top2-e8-1t", 1, 1)
+    assert row["moetrain_tokens_per_s"] > 0 and row["autoep_tokens_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["moetrain_tokens_per_s"] / row["autoep_tokens_per_s"])
+    assert math.isfinite(row["moetrain_final_loss"]) and math.isfinite(row["autoep_final_loss"])
+    assert row["params_moetrain"] == row["params_autoep"]
+    assert row["moetrain_first_loss"] == pytest.approx(row["autoep_first_loss"], rel=1e-5)
+    assert result["steps"] == 4 and result["zero_stage"] == 1 and result["allocator"] == "glibc"
