@@ -133,3 +133,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_bench_quick(script: Path, out: Path, data_cache: str, *args: str) -> dict:
+    """A ``bench/`` script's quick run, one shape and one repetition of a few steps on the session's token
+    store, as a real process; returns the JSON it wrote (asserting the exit code, with the output's tail)."""
+    import json
+
+    cmd = [
+        sys.executable, str(script), "--quick", "--steps", "4", "--warmup", "1", *args,
+        "--override", f"data.cache_dir={data_cache}", "data.max_tokens=200000",  # conftest.TINY's corpus size
+        "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=290)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())

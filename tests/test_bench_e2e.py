@@ -5,34 +5,19 @@ sides trained (positive tokens/s, finite losses), the two models have the same p
 dropless from the same weights on the same first batch, the same step-1 loss.
 """
 
-import json
 import math
-import subprocess
 import sys
 
 import pytest
-from conftest import REPO, clean_env
+from conftest import REPO, run_bench_quick
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def test_e2e_lm_quick_writes_a_row_for_both_sides(tmp_path, data_cache):
-    out = tmp_path / "e2e_lm.json"
-    cmd = [
-        sys.executable,
-        str(REPO / "bench" / "e2e_lm.py"),
-        "--quick",
-        "--shapes", "top2-e8-1t",
-        "--reps", "1",
-        "--steps", "4",
-        "--warmup", "1",
-        # the session's token store (conftest.TINY's corpus size), not a fresh preparation
-        "--override", f"data.cache_dir={data_cache}", "data.max_tokens=200000",
-        "--out", str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=290)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench_quick(
+        REPO / "bench" / "e2e_lm.py", tmp_path / "e2e_lm.json", data_cache, "--shapes", "top2-e8-1t", "--reps", "1"
+    )
     (row,) = result["rows"]
     assert (row["shape"], row["variant"], row["threads"], row["processes"]) == ("top2-e8-1t", "plain", 1, 1)
     assert row["moetrain_tokens_per_s"] > 0 and row["deepspeed_tokens_per_s"] > 0

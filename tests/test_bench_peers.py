@@ -7,29 +7,17 @@ same model on the same batch), and the JSON row is consistent. torchtitan's comp
 (bench/peers/torchtitan_layer.py) and is not run here.
 """
 
-import json
 import math
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, clean_env
+from conftest import REPO, run_bench_quick
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
 
 
 def test_autoep_quick_trains_the_same_model_on_both_sides(tmp_path, data_cache):
     pytest.importorskip("transformers")
-    out = tmp_path / "autoep_e2e.json"
-    cmd = [
-        sys.executable, str(REPO / "bench" / "peers" / "autoep_e2e.py"),
-        "--quick", "--steps", "4", "--warmup", "1",
-        "--override", f"data.cache_dir={data_cache}", "data.max_tokens=200000",
-        "--out", str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=290)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench_quick(REPO / "bench" / "peers" / "autoep_e2e.py", tmp_path / "autoep_e2e.json", data_cache)
     (row,) = result["rows"]
     assert (row["shape"], row["threads"], row["processes"]) == ("top2-e8-1t", 1, 1)
     assert row["moetrain_tokens_per_s"] > 0 and row["autoep_tokens_per_s"] > 0
