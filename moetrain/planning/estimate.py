@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moetrain.config.deepspeed import SUPPORTED_ZERO_STAGES
+from moetrain.config.deepspeed import SUPPORTED_ZERO_STAGES, bf16_norm_misses_experts
 from moetrain.config.job import JobConfig
 from moetrain.planning.activations import Shapes, activation_terms
 from moetrain.planning.model_size import ModelSize
@@ -172,7 +172,7 @@ RUNNABLE_ZERO_STAGES = SUPPORTED_ZERO_STAGES
 def runnable_layout(layout: Layout, offload_buildable: bool = True, precision: str = "fp32") -> tuple[bool, str | None]:
     if layout.zero not in RUNNABLE_ZERO_STAGES:
         return False, f"ZeRO-{layout.zero} is not supported by moetrain yet (estimate only)"
-    if layout.zero == 0 and precision == "bf16" and layout.ep > 1:  # config/deepspeed.py: the clipping norm
+    if bf16_norm_misses_experts(layout.zero, precision, layout.ep):
         return False, "bf16 under expert parallelism needs ZeRO-1 or ZeRO-2"
     if layout.offload and layout.zero not in (1, 2):
         return False, "optimizer offload needs ZeRO-1 or ZeRO-2"

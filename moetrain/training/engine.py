@@ -75,9 +75,10 @@ def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
     )
-    if world_size == 1 and deepspeed_zero_stage(ds_config) == 0:
+    stage = deepspeed_zero_stage(ds_config)
+    if world_size == 1 and stage == 0:
         engine.enable_backward_allreduce = False
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    if stage == 3:
         from moetrain.training import zero3
 
         zero3.gather_before_backward_of_dataclass_outputs(model)
