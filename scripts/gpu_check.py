@@ -44,6 +44,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -107,7 +108,7 @@ class Check:
             print(entry.get("error") or entry.get("reason"), flush=True)
 
     def run(self, cmd: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> str:
-        full_env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+        full_env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("PYTEST_")}
         full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
@@ -122,9 +123,9 @@ class Check:
         """The gpu-marked tests (smoke, on the CPU where they skip: the host-sync tests, unmarked)."""
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
         cmd += ["tests/test_host_sync.py", "-m", "not gpu"] if self.smoke else ["tests", "-m", "gpu"]
-        tail = self.run(cmd, timeout=900).strip().splitlines()[-1]
-        check_some_passed(tail)
-        return {"summary": tail}
+        summary = pytest_summary(self.run(cmd, timeout=900))
+        check_some_passed(summary)
+        return {"summary": summary}
 
     def train(self, name: str) -> dict:
         config, tol = TRAIN_RUNS[name]
@@ -327,6 +328,18 @@ class Check:
         (self.out / "gpu_check.json").write_text(json.dumps(self.record, indent=1))
         (self.out / "gpu_check.md").write_text(summary_markdown(self.record))
         return all(s["status"] in ("pass", "skipped") for s in self.record["steps"].values())
+
+
+PYTEST_SUMMARY = re.compile(r"\b\d+ (passed|failed|skipped|deselected|errors?|xfailed|xpassed)\b.* in [\d.]+s")
+
+
+def pytest_summary(output: str) -> str:
+    """pytest's closing summary line ("3 passed, 2 skipped in 1.0s") in its output, wherever it is: a
+    plugin may print after it (pytest-benchmark's warning did, and the step read that line instead)."""
+    lines = [line.strip("= ") for line in output.splitlines() if PYTEST_SUMMARY.search(line)]
+    if not lines:
+        raise RuntimeError(f"no selected test ran (no pytest summary line): {output.strip()[-300:]}")
+    return lines[-1]
 
 
 def check_some_passed(pytest_tail: str) -> None:

@@ -59,3 +59,8 @@ def test_a_test_step_where_every_test_skipped_fails():
     for tail in ("12 skipped in 0.5s", "no tests ran in 0.01s", "2 deselected in 0.1s"):
         with pytest.raises(RuntimeError, match="no selected test ran"):
             gpu_check.check_some_passed(tail)
+    # the summary is found where it is, not taken as the last line: pytest-benchmark prints after it
+    output = "....\n===== 8 passed, 3 deselected in 3.43s =====\n  warner(PytestBenchmarkWarning(text))\n"
+    assert gpu_check.pytest_summary(output) == "8 passed, 3 deselected in 3.43s"
+    with pytest.raises(RuntimeError, match="no selected test ran"):
+        gpu_check.pytest_summary("ERROR: usage: pytest [options]\n")
