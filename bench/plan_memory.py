@@ -81,7 +81,8 @@ CONFIGS: dict[str, tuple[int, int, list[str]]] = {
         1, 1,
         ["model.arch=llama", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=2",
          "moe.num_experts=16", "moe.router.top_k=4", "moe.expert_hidden=128", "data.seq_len=256",
-         "train.micro_batch_size=4", "train.activation_checkpointing=moe", "deepspeed.zero_optimization.stage=1"],
+         "train.micro_batch_size=4", "train.activation_checkpointing=moe", "deepspeed.zero_optimization.stage=1",
+         "train.zero_on_one_process=true"],  # ZeRO-1's own machinery: one process runs stage 0 by default
     ),
     "e8-k2-d128-ep2-zero2-ga2": (
         2, 2,

@@ -24,6 +24,8 @@ def layout(world: int, ep: int, zero: int = 0) -> list[str]:
         f"moe.expert_parallel_size={ep}",
         f"deepspeed.zero_optimization.stage={zero}",
     ]
+    if world == 1 and zero in (1, 2):  # ZeRO's own machinery (one process runs stage 0 by default)
+        out.append("train.zero_on_one_process=true")
     if zero == 3:  # partition every parameter (stage 3 keeps those under 1e5 elements whole by default: all here)
         out.append("deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
     return out

@@ -95,8 +95,10 @@ def record(tmp_path, data_cache, nproc, *overrides):
     [(0, 1, "fp32"), (1, 1, "fp32"), (2, 1, "fp32"), (0, 2, "fp32"), (2, 2, "fp32"), (0, 1, "bf16")],
 )
 def test_after_the_switch_routing_and_distilled_router_are_frozen(tmp_path, data_cache, zero, nproc, precision):
+    # ZeRO's flat partitions even on one process (which by default runs ZeRO-1/2 as stage 0)
+    keep = f"train.zero_on_one_process={str(zero > 0).lower()}"
     rows, metrics = record(
-        tmp_path, data_cache, nproc, f"deepspeed.zero_optimization.stage={zero}", f"train.precision={precision}"
+        tmp_path, data_cache, nproc, f"deepspeed.zero_optimization.stage={zero}", f"train.precision={precision}", keep
     )
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     stage1, stage2 = rows[:STAGE1], rows[STAGE1:]
@@ -131,13 +133,14 @@ def by_step(run_dir, key):
 
 @pytest.mark.parametrize("zero", [0, 2])
 def test_resume_across_the_switch_equals_uninterrupted(tmp_path, data_cache, zero):
-    ds = f"deepspeed.zero_optimization.stage={zero}"
+    # ZeRO-2's own machinery on one process (which by default runs it as stage 0)
+    ds = (f"deepspeed.zero_optimization.stage={zero}", f"train.zero_on_one_process={str(zero > 0).lower()}")
     full = tmp_path / "full"
-    train(full, data_cache, ds)
+    train(full, data_cache, *ds)
     for stop in (2, 5):  # stopped in stage 1 (resume crosses the switch) and in stage 2 (stage restored)
         split = tmp_path / f"split{stop}"
-        train(split, data_cache, ds, f"train.stop_at_step={stop}")
-        assert "resumed from" in train(split, data_cache, ds).stdout
+        train(split, data_cache, *ds, f"train.stop_at_step={stop}")
+        assert "resumed from" in train(split, data_cache, *ds).stdout
         assert by_step(split, "loss") == by_step(full, "loss")  # exact, every step
         assert by_step(split, "moe/layer0/fluctuation") == by_step(full, "moe/layer0/fluctuation")
         assert (split / "fluctuation.json").read_text() == (full / "fluctuation.json").read_text()

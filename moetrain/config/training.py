@@ -42,6 +42,12 @@ class TrainConfig(StrictModel):
         description="CPU training on glibc: keep freed memory in the process instead of returning it to the OS, so "
         "large per-step tensors stop page-faulting; resident memory stays at its peak (docs/benchmarks.md)",
     )
+    zero_on_one_process: bool = Field(
+        False,
+        description="one process (world size 1) with deepspeed.zero_optimization.stage 1 or 2: false runs "
+        "DeepSpeed's stage-0 path, since one rank has nothing to partition (the same update, less memory and "
+        "time); true keeps ZeRO's machinery, e.g. to try a ZeRO config on one process (docs/parallelism.md)",
+    )
     cpu_kernel_cache: int | None = Field(
         256,
         ge=1,

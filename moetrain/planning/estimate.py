@@ -16,14 +16,20 @@ keeps across steps (``moe/grouped_cpu.py``): one per stacked weight, this rank's
 parameters' dtype. Under ZeRO-1/2 DeepSpeed copies the gradients out, so the buffers are extra at every
 moment; under ZeRO-0 a buffer is the ``.grad`` itself from backward to the step, so extra only at A.
 
-Whether the layout can run at all is decided in one place, :data:`RUNNABLE_ZERO_STAGES`.
+Whether the layout can run at all is decided in one place, :data:`RUNNABLE_ZERO_STAGES`. ZeRO-1/2 on one
+process are estimated as the stage-0 path the trainer runs there (``partitions_nothing``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moetrain.config.deepspeed import SUPPORTED_ZERO_STAGES, bf16_norm_misses_experts
+from moetrain.config.deepspeed import (
+    SUPPORTED_ZERO_STAGES,
+    bf16_norm_misses_experts,
+    grad_accum_dtype,
+    partitions_nothing,
+)
 from moetrain.config.job import JobConfig
 from moetrain.planning.activations import Shapes, activation_terms
 from moetrain.planning.model_size import ModelSize
@@ -105,9 +111,19 @@ class Estimate:
         return max(self.moments, key=self.moments.get)
 
 
+def runs_as_stage0(cfg: JobConfig, layout: Layout) -> bool:
+    """ZeRO-1/2 on one process, run as stage 0 (config/deepspeed.py ``partitions_nothing``)."""
+    train = cfg.train
+    accum = grad_accum_dtype(cfg.deepspeed)
+    return partitions_nothing(
+        layout.zero, layout.world, layout.offload, train.zero_on_one_process, train.precision, accum
+    )
+
+
 def estimate(cfg: JobConfig, size: ModelSize, layout: Layout, assume: Assumptions) -> Estimate:
     """The per-rank memory of ``cfg``'s model in ``layout`` (``cfg.model.vocab_size`` resolved)."""
-    zero = ZeroSettings.from_block(cfg.deepspeed, stage=layout.zero, offload=layout.offload)
+    stage = 0 if runs_as_stage0(cfg, layout) else layout.zero  # what the trainer runs (engine.unpartitioned)
+    zero = ZeroSettings.from_block(cfg.deepspeed, stage=stage, offload=layout.offload)
     b = 4 if cfg.train.precision == "fp32" else 2
     states = state_bytes(size.groups, layout.world, layout.ep, cfg.train.precision, zero, assume.device, assume.rank)
     shapes = Shapes(

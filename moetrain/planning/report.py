@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moetrain.config.job import JobConfig
-from moetrain.planning.estimate import Assumptions, Estimate, Layout, estimate
+from moetrain.planning.estimate import Assumptions, Estimate, Layout, estimate, runs_as_stage0
 from moetrain.planning.model_size import ModelSize
 from moetrain.planning.search import Machine, SearchResult, fits, search
 from moetrain.planning.states import ZeroSettings
@@ -29,6 +29,11 @@ def job_layout(cfg: JobConfig, machine: Machine) -> Layout:
 ZERO3_NOTE = (
     "ZeRO-3: an estimate not yet compared with a measured step (ZeRO 0-2 are, docs/benchmarks.md); "
     "leave room for stage 3's persistent parameters and prefetch"
+)
+
+ONE_PROCESS_NOTE = (
+    "ZeRO-{stage} on one process partitions nothing: estimated as the stage-0 path the trainer runs there "
+    "(train.zero_on_one_process=true keeps ZeRO)"
 )
 
 
@@ -71,6 +76,8 @@ def plan_lines(
     lines += ["", f"this job's layout: {describe(own.layout)} -- {verdict}", *breakdown(own)]
     if own.layout.zero == 3:
         lines.append(f"  {ZERO3_NOTE}")
+    if runs_as_stage0(cfg, own.layout):
+        lines.append(f"  {ONE_PROCESS_NOTE.format(stage=own.layout.zero)}")
     result = search(cfg, size, machine, assume)
     lines += ["", *_table(result, machine, top)]
     if result.fitting:

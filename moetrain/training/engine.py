@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from moetrain.config.deepspeed import owned_fields
+from moetrain.config.deepspeed import grad_accum_dtype, offload_device, owned_fields, partitions_nothing
 from moetrain.config.deepspeed import zero_stage as deepspeed_zero_stage
 from moetrain.config.job import JobConfig
 from moetrain.errors import UserError
@@ -34,6 +34,8 @@ def build_ds_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
     ds.setdefault("zero_optimization", {"stage": 0})
+    if unpartitioned(cfg, world_size):
+        ds["zero_optimization"] = {**ds["zero_optimization"], "stage": 0}
     if moetrain_clips(ds):
         ds["gradient_clipping"] = 0.0  # moetrain clips itself (EP-aware) before engine.step()
     ds.setdefault("steps_per_print", 10**9)
@@ -44,6 +46,14 @@ def build_ds_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
 def zero_stage(cfg: JobConfig) -> int:
     """``deepspeed.zero_optimization.stage`` of the job (0 when unset)."""
     return cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+
+
+def unpartitioned(cfg: JobConfig, world_size: int) -> bool:
+    """ZeRO-1/2 asked for, DeepSpeed's stage-0 path run: one process has nothing to partition."""
+    block, train = cfg.deepspeed, cfg.train
+    offload = offload_device(block) != "none"
+    accum = grad_accum_dtype(block)
+    return partitions_nothing(zero_stage(cfg), world_size, offload, train.zero_on_one_process, train.precision, accum)
 
 
 def moetrain_clips(ds_config: dict[str, Any]) -> bool:

@@ -47,6 +47,7 @@ ALLOWED = (
     "moe.ep_overlap",  # the same computation in another order
     "moe.fluctuation",
     "deepspeed.zero_optimization",
+    "train.zero_on_one_process",  # which DeepSpeed path runs the same update
 )
 
 

@@ -167,11 +167,16 @@ class Trainer:
         self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config, layout.world_size)
         state_io.check_supported(self.model, self.engine.optimizer)
         self.own_clipping = engine.moetrain_clips(ds_config)
-        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        stage = f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}"
+        if engine.unpartitioned(cfg, layout.world_size):
+            stage = (
+                f"ZeRO stage {engine.zero_stage(cfg)} run as stage 0: one process partitions nothing, the update "
+                "is the same (train.zero_on_one_process=true keeps ZeRO)"
+            )
         adam = "AdamW (DeepSpeed's CPU Adam: state offloaded)" if offload.offloads(cfg) else "AdamW"
         self._say(
             f"optimizer: {adam} inside DeepSpeed's {type(self.engine.optimizer).__name__} (train.precision "
-            f"{cfg.train.precision}, ZeRO stage {stage}; docs/parallelism.md, 'Precision')"
+            f"{cfg.train.precision}, {stage}; docs/parallelism.md, 'Precision')"
         )
         self._grad_norm = None
 
