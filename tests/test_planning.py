@@ -148,7 +148,7 @@ BENCH_CASES = {
     "zero1-bf16-moe": (1, 1, ["model.d_model=64", "model.n_heads=4", "model.n_layers=2", "moe.num_experts=8",
                               "moe.router.top_k=2", "moe.expert_type=gelu", "moe.expert_hidden=128", "data.seq_len=64",
                               "train.micro_batch_size=4", "train.precision=bf16", "train.activation_checkpointing=moe",
-                              "deepspeed.zero_optimization.stage=1"]),
+                              "deepspeed.zero_optimization.stage=1", "train.zero_on_one_process=true"]),
     "ep2-zero2-ga2": (2, 2, ["model.d_model=64", "model.n_heads=4", "model.n_layers=2", "moe.num_experts=4",
                              "moe.router.top_k=2", "moe.expert_type=swiglu", "moe.expert_hidden=128", "data.seq_len=64",
                              "train.micro_batch_size=4", "train.grad_accum_steps=2",

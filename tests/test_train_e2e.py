@@ -50,7 +50,8 @@ def test_tiny_trains_and_writes_run_dir(tmp_path, data_cache):
         [],
         ["train.grad_accum_steps=2", "model.dropout=0.1"],
         ["train.precision=bf16"],  # fp32 master copies in DeepSpeed's FP16_UnfusedOptimizer
-        ["train.precision=bf16", "deepspeed.zero_optimization.stage=2"],
+        # ZeRO-2's own machinery on one process (by default one process runs the stage-0 path)
+        ["train.precision=bf16", "deepspeed.zero_optimization.stage=2", "train.zero_on_one_process=true"],
     ],
     ids=["plain", "accum+dropout", "bf16", "bf16-zero2"],
 )

@@ -24,30 +24,31 @@ def test_the_rule():
     def rule(stage=1, world=1, offload=False, keep=False, precision="fp32", accum=None):
         return partitions_nothing(stage, world, offload, keep, precision, accum)
 
-    assert rule() and rule(stage=2) and rule(accum="fp32")
+    assert rule() and rule(stage=2) and rule(accum="fp32") and rule(precision="bf16")
+    assert rule(precision="bf16", accum="bf16")
     assert not rule(world=2)  # two ranks: real partitions
     assert not rule(offload=True)  # offload needs ZeRO's CPU Adam
     assert not rule(keep=True)  # asked to keep ZeRO
     assert not rule(stage=3) and not rule(stage=0)  # ZeRO-3 is its own path; stage 0 already is
-    assert not rule(accum="bf16")  # DeepSpeed's stage 0 refuses a mixed accumulation dtype
-    assert not rule(precision="bf16") and not rule(precision="bf16", accum="fp32")  # bf16 keeps ZeRO (docstring)
+    assert not rule(accum="bf16") and not rule(precision="bf16", accum="fp32")  # stage 0 refuses the mix
 
 
-def test_zero1_on_one_process_is_the_stage0_update(tmp_path, data_cache):
-    """The same losses and gradient norms as DeepSpeed's ZeRO-1 machinery (fp32: the flat and the
-    per-parameter Adam round alike; the norms are summed in another order), through the stage-0 optimizer;
-    bf16 keeps ZeRO-1."""
-    fast = train_ok(tmp_path / "fast", data_cache, *ZERO1)
-    kept = train_ok(tmp_path / "kept", data_cache, *ZERO1, KEEP)
-    assert "inside DeepSpeed's AdamW " in fast.stdout and "ZeRO stage 1 run as stage 0" in fast.stdout
+@pytest.mark.parametrize("precision, wrapper, rel", [("fp32", "AdamW", 1e-5), ("bf16", "FP16_UnfusedOptimizer", 1e-3)])
+def test_zero1_on_one_process_is_the_stage0_update(tmp_path, data_cache, precision, wrapper, rel):
+    """The same losses and gradient norms as DeepSpeed's ZeRO-1 machinery, through the stage-0 optimizer
+    (fp32: the flat and the per-parameter Adam round alike, the norms are summed in another order; bf16:
+    both keep fp32 masters of bf16 weights; before engine.undo_unfused_init_step the bf16 pair drifted
+    3 % apart in gradient norm by step 6)."""
+    args = [*ZERO1, f"train.precision={precision}"]
+    fast = train_ok(tmp_path / "fast", data_cache, *args)
+    kept = train_ok(tmp_path / "kept", data_cache, *args, KEEP)
+    assert f"inside DeepSpeed's {wrapper} " in fast.stdout and "ZeRO stage 1 run as stage 0" in fast.stdout
     assert "inside DeepSpeed's DeepSpeedZeroOptimizer " in kept.stdout and "run as stage 0" not in kept.stdout
     a, b = _rows(tmp_path / "fast"), _rows(tmp_path / "kept")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
-        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5), step
-        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-5), step
-    bf16 = train_ok(tmp_path / "bf16", data_cache, *ZERO1, "train.precision=bf16", "train.stop_at_step=1")
-    assert "inside DeepSpeed's DeepSpeedZeroOptimizer " in bf16.stdout and "run as stage 0" not in bf16.stdout
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=rel), step
+        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=rel), step
 
 
 def test_a_checkpoint_crosses_between_the_two_paths(tmp_path, data_cache):
@@ -68,8 +69,7 @@ def test_a_checkpoint_crosses_between_the_two_paths(tmp_path, data_cache):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_planner_estimates_what_runs(precision):
-    """World 1, fp32: ZeRO-1/2 are estimated as stage 0, unless ZeRO is kept; at two ranks, and in bf16,
-    they stay ZeRO."""
+    """World 1: ZeRO-1/2 are estimated as stage 0, unless ZeRO is kept; at two ranks they stay ZeRO."""
     states = {}
     for keep in (False, True):
         cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.vocab_size=257", f"train.precision={precision}",
@@ -78,10 +78,7 @@ def test_the_planner_estimates_what_runs(precision):
         for world, zero in ((1, 0), (1, 1), (1, 2), (2, 0), (2, 1)):
             layout = Layout(world, world, 1, zero, "none", False, 8, 1)
             states[keep, world, zero] = estimate(cfg, size, layout, Assumptions(overhead=0)).states
-    assert states[True, 1, 1] != states[True, 1, 0]
+    assert states[False, 1, 1] == states[False, 1, 2] == states[False, 1, 0] != states[True, 1, 1]
     if precision == "fp32":  # ZeRO keeps an fp32 copy of fp32 weights; stage 0 steps the weights themselves
-        assert states[False, 1, 1] == states[False, 1, 2] == states[False, 1, 0]
         assert states[True, 1, 1].optimizer > states[False, 1, 1].optimizer
-    else:  # bf16 keeps ZeRO on one process
-        assert states[False, 1, 1] == states[True, 1, 1] != states[False, 1, 0]
     assert states[False, 2, 1] == states[True, 2, 1] != states[False, 2, 0]

@@ -18,7 +18,9 @@ Each side is a separate process per repetition, run A, B, A, B, ... after a shor
   moetrain's Mixtral export and loaded as ``MixtralForCausalLM``, trained by ``deepspeed.initialize``
   with ``expert_parallel`` (AutoEP, preset ``mixtral``), on the same batches, from the same weights.
 
-Both sides: the same ZeRO stage (``--zero``, default 1), fp32 (``--precision``), AdamW with moetrain's
+Both sides: the same ZeRO stage (``--zero``, default 1; on one process in fp32 moetrain runs ZeRO-1/2
+as stage 0, recorded per row as ``moetrain_runs_stage0``; ``--override train.zero_on_one_process=true``
+keeps ZeRO's machinery, docs/parallelism.md), fp32 (``--precision``), AdamW with moetrain's
 groups and schedule, gradient clipping at ``optim.grad_clip``, no router loss
 (``moe.router.load_balance_coeff=0``: AutoEP has none; Mixtral's is off by default), and the same
 allocator setting (``--allocator``: ``glibc`` = glibc's defaults on both sides,
@@ -111,8 +113,17 @@ def measure(shape: Shape, args, common: list[str], work: Path) -> dict:
         "moetrain_peak_rss_mb": statistics.median(r.peak_rss_mb for r in mt_runs),
         "autoep_peak_rss_mb": statistics.median(r.peak_rss_mb for r in ae_runs),
         "params_moetrain": info["params_moetrain"], "params_autoep": info["params_autoep"],
+        "moetrain_runs_stage0": runs_stage0(shape, args, common),
         "reps": {"moetrain": [r.__dict__ for r in mt_runs], "autoep": [r.__dict__ for r in ae_runs]},
     }  # fmt: skip
+
+
+def runs_stage0(shape: Shape, args, common: list[str]) -> bool:
+    """Whether moetrain ran the asked ZeRO-1/2 as stage 0 (one process, fp32; docs/parallelism.md)."""
+    from moetrain.config.deepspeed import partitions_nothing
+
+    keep = "train.zero_on_one_process=true" in common
+    return partitions_nothing(args.zero, shape.procs, False, keep, args.precision, None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

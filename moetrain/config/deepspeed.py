@@ -88,13 +88,12 @@ def partitions_nothing(
     """ZeRO-1/2 on one process: the one data-parallel rank owns every partition, so moetrain runs
     DeepSpeed's stage-0 path instead (``train.zero_on_one_process`` false, the default): the same
     update without ZeRO's flat fp32 copy of the weights or its per-step flattening of the gradients
-    (docs/parallelism.md, "ZeRO on one process"). fp32 only: ZeRO stays with optimizer offload (ZeRO's
-    CPU Adam), with a ``deepspeed.data_types.grad_accum_dtype`` other than fp32 (DeepSpeed refuses the
-    mix at stage 0), and in bf16, whose stage-0 wrapper (FP16_UnfusedOptimizer) drifted from the fp32
-    run more than ZeRO-1's bf16 did (measured, docs/parallelism.md). The trainer and the planner decide
+    (docs/parallelism.md, "ZeRO on one process"). ZeRO stays with optimizer offload (ZeRO's CPU Adam) and
+    with a ``deepspeed.data_types.grad_accum_dtype`` other than the precision (DeepSpeed refuses that mix
+    at stage 0; bf16 with fp32 accumulation is its BF16_Optimizer). The trainer and the planner decide
     with this one rule."""
-    fp32 = precision == "fp32" and accum_dtype in (None, "fp32")
-    return world_size == 1 and stage in (1, 2) and not offload and not zero_on_one_process and fp32
+    same_accum = accum_dtype in (None, precision)
+    return world_size == 1 and stage in (1, 2) and not offload and not zero_on_one_process and same_accum
 
 
 def grad_accum_dtype(block: dict[str, Any]) -> Any:

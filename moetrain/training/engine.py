@@ -74,6 +74,24 @@ def quiet_deepspeed() -> None:
     )
 
 
+def undo_unfused_init_step(optimizer) -> None:
+    """DeepSpeed 0.19.8's ``FP16_UnfusedOptimizer`` (bf16 at ZeRO-0) steps the client optimizer once with
+    zero gradients while it is built (``initialize_optimizer_states``): Adam's step count then starts at 1,
+    so the first real update is Adam's second-step bias correction (0.74 lr instead of lr, and every later
+    update off by one step), and weight decay has already been applied once at the initial lr. Undone here:
+    each fp32 master is copied again from its bf16 weight (which that step did not touch) and its Adam state
+    dropped, so the first real step starts it as torch's AdamW does (tests/test_deepspeed_contract.py)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return
+    inner = optimizer.optimizer
+    for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+        for lp, hp in zip(lps, hps):
+            hp.data.copy_(lp.data)
+            inner.state.pop(hp, None)
+
+
 def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict[str, Any], world_size: int):
     """``deepspeed.initialize``. A single process at ZeRO-0 (fp32 or bf16) gets no gradient all-reduce:
     with nothing to reduce, DeepSpeed would still flatten every non-expert gradient into one buffer and
@@ -85,6 +103,7 @@ def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
     )
+    undo_unfused_init_step(engine.optimizer)
     stage = deepspeed_zero_stage(ds_config)
     if world_size == 1 and stage == 0:
         engine.enable_backward_allreduce = False
