@@ -96,9 +96,11 @@ def partitions_nothing(
     return world_size == 1 and stage in (1, 2) and not offload and not zero_on_one_process and same_accum
 
 
-def grad_accum_dtype(block: dict[str, Any]) -> Any:
-    """``deepspeed.data_types.grad_accum_dtype`` (None when unset)."""
-    return (block.get("data_types") or {}).get("grad_accum_dtype")
+def job_partitions_nothing(cfg: "JobConfig", stage: Any, world_size: int, offload: bool) -> bool:
+    """:func:`partitions_nothing` for ``cfg``'s precision, accumulation dtype and ``train.zero_on_one_process``
+    in a layout of ``stage`` / ``world_size`` / ``offload`` (the job's own, or one the planner tries)."""
+    accum = (cfg.deepspeed.get("data_types") or {}).get("grad_accum_dtype")
+    return partitions_nothing(stage, world_size, offload, cfg.train.zero_on_one_process, cfg.train.precision, accum)
 
 
 def zero_stage(block: dict[str, Any]) -> Any:

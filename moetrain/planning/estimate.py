@@ -24,12 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moetrain.config.deepspeed import (
-    SUPPORTED_ZERO_STAGES,
-    bf16_norm_misses_experts,
-    grad_accum_dtype,
-    partitions_nothing,
-)
+from moetrain.config.deepspeed import SUPPORTED_ZERO_STAGES, bf16_norm_misses_experts, job_partitions_nothing
 from moetrain.config.job import JobConfig
 from moetrain.planning.activations import Shapes, activation_terms
 from moetrain.planning.model_size import ModelSize
@@ -113,11 +108,7 @@ class Estimate:
 
 def runs_as_stage0(cfg: JobConfig, layout: Layout) -> bool:
     """ZeRO-1/2 on one process, run as stage 0 (config/deepspeed.py ``partitions_nothing``)."""
-    train = cfg.train
-    accum = grad_accum_dtype(cfg.deepspeed)
-    return partitions_nothing(
-        layout.zero, layout.world, layout.offload, train.zero_on_one_process, train.precision, accum
-    )
+    return job_partitions_nothing(cfg, layout.zero, layout.world, layout.offload)
 
 
 def estimate(cfg: JobConfig, size: ModelSize, layout: Layout, assume: Assumptions) -> Estimate:

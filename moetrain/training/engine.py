@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from moetrain.config.deepspeed import grad_accum_dtype, offload_device, owned_fields, partitions_nothing
+from moetrain.config.deepspeed import job_partitions_nothing, offload_device, owned_fields
 from moetrain.config.deepspeed import zero_stage as deepspeed_zero_stage
 from moetrain.config.job import JobConfig
 from moetrain.errors import UserError
@@ -50,10 +50,7 @@ def zero_stage(cfg: JobConfig) -> int:
 
 def unpartitioned(cfg: JobConfig, world_size: int) -> bool:
     """ZeRO-1/2 asked for, DeepSpeed's stage-0 path run: one process has nothing to partition."""
-    block, train = cfg.deepspeed, cfg.train
-    offload = offload_device(block) != "none"
-    accum = grad_accum_dtype(block)
-    return partitions_nothing(zero_stage(cfg), world_size, offload, train.zero_on_one_process, train.precision, accum)
+    return job_partitions_nothing(cfg, zero_stage(cfg), world_size, offload_device(cfg.deepspeed) != "none")
 
 
 def moetrain_clips(ds_config: dict[str, Any]) -> bool:
