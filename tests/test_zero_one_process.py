@@ -33,12 +33,16 @@ def test_the_rule():
     assert not rule(accum="bf16") and not rule(precision="bf16", accum="fp32")  # stage 0 refuses the mix
 
 
-@pytest.mark.parametrize("precision, wrapper, rel", [("fp32", "AdamW", 1e-5), ("bf16", "FP16_UnfusedOptimizer", 1e-3)])
-def test_zero1_on_one_process_is_the_stage0_update(tmp_path, data_cache, precision, wrapper, rel):
+@pytest.mark.parametrize(
+    "precision, wrapper, rel, norm_rel",
+    [("fp32", "AdamW", 1e-5, 1e-5), ("bf16", "FP16_UnfusedOptimizer", 1e-3, 1e-2)],
+)
+def test_zero1_on_one_process_is_the_stage0_update(tmp_path, data_cache, precision, wrapper, rel, norm_rel):
     """The same losses and gradient norms as DeepSpeed's ZeRO-1 machinery, through the stage-0 optimizer
     (fp32: the flat and the per-parameter Adam round alike, the norms are summed in another order; bf16:
-    both keep fp32 masters of bf16 weights; before engine.undo_unfused_init_step the bf16 pair drifted
-    3 % apart in gradient norm by step 6)."""
+    both keep fp32 masters of bf16 weights, and their norms of bf16 gradients differ in rounding: 1.1e-3 at
+    one thread. Before engine.undo_unfused_init_step the bf16 pair drifted apart: losses 0.15 % and norms
+    1.2-2.9 % at steps 3-6)."""
     args = [*ZERO1, f"train.precision={precision}"]
     fast = train_ok(tmp_path / "fast", data_cache, *args)
     kept = train_ok(tmp_path / "kept", data_cache, *args, KEEP)
@@ -48,7 +52,7 @@ def test_zero1_on_one_process_is_the_stage0_update(tmp_path, data_cache, precisi
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=rel), step
-        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=rel), step
+        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=norm_rel), step
 
 
 def test_a_checkpoint_crosses_between_the_two_paths(tmp_path, data_cache):
