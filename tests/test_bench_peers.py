@@ -26,3 +26,4 @@ def test_autoep_quick_trains_the_same_model_on_both_sides(tmp_path, data_cache):
     assert row["params_moetrain"] == row["params_autoep"]
     assert row["moetrain_first_loss"] == pytest.approx(row["autoep_first_loss"], rel=1e-5)
     assert result["steps"] == 4 and result["zero_stage"] == 1 and result["allocator"] == "glibc"
+    assert row["moetrain_runs_stage0"] is True  # one process: moetrain runs the asked ZeRO-1 as stage 0

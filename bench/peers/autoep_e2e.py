@@ -113,17 +113,18 @@ def measure(shape: Shape, args, common: list[str], work: Path) -> dict:
         "moetrain_peak_rss_mb": statistics.median(r.peak_rss_mb for r in mt_runs),
         "autoep_peak_rss_mb": statistics.median(r.peak_rss_mb for r in ae_runs),
         "params_moetrain": info["params_moetrain"], "params_autoep": info["params_autoep"],
-        "moetrain_runs_stage0": runs_stage0(shape, args, common),
+        "moetrain_runs_stage0": runs_stage0(shape, common),
         "reps": {"moetrain": [r.__dict__ for r in mt_runs], "autoep": [r.__dict__ for r in ae_runs]},
     }  # fmt: skip
 
 
-def runs_stage0(shape: Shape, args, common: list[str]) -> bool:
-    """Whether moetrain ran the asked ZeRO-1/2 as stage 0 (one process, fp32; docs/parallelism.md)."""
-    from moetrain.config.deepspeed import partitions_nothing
+def runs_stage0(shape: Shape, common: list[str]) -> bool:
+    """Whether moetrain's trainer ran the asked ZeRO-1/2 as stage 0 (docs/parallelism.md): its own rule,
+    on the config this shape trains with."""
+    from moetrain.config import load_config
+    from moetrain.training.engine import unpartitioned
 
-    keep = "train.zero_on_one_process=true" in common
-    return partitions_nothing(args.zero, shape.procs, False, keep, args.precision, None)
+    return unpartitioned(load_config(str(CONFIG), [*common, *shape_overrides(shape, 1)]), shape.procs)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

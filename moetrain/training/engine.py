@@ -45,7 +45,7 @@ def build_ds_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
 
 def zero_stage(cfg: JobConfig) -> int:
     """``deepspeed.zero_optimization.stage`` of the job (0 when unset)."""
-    return cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+    return deepspeed_zero_stage(cfg.deepspeed)
 
 
 def unpartitioned(cfg: JobConfig, world_size: int) -> bool:
