@@ -116,3 +116,16 @@ def test_dense_baseline_and_replace_ffn_placement(tmp_path, data_cache):
     )
     rec = next(r for r in read_metrics(tmp_path / "k2") if "loss" in r)
     assert "moe/layer1/load_min" in rec and "moe/layer0/z_loss" in rec and 0 <= rec["moe/layer0/dropped_frac"] < 1
+
+
+def test_a_lone_process_binds_no_port(tmp_path, data_cache):
+    """One process gets an in-process store: a port another process holds (here MASTER_PORT, bound by this
+    test) does not matter. It used to pick a free port and bind it seconds later: EADDRINUSE when another
+    process took it in between (seen under the 2-worker suite)."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        train(tmp_path / "run", data_cache, "train.steps=1", env={"MASTER_PORT": port, "MASTER_ADDR": "127.0.0.1"})

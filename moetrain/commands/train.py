@@ -54,12 +54,9 @@ def _print_placement(layout, hierarchical: bool) -> None:
 
 
 def _prepare_process_env() -> None:
-    """DeepSpeed on the CPU accelerator without probing for GPUs; a free port for a lone process."""
+    """DeepSpeed on the CPU accelerator without probing for GPUs (a lone process binds no port:
+    ``ParallelLayout.init`` gives it an in-process store)."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "MASTER_PORT" not in os.environ and "WORLD_SIZE" not in os.environ:
-        from moetrain.parallel.layout import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())  # a lone process: its own process group

@@ -127,6 +127,11 @@ class ParallelLayout:
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             skip_shared_memory_comm_build()
+            if world == 1:
+                # NOTE: one process needs no rendezvous: an in-process store, not a TCP port (a lone job used to
+                # pick a free port and bind it seconds later, and another process could take it in between:
+                # EADDRINUSE). DeepSpeed adopts the initialised group.
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
         force = os.environ.get("MOETRAIN_FORCE_COLLECTIVES") == "1"
         force_collectives(force)
