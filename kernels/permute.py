@@ -69,19 +69,59 @@ def permute_reference(x_TD: torch.Tensor, rows_TK: torch.Tensor) -> torch.Tensor
     return padded_TD.index_select(0, token_of_row_N)
 
 
+# torch's CPU bmm multiplies its matrices in a scalar loop when K*D < 400 (and bf16 always goes to oneDNN)
+BMM_BLAS_MIN = 400
+
+
 def unpermute_reference(y_ND: torch.Tensor, rows_TK: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
     """Weighted combine back to token order: out[t] = sum_k gates[t,k] * y[rows[t,k]] (kept only).
 
-    The gates are cast to y's dtype first; the K-term sum is one batched [1, K] x [K, D] product, and
-    for K = 1 a plain product (the same output; the gates' gradient, a sum over D, equal up to fp32
-    rounding; ``bmm`` of T [1, 1] x [1, D] matrices took 4x longer on the CPU at D = 128).
+    The gates are cast to y's dtype first. The K-term sum: for K = 1 a plain product; one batched
+    [1, K] x [K, D] product where ``torch.bmm`` runs BLAS (a GPU, or fp32/fp64 with K*D >= 400);
+    otherwise :class:`_WeightedSum` (bench/combine.py, one thread: 3.0-3.1x bmm's speed at K*D < 400 in
+    fp32, 1.4-3.0x in bf16; 0.77-1.21x where bmm runs BLAS in fp32, so bmm stays there).
     """
     num_tokens, k = rows_TK.shape
     gathered_TKD = y_ND.index_select(0, rows_TK.clamp_min(0).reshape(-1)).view(num_tokens, k, y_ND.shape[-1])
     weights_TK = torch.where(rows_TK >= 0, gates_TK.to(y_ND.dtype), 0)
     if k == 1:
         return gathered_TKD[:, 0] * weights_TK
-    return torch.bmm(weights_TK.unsqueeze(1), gathered_TKD).squeeze(1)
+    blas = y_ND.dtype in (torch.float32, torch.float64) and k * y_ND.shape[-1] >= BMM_BLAS_MIN
+    if y_ND.is_cuda or blas:
+        return torch.bmm(weights_TK.unsqueeze(1), gathered_TKD).squeeze(1)
+    return _WeightedSum.apply(gathered_TKD, weights_TK)
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``out[t] = sum_k w[t,k] * y[t,k]`` on the CPU without ``torch.bmm`` of T [1, K] x [K, D] products.
+
+    Why: below K*D = 400 the CPU ``bmm`` multiplies each tiny matrix in a scalar loop (1024 tokens, K = 2,
+    D = 128, fp32: 0.61 ms forward and 1.02 ms for y's gradient, against 0.04 and 0.05 ms here), and in
+    bf16 it goes through oneDNN, slow at every D (bench/combine.py). Forward: K fused multiply-adds into
+    one T x D tensor. Backward: y's gradient one broadcast product; the gates' gradient (a dot product
+    per slot) ``bmm`` of [1, D] x [D, K] in fp32 and fp64, ``vecdot`` otherwise.
+    """
+
+    @staticmethod
+    def forward(ctx, y_TKD: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y_TKD, w_TK)
+        out_TD = y_TKD[:, 0] * w_TK[:, :1]
+        for slot in range(1, y_TKD.shape[1]):
+            out_TD.addcmul_(y_TKD[:, slot], w_TK[:, slot : slot + 1])
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        y_TKD, w_TK = ctx.saved_tensors
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_y = grad_TD.unsqueeze(1) * w_TK.unsqueeze(-1)
+        if ctx.needs_input_grad[1]:
+            if y_TKD.dtype in (torch.float32, torch.float64):
+                grad_w = torch.bmm(grad_TD.unsqueeze(1), y_TKD.transpose(1, 2)).squeeze(1)
+            else:
+                grad_w = torch.linalg.vecdot(y_TKD, grad_TD.unsqueeze(1))
+        return grad_y, grad_w
 
 
 # ----------------------------------------------------------------------------------------------

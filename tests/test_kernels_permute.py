@@ -163,6 +163,33 @@ def test_unpermute_sums_each_token_in_slot_order():
     assert not torch.equal(in_expert_order.to(dtype), acc_TD.to(dtype))  # the order is observable here
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,d", [(2, 128), (2, 512), (3, 40), (8, 256)])
+def test_unpermute_reference_gradients_match_the_plain_sum(k, d, dtype):
+    """The CPU combine (torch.bmm where it runs BLAS, else ``_WeightedSum``: the parameters reach both) against
+    ``sum_k w * y`` in fp64 through autograd, with dropped slots."""
+    g = torch.Generator().manual_seed(k * d)
+    ids_TK = make_expert_ids(64, 8, k, "zipf")
+    rows_TK, _ = routing_map_reference(ids_TK, 8, capacity=max(1, 64 * k // 16))
+    assert (rows_TK < 0).any()
+    y_ND = torch.randn(64 * k, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    gates_TK = torch.rand(64, k, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    grad_TD = torch.randn(64, d, generator=g, dtype=torch.float64).to(dtype)
+
+    def plain(y, gates):
+        w_TK = torch.where(rows_TK >= 0, gates, 0).double()
+        return sum(y.double()[rows_TK[:, j].clamp_min(0)] * w_TK[:, j : j + 1] for j in range(k))
+
+    got = unpermute_reference(y_ND, rows_TK, gates_TK)
+    want = plain(y_ND, gates_TK)
+    got_grads = torch.autograd.grad(got, (y_ND, gates_TK), grad_TD)
+    want_grads = torch.autograd.grad(want, (y_ND, gates_TK), grad_TD.double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    assert got.dtype == dtype
+    for a, b in zip((got, *got_grads), (want, *want_grads)):
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * b.abs().max().item())
+
+
 def test_no_tokens():
     rows_TK, counts_E = routing_map(torch.zeros(0, 2, dtype=torch.int64), 4)
     assert rows_TK.shape == (0, 2) and counts_E.tolist() == [0, 0, 0, 0]
