@@ -24,7 +24,7 @@ def torchrun_plan(job: Job) -> LaunchPlan:
     launch = job.cfg.launch
     nodes = launch.nodes or 1
     endpoint = rendezvous_endpoint(launch)
-    cmd = [tool(job.python, "torchrun")]
+    cmd = tool(job.python, "torchrun")
     if nodes == 1 and endpoint is None:
         cmd += ["--standalone"]
     else:
@@ -62,7 +62,7 @@ def deepspeed_hostfile(job: Job) -> str | None:
 def deepspeed_plan(job: Job) -> LaunchPlan:
     """``deepspeed [--hostfile H] [--include/--exclude | --num_nodes N --num_gpus P] --module ...``."""
     launch = job.cfg.launch
-    cmd = [tool(job.python, "deepspeed")]
+    cmd = tool(job.python, "deepspeed")
     files: dict[Path, str] = {}
     env = dict(launch.env)
     hostfile = deepspeed_hostfile(job)

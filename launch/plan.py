@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,14 +53,19 @@ class LaunchPlan:
         return self.first_script + "\n" + self.script
 
 
-def tool(python: str, name: str) -> str:
-    """``torchrun`` / ``deepspeed`` from the environment of ``python``: its sibling, or a bare name.
+# The launchers run as modules of launch.python: they exist wherever torch and deepspeed import, also where
+# their console scripts are not beside it (a venv with --system-site-packages, pip --user, conda base)
+LAUNCHER_MODULES = {"torchrun": "torch.distributed.run", "deepspeed": "deepspeed.launcher.runner"}
 
-    ``/opt/venv/bin/python`` -> ``/opt/venv/bin/torchrun``; ``python`` -> ``torchrun`` (found on the
-    PATH of the job, e.g. after ``slurm.setup`` activated an environment).
+
+def tool(python: str, name: str) -> list[str]:
+    """``torchrun`` / ``deepspeed`` as ``python -m <module>`` of the job's interpreter.
+
+    ``/opt/venv/bin/python`` -> ``/opt/venv/bin/python -m torch.distributed.run`` (what the ``torchrun``
+    script runs); ``python`` -> ``python -m ...`` (found on the PATH of the job, e.g. after
+    ``slurm.setup`` activated an environment).
     """
-    folder = os.path.dirname(python)
-    return os.path.join(folder, name) if folder else name
+    return [python, "-m", LAUNCHER_MODULES[name]]
 
 
 def prepare_args(config: str) -> list[str]:

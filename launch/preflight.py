@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -102,7 +103,7 @@ def check_run_dir(run_dir: Path, create: bool) -> None:
 
 
 def check_tools(job: Job, plan: LaunchPlan) -> None:
-    """The launcher's programs exist here (not checked by --dry-run)."""
+    """launch.python exists here and finds the launcher's package (not checked by --dry-run)."""
     launch = job.cfg.launch
     if launch.launcher == "slurm":
         if shutil.which("sbatch") is None:
@@ -111,12 +112,20 @@ def check_tools(job: Job, plan: LaunchPlan) -> None:
                 "(--dry-run prints the script anywhere)"
             )
         return
-    exe = plan.command[0]
+    exe = plan.command[0]  # launch.python: the launcher runs as its module (plan.tool)
     found = os.access(exe, os.X_OK) if os.path.dirname(exe) else shutil.which(exe) is not None
     if not found:
         raise UserError(
-            f"{exe} not found: {launch.launcher} is taken from the environment of launch.python "
-            f"({job.python}); install it there or set launch.python"
+            f"launch.python: {exe} not found; set launch.python to the interpreter of the job's environment"
+        )
+    package = plan.command[2].split(".")[0]  # found without importing it (torch takes seconds)
+    probe = subprocess.run(
+        [exe, "-c", f"import importlib.util as u; exit(u.find_spec({package!r}) is None)"], capture_output=True
+    )
+    if probe.returncode != 0:
+        raise UserError(
+            f"launch.python ({exe}) cannot import {package}, which runs the {launch.launcher} launcher "
+            f"(python -m {plan.command[2]}); install {package} in that environment or set launch.python"
         )
     multi_node = launch.launcher == "deepspeed" and len(deepspeed_slots(launch)) > 1
     if multi_node and shutil.which("pdsh") is None:

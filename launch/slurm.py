@@ -183,7 +183,7 @@ def _srun_lines(job: Job) -> list[str]:
         f"--max-restarts {launch.max_restarts}",
         worker,
     ]
-    return [" ".join(srun), shlex.quote(tool(job.python, "torchrun")), *("    " + o for o in options)]
+    return [" ".join(srun), shlex.join(tool(job.python, "torchrun")), *("    " + o for o in options)]
 
 
 def _launch_block(job: Job) -> str:

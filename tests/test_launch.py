@@ -295,6 +295,22 @@ def test_submission_needs_sbatch(workdir, monkeypatch, capsys):
     assert "sbatch not found on PATH" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("launcher,package", [("torchrun", "torch"), ("deepspeed", "deepspeed")])
+def test_launch_python_must_find_the_launcher(launcher, package, workdir, tmp_path, capsys):
+    """Not a dry run: launch.python missing, or unable to import the launcher's package (``-S``: no
+    site-packages), is one message and exit 2 before anything starts."""
+    missing = tmp_path / "nowhere" / "python"
+    assert launch(str(TINY_CONFIG), "--launcher", launcher, f"launch.python={missing}") == 2
+    assert f"launch.python: {missing} not found" in capsys.readouterr().err
+    bare = tmp_path / "python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    assert launch(str(TINY_CONFIG), "--launcher", launcher, f"launch.python={bare}") == 2
+    err = capsys.readouterr().err
+    assert f"launch.python ({bare}) cannot import {package}, which runs the {launcher} launcher" in err
+    assert "Traceback" not in err and list(workdir.iterdir()) == []
+
+
 def test_unwritable_run_dir_is_rejected_before_launch(tmp_path):
     from moetrain.launch.preflight import check_run_dir
 

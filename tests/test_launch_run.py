@@ -7,6 +7,7 @@ step with the global batch of two ranks, and a committed checkpoint holding each
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,13 +42,25 @@ def launch_args(run: Path, data_cache: str, *extra: str) -> list[str]:
     ]
 
 
+def python_alone(folder: Path) -> Path:
+    """A ``python`` that runs this interpreter, in a folder with no ``torchrun`` or ``deepspeed`` script
+    beside it (as in a venv built with --system-site-packages, or a pip --user install)."""
+    folder.mkdir()
+    python = folder / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    return python
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_process_cpu_launch_finishes(launcher, tmp_path, data_cache):
-    run = tmp_path / "run"
-    proc = run_cli(*launch_args(run, data_cache, "train.steps=4", "--launcher", launcher, "--procs-per-node", "2"))
+    """The launcher runs as a module of launch.python: no console script beside it is needed."""
+    run, python = tmp_path / "run", python_alone(tmp_path / "bin")
+    args = ["train.steps=4", f"launch.python={python}", "--launcher", launcher, "--procs-per-node", "2"]
+    proc = run_cli(*launch_args(run, data_cache, *args))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    expected = "torchrun --standalone --nproc-per-node 2" if launcher == "torchrun" else "deepspeed --num_gpus 2"
-    assert "moetrain launch: OMP_NUM_THREADS=1 " in proc.stderr and expected in proc.stderr
+    module = "torch.distributed.run --standalone" if launcher == "torchrun" else "deepspeed.launcher.runner --num_gpus"
+    assert "moetrain launch: OMP_NUM_THREADS=1 " in proc.stderr and f"{python} -m {module}" in proc.stderr
     assert_two_rank_run(run, steps=4)
 
 
