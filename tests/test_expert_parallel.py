@@ -5,7 +5,6 @@ EP run, so every step is the same computation up to floating-point summation ord
 Tolerance: per-step losses and grad-norms to rel 1e-5, every final weight to atol 2e-5.
 """
 
-import os
 import subprocess
 import sys
 
@@ -37,7 +36,9 @@ def torchrun(nproc, run_dir, data_cache, *overrides, timeout=400, launcher="torc
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"]
     else:
         head = [
-            os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
             f"--num_gpus={nproc}",
             f"--master_port={free_port()}",
             "--module",
