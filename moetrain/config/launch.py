@@ -121,8 +121,8 @@ class LaunchConfig(StrictModel):
     )
     python: str | None = Field(
         None,
-        description="the job's Python; torchrun/deepspeed come from its folder. Default: the Python running "
-        "`moetrain launch`; write `python` when slurm.setup activates the environment",
+        description="the job's Python; torchrun and the deepspeed launcher run as its modules (python -m). "
+        "Default: the Python running `moetrain launch`; write `python` when slurm.setup activates the environment",
     )
     slurm: SlurmConfig = SlurmConfig()
 
