@@ -22,6 +22,7 @@ def test_autoep_quick_trains_the_same_model_on_both_sides(tmp_path, data_cache):
     assert (row["shape"], row["threads"], row["processes"]) == ("top2-e8-1t", 1, 1)
     assert row["moetrain_tokens_per_s"] > 0 and row["autoep_tokens_per_s"] > 0
     assert row["ratio"] == pytest.approx(row["moetrain_tokens_per_s"] / row["autoep_tokens_per_s"])
+    assert row["paired_ratios"] == [pytest.approx(row["ratio"])]  # one repetition: its pair is the ratio
     assert math.isfinite(row["moetrain_final_loss"]) and math.isfinite(row["autoep_final_loss"])
     assert row["params_moetrain"] == row["params_autoep"]
     assert row["moetrain_first_loss"] == pytest.approx(row["autoep_first_loss"], rel=1e-5)

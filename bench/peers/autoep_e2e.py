@@ -27,7 +27,9 @@ allocator setting (``--allocator``: ``glibc`` = glibc's defaults on both sides,
 ``train.retain_host_memory=false`` for moetrain; ``retained`` = both keep freed memory, moetrain's
 default). The script asserts equal parameter counts and equal step-1 losses (relative 1e-5 in fp32,
 2e-2 in bf16). EP shapes run 2 processes of one thread under ``torch.distributed.run``
-(``moe.expert_parallel_size=2`` / ``autoep_size=2``). Writes bench/results/autoep_e2e.json.
+(``moe.expert_parallel_size=2`` / ``autoep_size=2``). Besides the ratio of the medians, each row keeps
+the ratio of every repetition's pair (``paired_ratios``, printed as their range): on a noisy machine
+their spread is the uncertainty of the row. Writes bench/results/autoep_e2e.json.
 """
 
 from __future__ import annotations
@@ -103,10 +105,12 @@ def measure(shape: Shape, args, common: list[str], work: Path) -> dict:
         raise RuntimeError(f"{shape.name}: step-1 losses differ (moetrain {mt_runs[0].first_loss}, "
                            f"autoep {ae_runs[0].first_loss}): not the same model or batch")  # fmt: skip
     med = {name: statistics.median(r.tokens_per_s for r in runs) for name, runs in (("mt", mt_runs), ("ae", ae_runs))}
+    # each repetition's pair (moetrain then AutoEP, run back to back): their spread shows the machine's noise
+    paired = [m.tokens_per_s / a.tokens_per_s for m, a in zip(mt_runs, ae_runs)]
     return {
         "shape": shape.name, "top_k": shape.top_k, "experts": shape.experts, "threads": shape.threads,
         "processes": shape.procs, "moetrain_tokens_per_s": med["mt"], "autoep_tokens_per_s": med["ae"],
-        "ratio": med["mt"] / med["ae"],
+        "ratio": med["mt"] / med["ae"], "paired_ratios": paired,
         "moetrain_first_loss": mt_runs[0].first_loss, "autoep_first_loss": ae_runs[0].first_loss,
         "moetrain_final_loss": statistics.median(r.final_loss for r in mt_runs),
         "autoep_final_loss": statistics.median(r.final_loss for r in ae_runs),
@@ -176,11 +180,13 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.perf_counter() - started
     table = [
         [r["shape"], f"{r['threads']} x {r['processes']}", f"{r['moetrain_tokens_per_s']:.0f}",
-         f"{r['autoep_tokens_per_s']:.0f}", f"{r['ratio']:.2f}", f"{r['moetrain_first_loss']:.6f}",
+         f"{r['autoep_tokens_per_s']:.0f}", f"{r['ratio']:.2f}",
+         f"{min(r['paired_ratios']):.2f}-{max(r['paired_ratios']):.2f}", f"{r['moetrain_first_loss']:.6f}",
          f"{r['autoep_first_loss']:.6f}", f"{r['moetrain_peak_rss_mb']:.0f}", f"{r['autoep_peak_rss_mb']:.0f}"]
         for r in rows
     ]  # fmt: skip
-    header = ["shape", "threads x procs", "moetrain tok/s", "autoep tok/s", "moetrain/autoep", "step-1 loss moetrain",
+    header = ["shape", "threads x procs", "moetrain tok/s", "autoep tok/s", "moetrain/autoep", "per-rep pairs",
+              "step-1 loss moetrain",
               "step-1 loss autoep", "RSS moetrain MB", "RSS autoep MB"]  # fmt: skip
     print(fmt_table(table, header))
     env = env_info(torch.device("cpu"))
