@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import env_info, fmt_table, interleaved_medians, write_json  # noqa: E402
-from moetrain.kernels.permute import BMM_BLAS_MIN, _WeightedSum  # noqa: E402
+from moetrain.kernels.permute import _WeightedSum, combine_uses_bmm  # noqa: E402
 from moetrain.training.host_memory import retain_freed_memory  # noqa: E402
 
 # (tokens, k, d_model): e2e_lm / llama_tiny top-2, torchtitan S1 top-2, cpu_tier S2 top-2 and top-8, FG top-6
@@ -83,13 +83,14 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for tokens, k, d in SHAPES:
             variants = closures(tokens, k, d, dtype)
+            uses = "bmm" if combine_uses_bmm(torch.empty(0, d, dtype=dtype), k) else "weighted_sum"
             diff = check(variants, dtype)
             t = interleaved_medians(variants, reps=args.reps, warmup=5)
             rows.append({
                 "tokens": tokens, "k": k, "d_model": d, "dtype": str(dtype).replace("torch.", ""),
                 "bmm_ms": t["bmm"]["median_s"] * 1e3, "weighted_sum_ms": t["weighted_sum"]["median_s"] * 1e3,
                 "bmm/weighted_sum": t["bmm"]["median_s"] / t["weighted_sum"]["median_s"], "max_rel_diff": diff,
-                "moetrain_uses": "bmm" if dtype == torch.float32 and k * d >= BMM_BLAS_MIN else "weighted_sum",
+                "moetrain_uses": uses,
             })  # fmt: skip
     env = env_info(torch.device("cpu"))
     write_json(args.out, {

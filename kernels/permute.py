@@ -73,6 +73,12 @@ def permute_reference(x_TD: torch.Tensor, rows_TK: torch.Tensor) -> torch.Tensor
 BMM_BLAS_MIN = 400
 
 
+def combine_uses_bmm(y_ND: torch.Tensor, k: int) -> bool:
+    """Whether the k-term combine of ``y_ND``'s rows runs ``torch.bmm`` (a GPU, or fp32/fp64 with K*D >=
+    400, where the CPU bmm runs BLAS) rather than :class:`_WeightedSum`."""
+    return y_ND.is_cuda or (y_ND.dtype in (torch.float32, torch.float64) and k * y_ND.shape[-1] >= BMM_BLAS_MIN)
+
+
 def unpermute_reference(y_ND: torch.Tensor, rows_TK: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
     """Weighted combine back to token order: out[t] = sum_k gates[t,k] * y[rows[t,k]] (kept only).
 
@@ -86,8 +92,7 @@ def unpermute_reference(y_ND: torch.Tensor, rows_TK: torch.Tensor, gates_TK: tor
     weights_TK = torch.where(rows_TK >= 0, gates_TK.to(y_ND.dtype), 0)
     if k == 1:
         return gathered_TKD[:, 0] * weights_TK
-    blas = y_ND.dtype in (torch.float32, torch.float64) and k * y_ND.shape[-1] >= BMM_BLAS_MIN
-    if y_ND.is_cuda or blas:
+    if combine_uses_bmm(y_ND, k):
         return torch.bmm(weights_TK.unsqueeze(1), gathered_TKD).squeeze(1)
     return _WeightedSum.apply(gathered_TKD, weights_TK)
 

@@ -17,7 +17,7 @@ from typing import Callable
 from moetrain.config.launch import LaunchConfig
 from moetrain.errors import UserError
 from moetrain.launch import hostfile, slurm
-from moetrain.launch.plan import Job, LaunchPlan
+from moetrain.launch.plan import LAUNCHER_MODULES, Job, LaunchPlan
 
 
 def world_size(job: Job) -> int:
@@ -112,20 +112,21 @@ def check_tools(job: Job, plan: LaunchPlan) -> None:
                 "(--dry-run prints the script anywhere)"
             )
         return
-    exe = plan.command[0]  # launch.python: the launcher runs as its module (plan.tool)
+    exe = job.python  # the launcher runs as its module (plan.tool)
     found = os.access(exe, os.X_OK) if os.path.dirname(exe) else shutil.which(exe) is not None
     if not found:
         raise UserError(
             f"launch.python: {exe} not found; set launch.python to the interpreter of the job's environment"
         )
-    package = plan.command[2].split(".")[0]  # found without importing it (torch takes seconds)
+    module = LAUNCHER_MODULES[launch.launcher]
+    package = module.split(".")[0]  # found without importing it (torch takes seconds)
     probe = subprocess.run(
         [exe, "-c", f"import importlib.util as u; exit(u.find_spec({package!r}) is None)"], capture_output=True
     )
     if probe.returncode != 0:
         raise UserError(
             f"launch.python ({exe}) cannot import {package}, which runs the {launch.launcher} launcher "
-            f"(python -m {plan.command[2]}); install {package} in that environment or set launch.python"
+            f"(python -m {module}); install {package} in that environment or set launch.python"
         )
     multi_node = launch.launcher == "deepspeed" and len(deepspeed_slots(launch)) > 1
     if multi_node and shutil.which("pdsh") is None:
