@@ -42,7 +42,7 @@ def test_zero1_on_one_process_is_the_stage0_update(tmp_path, data_cache, precisi
     (fp32: the flat and the per-parameter Adam round alike, the norms are summed in another order; bf16:
     both keep fp32 masters of bf16 weights, and their norms of bf16 gradients differ in rounding: 1.1e-3 at
     one thread, so 5e-3 on the norms, under the 1.2-2.9 % the bf16 pair drifted apart at steps 3-6 before
-    engine.undo_unfused_init_step; losses drifted 0.15 %)."""
+    unfused_bf16.undo_unfused_init_step; losses drifted 0.15 %)."""
     args = [*ZERO1, f"train.precision={precision}"]
     fast = train_ok(tmp_path / "fast", data_cache, *args)
     kept = train_ok(tmp_path / "kept", data_cache, *args, KEEP)

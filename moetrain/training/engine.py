@@ -18,6 +18,7 @@ from moetrain.config.deepspeed import job_partitions_nothing, offload_device, ow
 from moetrain.config.deepspeed import zero_stage as deepspeed_zero_stage
 from moetrain.config.job import JobConfig
 from moetrain.errors import UserError
+from moetrain.training.unfused_bf16 import undo_unfused_init_step, use_grouped_step
 
 
 def build_ds_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
@@ -71,24 +72,6 @@ def quiet_deepspeed() -> None:
     )
 
 
-def undo_unfused_init_step(optimizer) -> None:
-    """DeepSpeed 0.19.8's ``FP16_UnfusedOptimizer`` (bf16 at ZeRO-0) steps the client optimizer once with
-    zero gradients while it is built (``initialize_optimizer_states``): Adam's step count then starts at 1,
-    so the first real update is Adam's second-step bias correction (0.74 lr instead of lr, and every later
-    update off by one step), and weight decay has already been applied once at the initial lr. Undone here:
-    each fp32 master is copied again from its bf16 weight (which that step did not touch) and its Adam state
-    dropped, so the first real step starts it as torch's AdamW does (tests/test_deepspeed_contract.py)."""
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    if not isinstance(optimizer, FP16_UnfusedOptimizer):
-        return
-    inner = optimizer.optimizer
-    for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups):
-        for lp, hp in zip(lps, hps):
-            hp.data.copy_(lp.data)
-            inner.state.pop(hp, None)
-
-
 def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict[str, Any], world_size: int):
     """``deepspeed.initialize``. A single process at ZeRO-0 (fp32 or bf16) gets no gradient all-reduce:
     with nothing to reduce, DeepSpeed would still flatten every non-expert gradient into one buffer and
@@ -104,6 +87,7 @@ def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict
     stage = deepspeed_zero_stage(ds_config)
     if world_size == 1 and stage == 0:
         engine.enable_backward_allreduce = False
+    use_grouped_step(engine.optimizer, world_size, engine.enable_backward_allreduce)
     if stage == 3:
         from moetrain.training import zero3
 

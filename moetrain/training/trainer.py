@@ -38,6 +38,7 @@ from moetrain.training.nonfinite import NonFiniteGuard
 from moetrain.training.optim import isolate_tagged_params, lr_lambda, param_groups
 from moetrain.training.resume_checks import check_initial, check_resume
 from moetrain.training.run_dir import check_run_dir_shared
+from moetrain.training.unfused_bf16 import wrapper_name
 
 
 @dataclass
@@ -175,7 +176,7 @@ class Trainer:
             )
         adam = "AdamW (DeepSpeed's CPU Adam: state offloaded)" if offload.offloads(cfg) else "AdamW"
         self._say(
-            f"optimizer: {adam} inside DeepSpeed's {type(self.engine.optimizer).__name__} (train.precision "
+            f"optimizer: {adam} inside DeepSpeed's {wrapper_name(self.engine.optimizer)} (train.precision "
             f"{cfg.train.precision}, {stage}; docs/parallelism.md, 'Precision')"
         )
         self._grad_norm = None
