@@ -1,4 +1,5 @@
-"""Smoke test of bench/e2e_lm.py: one shape, one repetition, a few steps, one process each side.
+"""Smoke tests of bench/e2e_lm.py (one shape, one repetition, a few steps, one process each side) and
+bench/bf16_step.py.
 
 No timing assertions (benchmarks print ratios, tests check plumbing): the JSON holds the row, both
 sides trained (positive tokens/s, finite losses), the two models have the same parameter count, and,
@@ -41,3 +42,15 @@ def test_busiest_rank_load_reads_the_per_expert_loads_by_rank_block():
     ]
     assert busiest_rank_load(records, 2) == pytest.approx((2.0 + 1.0 + 1.5) / 3)
     assert busiest_rank_load(records, 1) is None
+
+
+def test_bf16_step_quick_times_both_optimizer_steps(tmp_path, data_cache):
+    """bench/bf16_step.py: one bf16 run whose optimizer wrapper alternates between DeepSpeed's step and
+    moetrain's grouped step; both are timed, and the run trains (the child asserts the grouped step is
+    what moetrain installed)."""
+    result = run_bench_quick(REPO / "bench" / "bf16_step.py", tmp_path / "bf16_step.json", data_cache)
+    (row,) = result["rows"]
+    assert row["shape"] == "top1-e8-1t" and result["steps"] == 4 and "train.precision=bf16" in result["overrides"]
+    assert row["samples"]["deepspeed"] >= 1 and row["samples"]["grouped"] >= 1 and row["samples"]["train_step"] >= 1
+    assert row["deepspeed_step_ms"] > 0 and row["grouped_step_ms"] > 0 and row["train_step_ms"] > row["grouped_step_ms"]
+    assert row["saved_ms"] == pytest.approx(row["deepspeed_step_ms"] - row["grouped_step_ms"])
