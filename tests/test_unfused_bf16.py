@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import read_metrics
 from distributed import run_distributed
+from test_expert_parallel import STEPS, single, torchrun
 
 from moetrain.training import unfused_bf16
 
@@ -145,3 +147,90 @@ def test_the_gradient_norm_is_deepspeeds():
     assert unfused_bf16.grad_norm(grads) == float("inf")
     grads[1][5] = float("nan")
     assert unfused_bf16.grad_norm(grads) != unfused_bf16.grad_norm(grads)  # NaN
+
+
+def _ep_norm(rank: int, world: int) -> None:
+    import deepspeed
+
+    from moetrain.config.model import ModelConfig, MoEConfig
+    from moetrain.model import MoETransformer
+    from moetrain.parallel import deepspeed_moe
+    from moetrain.parallel.grad_norm import clip_grad_norm
+    from moetrain.parallel.layout import ParallelLayout
+    from moetrain.parallel.parallelize import parallelize
+    from moetrain.training.engine import initialize_engine
+    from moetrain.training.optim import param_groups
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    layout = ParallelLayout.init(ep_size=2)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8)
+    model = parallelize(MoETransformer(cfg, MoEConfig(num_experts=4)), layout)
+    deepspeed_moe.register_expert_parallel(model, layout)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1, 2), lr=0.01)
+    ds = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}
+    engine = initialize_engine(model, optimizer, None, ds, world, layout.ep_group)
+    assert type(engine.optimizer) is unfused_bf16.grouped_step_class() and any(engine.optimizer.expert_flags)
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(rank))  # each rank its batch
+    engine.backward(engine(tokens[:, :-1], tokens[:, 1:]).loss)
+    expected = float(clip_grad_norm(engine.module, 0.0, layout.ep_group))  # moetrain's EP-aware norm, tested
+    from deepspeed.moe.utils import is_moe_param
+
+    grads = [p.grad.float() for p in engine.module.parameters() if p.grad is not None and not is_moe_param(p)]
+    deepspeeds = sum(float(g.norm()) ** 2 for g in grads) ** 0.5  # what FP16_UnfusedOptimizer.step would clip by
+    assert abs(deepspeeds - expected) > 1e-4 * expected  # so this test tells the two apart
+    engine.step()
+    got = engine.get_global_grad_norm()
+    assert got == pytest.approx(expected, rel=1e-6), (got, expected)
+    norms = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    torch.distributed.all_gather(norms, torch.tensor([got], dtype=torch.float64))
+    assert norms[0] == norms[1]  # one norm, so one clipping factor and one skip decision, on every rank
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_under_expert_parallelism_the_norm_counts_every_expert_once():
+    """DeepSpeed's own step leaves the expert-tagged gradients out of the norm (0.3-0.4 % low on the tiny
+    config; docs/parallelism.md); the grouped step sums them over the expert-parallel group."""
+    run_distributed(_ep_norm, 2)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_bf16_at_zero0_under_ep_trains_like_one_process(tmp_path, data_cache):
+    """The default stage in bf16 under EP 2 (refused before the grouped step): per-step losses and
+    gradient norms to bf16 rounding of one process's (the tolerances of tests/test_bf16_optimizer.py)."""
+    args = ["train.precision=bf16", "moe.router.top_k=2"]
+    single(tmp_path / "one", data_cache, 4, *args)
+    ep = torchrun(2, tmp_path / "ep", data_cache, "train.micro_batch_size=2", "moe.expert_parallel_size=2", *args)
+    assert "inside DeepSpeed's FP16_UnfusedOptimizer (moetrain's grouped step)" in ep.stdout
+    a, b = ([r for r in read_metrics(tmp_path / run) if "loss" in r] for run in ("one", "ep"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=2e-2), (x["step"], x["loss"], y["loss"])
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=5e-2), (x["step"], x["grad_norm"], y["grad_norm"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_bf16_at_zero0_under_ep_resumes_exactly_and_on_one_process(tmp_path, data_cache):
+    """Stopped at step 2 and resumed under EP 2: every loss equals the uninterrupted EP-2 run's; the same
+    checkpoint resumed on one process continues it to bf16 rounding (checkpoints are layout-free)."""
+    args = ["train.precision=bf16", "moe.router.top_k=2", "checkpoint.resume=auto", "checkpoint.interval=2"]
+    ep = ["train.micro_batch_size=2", "moe.expert_parallel_size=2"]
+    torchrun(2, tmp_path / "full", data_cache, *ep, *args)
+    torchrun(2, tmp_path / "split", data_cache, *ep, *args, "train.stop_at_step=2")
+    proc = torchrun(2, tmp_path / "split", data_cache, *ep, *args)
+    assert "resumed from" in proc.stdout
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in read_metrics(tmp_path / run) if "loss" in r}
+
+    full = losses("full")
+    assert sorted(full) == list(range(1, STEPS + 1)) and losses("split") == full  # exact, every step
+    torchrun(2, tmp_path / "moved", data_cache, *ep, *args, "train.stop_at_step=2")
+    single(tmp_path / "moved", data_cache, 4, *args)
+    moved = losses("moved")
+    assert sorted(moved) == list(range(1, STEPS + 1))
+    for step in range(3, STEPS + 1):
+        assert moved[step] == pytest.approx(full[step], rel=2e-2), (step, moved[step], full[step])

@@ -63,23 +63,6 @@ def check_deepspeed_block(cfg: "JobConfig") -> None:
         check_zero3(cfg)  # refuses offload at stage 3 too
     else:
         check_offload_block(block.get("zero_optimization") or {}, stage)
-    if bf16_norm_misses_experts(stage, cfg.train.precision, cfg.moe.expert_parallel_size if cfg.moe else 1):
-        # NOTE: DeepSpeed 0.19.8's FP16_UnfusedOptimizer (bf16 at ZeRO-0) takes its clipping norm from the
-        # first half of split_params_grads_into_shared_and_expert_params: the gradients of parameters tagged
-        # as experts (moetrain tags them under EP only) are left out. Measured: an EP-2 run's step-1 norm was
-        # the single process's without the experts' part (docs/parallelism.md, "Precision").
-        raise ValueError(
-            "train.precision bf16 with moe.expert_parallel_size > 1 needs deepspeed.zero_optimization.stage 1 or 2 "
-            "(got 0): at stage 0 DeepSpeed's bf16 optimizer leaves the expert gradients out of the clipping norm; "
-            "set deepspeed.zero_optimization.stage=1 and deepspeed.data_types={grad_accum_dtype: fp32} (its "
-            "BF16_Optimizer), or stage=2"
-        )
-
-
-def bf16_norm_misses_experts(stage: Any, precision: str, ep_size: int) -> bool:
-    """bf16 at ZeRO-0 under expert parallelism: refused (see check_deepspeed_block's NOTE); the planner
-    marks such a layout not runnable with the same rule."""
-    return stage == 0 and precision == "bf16" and ep_size > 1
 
 
 def partitions_nothing(

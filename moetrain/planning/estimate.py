@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moetrain.config.deepspeed import SUPPORTED_ZERO_STAGES, bf16_norm_misses_experts, job_partitions_nothing
+from moetrain.config.deepspeed import SUPPORTED_ZERO_STAGES, job_partitions_nothing
 from moetrain.config.job import JobConfig
 from moetrain.planning.activations import Shapes, activation_terms
 from moetrain.planning.model_size import ModelSize
@@ -116,7 +116,7 @@ def estimate(cfg: JobConfig, size: ModelSize, layout: Layout, assume: Assumption
     stage = 0 if runs_as_stage0(cfg, layout) else layout.zero  # what the trainer runs (engine.unpartitioned)
     zero = ZeroSettings.from_block(cfg.deepspeed, stage=stage, offload=layout.offload)
     b = 4 if cfg.train.precision == "fp32" else 2
-    states = state_bytes(size.groups, layout.world, layout.ep, cfg.train.precision, zero, assume.device, assume.rank)
+    states = state_bytes(size.groups, layout.world, layout.ep, cfg.train.precision, zero, assume.rank)
     shapes = Shapes(
         tokens=layout.micro_batch * cfg.data.seq_len,
         seq_len=cfg.data.seq_len,
@@ -156,7 +156,7 @@ def estimate(cfg: JobConfig, size: ModelSize, layout: Layout, assume: Assumption
         Term("gradients kept between micro-batches", between, f"train.grad_accum_steps={layout.grad_accum}"),
         Term("fixed overhead", overhead, "CUDA context, NCCL, allocator slack" if overhead else ""),
     ]
-    runnable, why_not = runnable_layout(layout, assume.offload_buildable, cfg.train.precision)
+    runnable, why_not = runnable_layout(layout, assume.offload_buildable)
     return Estimate(
         layout=layout,
         terms=[t for t in terms if t.bytes],
@@ -176,11 +176,9 @@ def estimate(cfg: JobConfig, size: ModelSize, layout: Layout, assume: Assumption
 RUNNABLE_ZERO_STAGES = SUPPORTED_ZERO_STAGES
 
 
-def runnable_layout(layout: Layout, offload_buildable: bool = True, precision: str = "fp32") -> tuple[bool, str | None]:
+def runnable_layout(layout: Layout, offload_buildable: bool = True) -> tuple[bool, str | None]:
     if layout.zero not in RUNNABLE_ZERO_STAGES:
         return False, f"ZeRO-{layout.zero} is not supported by moetrain yet (estimate only)"
-    if bf16_norm_misses_experts(layout.zero, precision, layout.ep):
-        return False, "bf16 under expert parallelism needs ZeRO-1 or ZeRO-2"
     if layout.offload and layout.zero not in (1, 2):
         return False, "optimizer offload needs ZeRO-1 or ZeRO-2"
     if layout.offload and not offload_buildable:

@@ -10,10 +10,9 @@ ZeRO stage  optimizer DeepSpeed builds         what one rank holds
 ==========  =================================  ====================================================
 0, fp32     torch AdamW                        params b*n, grads b*n, Adam moments 8*n, one fp32
                                                step per parameter tensor
-0, bf16     BF16_Optimizer (GPU)               params b*flat, fp32 grads 4*flat, fp32 master and
-                                               moments 12*flat/dp (it partitions them like ZeRO-1)
-0, bf16     FP16_UnfusedOptimizer (CPU)        params b*n, fp32 copies and their grads 8*n,
-                                               moments 8*n
+0, bf16     FP16_UnfusedOptimizer              params b*n, grads b*n, fp32 copies 4*n, moments
+            (any device: DeepSpeed 0.19.8      8*n, one fp32 step per tensor; during the step the
+            picks it for bf16 at stage 0)      fp32 copies' gradients 4*n
 1 and 2     DeepSpeedZeroOptimizer             params b*flat, fp32 master + moments 12*flat/dp,
                                                grads: every parameter whose slice of the flat
                                                group overlaps this rank's partition, whole
@@ -129,7 +128,6 @@ def state_bytes(
     ep: int,
     precision: str,
     zero: ZeroSettings,
-    device: str = "cuda",
     rank: int | None = None,
 ) -> StateBytes:
     """``rank``: the global rank whose ZeRO partition of the gradients to count (None: the largest)."""
@@ -153,7 +151,7 @@ def state_bytes(
             step_transient=0,
             flat_parameters=n_local,
         )
-    if zero.stage == 0 and device == "cpu":  # FP16_UnfusedOptimizer: fp32 copies, unpartitioned
+    if zero.stage == 0:  # bf16: FP16_UnfusedOptimizer, fp32 copies, unpartitioned
         tensors = sum(len(ns) for _, ns in local)
         return StateBytes(
             parameters=n_local * b,
@@ -187,8 +185,6 @@ def state_bytes(
         return StateBytes(
             part_params + gathered, grads * b, optimizer, 0, buckets, grads * b, biggest_part * F32, params // b
         )
-    if zero.stage == 0:  # BF16_Optimizer: fp32 accumulation of every gradient, partitioned state
-        return StateBytes(params, full_grads * F32, optimizer, 0, 0, full_grads * F32, 0, params // b)
     buckets = zero.reduce_bucket_size * b * (2 if zero.overlap_comm else 1)
     backward_end = full_grads * b if zero.stage == 1 else grads * b
     if zero.offload_optimizer:

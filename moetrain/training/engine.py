@@ -72,11 +72,15 @@ def quiet_deepspeed() -> None:
     )
 
 
-def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict[str, Any], world_size: int):
+def initialize_engine(
+    model: nn.Module, optimizer, lr_scheduler, ds_config: dict[str, Any], world_size: int, ep_group=None
+):
     """``deepspeed.initialize``. A single process at ZeRO-0 (fp32 or bf16) gets no gradient all-reduce:
     with nothing to reduce, DeepSpeed would still flatten every non-expert gradient into one buffer and
     copy it back each step (2.8 ms of a 90 ms bf16 step of the end-to-end LM; docs/benchmarks.md). ZeRO-1/2
-    keep it: their gradient reduction and partitioning run inside it."""
+    keep it: their gradient reduction and partitioning run inside it. bf16 at ZeRO-0 steps in moetrain's
+    grouped step (``unfused_bf16``), which under expert parallelism sums the experts' norms over
+    ``ep_group``."""
     import deepspeed
 
     quiet_deepspeed()
@@ -87,7 +91,10 @@ def initialize_engine(model: nn.Module, optimizer, lr_scheduler, ds_config: dict
     stage = deepspeed_zero_stage(ds_config)
     if world_size == 1 and stage == 0:
         engine.enable_backward_allreduce = False
-    use_grouped_step(engine.optimizer, world_size, engine.enable_backward_allreduce)
+    grouped = use_grouped_step(engine.optimizer, world_size, engine.enable_backward_allreduce, ep_group)
+    if not grouped and getattr(getattr(engine.optimizer, "overflow_checker", None), "has_moe_params", False):
+        # DeepSpeed's own FP16_UnfusedOptimizer.step would leave the expert gradients out of the norm
+        raise RuntimeError("bf16 at ZeRO-0 under expert parallelism needs moetrain's grouped step (unfused_bf16)")
     if stage == 3:
         from moetrain.training import zero3
 

@@ -9,9 +9,9 @@ so it can be loaded at another world size, expert-parallel size or ZeRO stage:
 DeepSpeed optimizer   when                                  where a parameter's fp32 value and state are
 ====================  ====================================  =========================================
 torch AdamW itself    ZeRO-0, fp32                          the parameter; ``optimizer.state[p]``
-FP16_UnfusedOptimizer ZeRO-0, bf16 on CPU                   its fp32 copy in ``fp32_groups``
+FP16_UnfusedOptimizer ZeRO-0, bf16 (any device)             its fp32 copy in ``fp32_groups``
 ZeRO-1/2 (any dtype)  ``deepspeed.zero_optimization.stage``  partitioned flat fp32 groups, reached with
-BF16_Optimizer        ZeRO-0, bf16 on GPU                    DeepSpeed's ``safe_get/set_full_*`` API
+BF16_Optimizer        ZeRO-1, bf16, fp32 grad accumulation   DeepSpeed's ``safe_get/set_full_*`` API
 ZeRO-3                ``deepspeed.zero_optimization.stage``  partitioned parameters and flat fp32 sub-groups:
                       3                                     ``moetrain/training/zero3.py``
 ====================  ====================================  =========================================

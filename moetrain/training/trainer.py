@@ -165,7 +165,9 @@ class Trainer:
         optimizer = offload.build_optimizer(groups, cfg.optim, offload.offloads(cfg))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
         ds_config = engine.build_ds_config(cfg, layout.world_size)
-        self.engine = engine.initialize_engine(self.model, optimizer, schedule, ds_config, layout.world_size)
+        self.engine = engine.initialize_engine(
+            self.model, optimizer, schedule, ds_config, layout.world_size, layout.ep_group
+        )
         state_io.check_supported(self.model, self.engine.optimizer)
         self.own_clipping = engine.moetrain_clips(ds_config)
         stage = f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}"

@@ -5,14 +5,15 @@ bf16 weights, the wrapper an fp32 master copy of each, which AdamW updates. Two 
 the instance DeepSpeed built; its state dict, and so the checkpoint format, stay DeepSpeed's:
 
 - :func:`undo_unfused_init_step`: the extra Adam step DeepSpeed takes while building it;
-- :func:`use_grouped_step`: its ``step`` visits the parameters one at a time four times over (an overflow
-  check reducing each gradient, a norm of each bf16 gradient, an fp32 cast of each, a multiply of each by
-  the unscale factor even when that factor is 1), then AdamW, then a copy back per weight.
-  ``GroupedStepBf16`` (:func:`grouped_step_class`) makes the same update with grouped (``torch._foreach_*``)
-  ops: the casts, one norm pass over the fp32 gradients, which is also the overflow check (a gradient
-  holding an inf or a NaN has a non-finite norm), a multiply only when the gradients are clipped, one
-  grouped copy back. Measured in
-  docs/benchmarks.md ("bf16 on the CPU").
+- :func:`use_grouped_step`: its ``step`` visits the parameters one at a time four times over (an
+  overflow check reducing each gradient, a norm of each bf16 gradient, an fp32 cast of each, a multiply of
+  each by the unscale factor even when that factor is 1), then AdamW, then a copy back per weight; and
+  under expert parallelism its clipping norm leaves the experts out. ``GroupedStepBf16``
+  (:func:`grouped_step_class`) makes the same update with grouped (``torch._foreach_*``) ops: the casts,
+  one norm pass over the fp32 gradients, which is also the overflow check (a gradient holding an inf or a
+  NaN has a non-finite norm) and counts every expert once under expert parallelism, a multiply only when
+  the gradients are clipped, one grouped copy back. Measured in docs/benchmarks.md ("bf16 at ZeRO-0:
+  DeepSpeed's optimizer step in grouped ops").
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import functools
 import math
 
 import torch
+
+from moetrain.parallel.collectives import all_reduce_
 
 
 def _unfused_class():
@@ -45,27 +48,32 @@ def undo_unfused_init_step(optimizer) -> None:
             inner.state.pop(hp, None)
 
 
-def grouped_step_applies(optimizer, world_size: int, backward_allreduce: bool) -> bool:
-    """Whether :class:`GroupedStepBf16` makes exactly DeepSpeed's decision for this wrapper: a plain
-    ``FP16_UnfusedOptimizer`` (not its legacy fused-LAMB mode) whose gradients are the same on every rank
-    before the step (one process, or DeepSpeed's gradient all-reduce on), no model-parallel unit and no
-    expert-tagged parameter. Otherwise DeepSpeed all-reduces its overflow verdict, or leaves expert
-    gradients out of the norm (moetrain/config/deepspeed.py refuses that layout), and its step stays."""
+def grouped_step_applies(optimizer, world_size: int, backward_allreduce: bool, ep_group=None) -> bool:
+    """Whether :func:`use_grouped_step` may replace this wrapper's step: a plain ``FP16_UnfusedOptimizer``
+    (not its legacy fused-LAMB mode) whose gradients are reduced before the step (one process, or
+    DeepSpeed's gradient all-reduce on, which reduces expert gradients over their expert-data-parallel
+    group), no model-parallel unit, and, where parameters are tagged as experts (expert parallelism), the
+    expert-parallel group to sum their norms over. Then every rank computes the same norm and makes the
+    same skip decision, with no vote. Elsewhere DeepSpeed's step stays."""
     return (
         type(optimizer) is _unfused_class()
         and not optimizer.fused_lamb_legacy
         and optimizer.mpu is None
-        and not optimizer.overflow_checker.has_moe_params
+        and (ep_group is not None or not optimizer.overflow_checker.has_moe_params)
         and (world_size == 1 or backward_allreduce)
     )
 
 
-def use_grouped_step(optimizer, world_size: int, backward_allreduce: bool) -> bool:
-    """Give DeepSpeed's wrapper :class:`GroupedStepBf16`'s ``step`` where :func:`grouped_step_applies`.
-    Returns whether it did."""
-    if not grouped_step_applies(optimizer, world_size, backward_allreduce):
+def use_grouped_step(optimizer, world_size: int, backward_allreduce: bool, ep_group=None) -> bool:
+    """Give DeepSpeed's wrapper ``GroupedStepBf16``'s ``step`` where :func:`grouped_step_applies`, with
+    ``ep_group`` (the expert-parallel group; None without expert parallelism). Returns whether it did."""
+    if not grouped_step_applies(optimizer, world_size, backward_allreduce, ep_group):
         return False
+    from deepspeed.moe.utils import is_moe_param
+
     optimizer.__class__ = grouped_step_class()
+    optimizer.ep_group = ep_group
+    optimizer.expert_flags = [is_moe_param(lp) for lps in optimizer.fp16_groups for lp in lps]
     return True
 
 
@@ -85,14 +93,15 @@ def grouped_step_class() -> type:
     class GroupedStepBf16(unfused):
         """``FP16_UnfusedOptimizer`` whose ``step`` uses grouped ops (module docstring). The update is
         DeepSpeed's: the same fp32 gradients, the same clipping factor up to the rounding of the norm's
-        sum, the same skip of a step whose gradients are not finite (tests/test_unfused_bf16.py)."""
+        sum, the same skip of a step whose gradients are not finite (tests/test_unfused_bf16.py); under
+        expert parallelism the norm counts every expert once, where DeepSpeed's leaves the experts out."""
 
         def step(self, closure=None):
             pairs = [(hp, lp) for hps, lps in zip(self.fp32_groups, self.fp16_groups) for hp, lp in zip(hps, lps)]
             for hp, lp in pairs:
                 hp.grad = torch.zeros_like(hp) if lp.grad is None else lp.grad.to(hp.dtype)
             masters = [hp for hp, _ in pairs]
-            norm = grad_norm([hp.grad for hp in masters])
+            norm = grad_norm([hp.grad for hp in masters], self.expert_flags, self.ep_group)
             self.overflow = not math.isfinite(norm)
             if self.overflow:
                 for hp in masters:
@@ -112,9 +121,17 @@ def grouped_step_class() -> type:
     return GroupedStepBf16
 
 
-def grad_norm(grads: list[torch.Tensor]) -> float:
-    """The 2-norm of all ``grads`` together: each one's norm as DeepSpeed takes it (of the gradient cast to
-    fp32, which is exact), their squares summed in fp64; inf or NaN if any gradient holds one. One host sync."""
+def grad_norm(grads: list[torch.Tensor], expert_flags: list[bool] | None = None, ep_group=None) -> float:
+    """The 2-norm of all ``grads`` together, counting every expert once under expert parallelism: each
+    gradient's norm as DeepSpeed takes it (of the gradient cast to fp32, which is exact), squares summed
+    in fp64; those of the gradients flagged in ``expert_flags`` (this rank's experts) also summed over
+    ``ep_group`` (what ``moetrain/parallel/grad_norm.py`` does in fp32). inf or NaN if any gradient on
+    any rank of the group holds one. One host sync; collective over ``ep_group``."""
     if not grads:
         return 0.0
-    return float(torch.stack(torch._foreach_norm(grads, 2)).double().square().sum().sqrt())
+    sq = torch.stack(torch._foreach_norm(grads, 2)).double().square()
+    if ep_group is None:
+        return float(sq.sum().sqrt())
+    experts = torch.tensor(expert_flags, dtype=torch.bool, device=sq.device)
+    expert_sq = all_reduce_(sq[experts].sum(), group=ep_group)
+    return float((sq[~experts].sum() + expert_sq).sqrt())
