@@ -125,12 +125,13 @@ class _Wrapper:
         self.overflow_checker = type("Checker", (), {"has_moe_params": moe})()
 
 
-def test_the_grouped_step_applies_only_where_deepspeed_decides_locally(monkeypatch):
+def test_the_grouped_step_applies_only_where_every_rank_computes_the_same_norm(monkeypatch):
     monkeypatch.setattr(unfused_bf16, "_unfused_class", lambda: _Wrapper)
     assert unfused_bf16.grouped_step_applies(_Wrapper(), 1, False)
     assert unfused_bf16.grouped_step_applies(_Wrapper(), 4, True)  # gradients all-reduced before the step
     assert not unfused_bf16.grouped_step_applies(_Wrapper(), 4, False)  # DeepSpeed all-reduces its verdict
-    assert not unfused_bf16.grouped_step_applies(_Wrapper(moe=True), 1, False)  # experts left out of its norm
+    assert not unfused_bf16.grouped_step_applies(_Wrapper(moe=True), 1, False)  # experts, no group to sum over
+    assert unfused_bf16.grouped_step_applies(_Wrapper(moe=True), 4, True, ep_group=object())
     assert not unfused_bf16.grouped_step_applies(_Wrapper(mpu=object()), 1, False)
     assert not unfused_bf16.grouped_step_applies(_Wrapper(fused_lamb_legacy=True), 1, False)
     assert not unfused_bf16.grouped_step_applies(object(), 1, False)  # another wrapper (ZeRO, BF16_Optimizer)
