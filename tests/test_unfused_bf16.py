@@ -198,12 +198,16 @@ def test_under_expert_parallelism_the_norm_counts_every_expert_once():
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
-def test_bf16_at_zero0_under_ep_trains_like_one_process(tmp_path, data_cache):
-    """The default stage in bf16 under EP 2 (refused before the grouped step): per-step losses and
-    gradient norms to bf16 rounding of one process's (the tolerances of tests/test_bf16_optimizer.py)."""
+@pytest.mark.parametrize("ep_size", [2, 1], ids=["ep2", "dp2"])
+def test_bf16_at_zero0_on_two_ranks_trains_like_one_process(tmp_path, data_cache, ep_size):
+    """The default stage in bf16 on two ranks, under EP 2 (refused before the grouped step) and data
+    parallel: per-step losses and gradient norms to bf16 rounding of one process's (the tolerances of
+    tests/test_bf16_optimizer.py)."""
     args = ["train.precision=bf16", "moe.router.top_k=2"]
     single(tmp_path / "one", data_cache, 4, *args)
-    ep = torchrun(2, tmp_path / "ep", data_cache, "train.micro_batch_size=2", "moe.expert_parallel_size=2", *args)
+    ep = torchrun(
+        2, tmp_path / "ep", data_cache, "train.micro_batch_size=2", f"moe.expert_parallel_size={ep_size}", *args
+    )
     assert "inside DeepSpeed's FP16_UnfusedOptimizer (moetrain's grouped step)" in ep.stdout
     a, b = ([r for r in read_metrics(tmp_path / run) if "loss" in r] for run in ("one", "ep"))
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
