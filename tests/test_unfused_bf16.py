@@ -135,7 +135,6 @@ def test_the_grouped_step_applies_only_where_every_rank_computes_the_same_norm(m
     assert not unfused_bf16.grouped_step_applies(_Wrapper(mpu=object()), 1, False)
     assert not unfused_bf16.grouped_step_applies(_Wrapper(fused_lamb_legacy=True), 1, False)
     assert not unfused_bf16.grouped_step_applies(object(), 1, False)  # another wrapper (ZeRO, BF16_Optimizer)
-    assert unfused_bf16.grouped_step_applies(_Wrapper(), 1, False)
 
 
 def test_the_gradient_norm_is_deepspeeds():

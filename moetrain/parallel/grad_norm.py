@@ -27,17 +27,30 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ep_group: dist.ProcessGrou
         if p.grad is not None:
             (expert if is_expert_param(name) else shared).append(p.grad)
             params.append(p)
-    device = next(model.parameters()).device
+    norm = global_norm(shared, expert, ep_group, next(model.parameters()).device)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+@torch.no_grad()
+def global_norm(
+    shared: list[torch.Tensor],
+    expert: list[torch.Tensor],
+    ep_group: dist.ProcessGroup | None,
+    device: torch.device,
+    accumulate: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """sqrt(|shared|^2 + sum over ``ep_group`` of |expert|^2) of gradient lists, each tensor's norm in fp32,
+    their squares summed in ``accumulate``; a 0-d tensor on ``device``. Collective over ``ep_group`` (also
+    used by the bf16 ZeRO-0 optimizer step, ``moetrain/training/unfused_bf16.py``)."""
 
     def sq(grads: list[torch.Tensor]) -> torch.Tensor:
         if not grads:
-            return torch.zeros((), device=device)
-        return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).pow(2).sum()
+            return torch.zeros((), device=device, dtype=accumulate)
+        return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).to(accumulate).pow(2).sum()
 
     expert_sq = sq(expert)
     if ep_group is not None:
         all_reduce_(expert_sq, group=ep_group)
-    norm = (sq(shared) + expert_sq).sqrt()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    return (sq(shared) + expert_sq).sqrt()

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from moetrain.parallel.collectives import all_reduce_
+from moetrain.parallel.grad_norm import global_norm
 
 
 def _unfused_class():
@@ -124,14 +124,11 @@ def grouped_step_class() -> type:
 def grad_norm(grads: list[torch.Tensor], expert_flags: list[bool] | None = None, ep_group=None) -> float:
     """The 2-norm of all ``grads`` together, counting every expert once under expert parallelism: each
     gradient's norm as DeepSpeed takes it (of the gradient cast to fp32, which is exact), squares summed
-    in fp64; those of the gradients flagged in ``expert_flags`` (this rank's experts) also summed over
-    ``ep_group`` (what ``moetrain/parallel/grad_norm.py`` does in fp32). inf or NaN if any gradient on
-    any rank of the group holds one. One host sync; collective over ``ep_group``."""
-    if not grads:
-        return 0.0
-    sq = torch.stack(torch._foreach_norm(grads, 2)).double().square()
-    if ep_group is None:
-        return float(sq.sum().sqrt())
-    experts = torch.tensor(expert_flags, dtype=torch.bool, device=sq.device)
-    expert_sq = all_reduce_(sq[experts].sum(), group=ep_group)
-    return float((sq[~experts].sum() + expert_sq).sqrt())
+    in fp64, those flagged in ``expert_flags`` (this rank's experts) also over ``ep_group``
+    (``moetrain/parallel/grad_norm.py``'s ``global_norm``). inf or NaN if any gradient on any rank of the
+    group holds one. One host sync; collective over ``ep_group``."""
+    flags = expert_flags or [False] * len(grads)
+    shared = [g for g, expert in zip(grads, flags) if not expert]
+    expert = [g for g, expert in zip(grads, flags) if expert]
+    device = grads[0].device if grads else torch.device("cpu")
+    return float(global_norm(shared, expert, ep_group, device, accumulate=torch.float64))
