@@ -23,7 +23,7 @@ no input; DeepSpeed's CPU bf16 optimizer), no fixed overhead, and the routing im
 actually had (the busiest rank's expert rows over the mean), so the comparison tests the formula, not
 the imbalance assumption. Errors are (planned - measured) / measured. The busiest rank is reported.
 
-    python bench/plan_memory.py                 # every configuration (~4 min on 2 cores)
+    python bench/plan_memory.py                 # every configuration (~6 min on 2 idle cores)
     python bench/plan_memory.py --only e8-ep2-zero2-moe
 
 On a machine with CUDA GPUs the same script trains on them (one per rank; configurations with more
@@ -113,6 +113,27 @@ CONFIGS: dict[str, tuple[int, int, list[str]]] = {
         ["model.d_model=128", "model.n_layers=2", "moe.num_experts=8", "moe.router.top_k=2", "moe.expert_type=gelu",
          "moe.expert_hidden=256", "data.seq_len=128", "train.micro_batch_size=4", "deepspeed.zero_optimization.stage=2",
          "deepspeed.zero_optimization.offload_optimizer.device=cpu"],
+    ),
+    # few tokens, large experts: the optimizer step (moment C) is the peak, not backward
+    "e8-k2-d128-s32-ep2-zero2-bf16-step": (
+        2, 2,
+        ["model.d_model=128", "model.n_layers=2", "moe.num_experts=8", "moe.router.top_k=2", "moe.expert_type=swiglu",
+         "moe.expert_hidden=1024", "data.seq_len=32", "train.micro_batch_size=1", "train.precision=bf16",
+         "deepspeed.zero_optimization.stage=2"],
+    ),
+    "e8-k2-d128-s32-ep2-zero1-step": (
+        2, 2,
+        ["model.d_model=128", "model.n_layers=2", "moe.num_experts=8", "moe.router.top_k=2", "moe.expert_type=swiglu",
+         "moe.expert_hidden=1024", "data.seq_len=32", "train.micro_batch_size=1",
+         "deepspeed.zero_optimization.stage=1"],
+    ),
+    # expert-DP 2: each rank's partition of the experts is one whole stacked weight, whose float64 copy
+    # for the norm is the step's peak
+    "e8-k2-d128-s32-ep2-world4-zero1-norm": (
+        4, 2,
+        ["model.d_model=128", "model.n_layers=2", "moe.every=2", "moe.num_experts=8", "moe.router.top_k=2",
+         "moe.expert_type=gelu", "moe.expert_hidden=2048", "data.seq_len=32", "train.micro_batch_size=1",
+         "deepspeed.zero_optimization.stage=1"],
     ),
 }  # fmt: skip
 

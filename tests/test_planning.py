@@ -168,6 +168,34 @@ def test_states_are_exact_and_the_total_within_10_percent_of_a_training_step(cas
     assert abs(res["error"]["total_peak"]) <= 0.10, res
 
 
+# few tokens and large experts, so that the optimizer step is the peak (moment C), with either of its two
+# transients the larger: bf16's flattened partition beside its fp32 copy, or (expert-data-parallel 2, each
+# rank's expert partition one whole stacked weight) the float64 copy of a gradient for its norm
+STEP_CASES = {
+    "ep2-zero2-bf16-flatten": (2, 2, ["model.d_model=64", "model.n_heads=4", "model.n_layers=2", "moe.num_experts=4",
+                                      "moe.router.top_k=2", "moe.expert_type=swiglu", "moe.expert_hidden=1024",
+                                      "data.seq_len=16", "train.micro_batch_size=1", "train.precision=bf16",
+                                      "deepspeed.zero_optimization.stage=2"]),
+    "ep2-world4-zero1-norm": (4, 2, ["model.d_model=64", "model.n_heads=4", "model.n_layers=2", "moe.every=2",
+                                     "moe.num_experts=4", "moe.router.top_k=2", "moe.expert_type=gelu",
+                                     "moe.expert_hidden=2048", "data.seq_len=16", "train.micro_batch_size=1",
+                                     "deepspeed.zero_optimization.stage=1"]),
+}  # fmt: skip
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_the_optimizer_steps_transient_is_the_peak_where_it_should_be(case):
+    """ZeRO-1/2's step transients (moetrain/planning/states.py): the planned peak is the step's and within
+    3 % of the measured one. Leaving out either transient read -8 % and -9 % on the bench's versions of
+    these configurations (docs/benchmarks.md)."""
+    world, ep, overrides = STEP_CASES[case]
+    res = _bench().compare(case, world, ep, overrides, repeats=2)
+    assert res["peak_moment"] == "C (optimizer step)", res
+    assert abs(res["error"]["total_peak"]) <= 0.03, res
+
+
 def test_zero3_is_runnable_ranks_after_lower_stages_and_never_offloads():
     cfg = _cfg(*MODELS["gpt2-topk2-gelu"], "moe.num_experts=8")
     size = model_size(cfg.model, cfg.moe)

@@ -31,7 +31,12 @@ has no ZeRO-3 configuration); the planner says so beside a ZeRO-3 layout.
 Transient, per step: ZeRO-1/2 allocate ``reduce_bucket_size`` elements for the gradient reduction
 during backward (twice with ``overlap_comm``), ZeRO-1 holds every gradient in full at the end of
 backward before it partitions them, ZeRO-0 on several ranks flattens the gradients of each
-all-reduce bucket, and the step turns one group's partition of gradients into fp32 at a time.
+all-reduce bucket. The ZeRO-1/2 step (``DeepSpeedZeroOptimizer.step``, no offload) first takes the norm
+of each gradient piece in its partition from a float64 copy of that piece (8 bytes per element of the
+largest piece, one piece at a time), then, one group at a time, flattens the group's partition of
+gradients (b bytes per element) and converts that to fp32 (4 more, unless b is 4 and the conversion is
+the flat tensor itself); the larger of the two is the step's transient (bench/plan_memory.py's
+``*-step`` configurations, where the step is the peak).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from dataclasses import dataclass
 from moetrain.planning.model_size import GroupSize
 
 F32 = 4
+F64 = 8  # ZeRO-1/2's gradient norm copies each gradient piece to float64 (DeepSpeed 0.19.8)
 ADAM_MOMENTS = 2 * F32  # exp_avg + exp_avg_sq, fp32
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size / allgather_bucket_size
 ALLREDUCE_BUCKET = 500_000_000  # the engine's bucket for ZeRO-0 gradient all-reduce (MEMORY_OPT_ALLREDUCE_SIZE)
@@ -117,6 +123,18 @@ def _partition_grads(numels: tuple[int, ...], offsets: list[int], flat: int, dp:
     return best
 
 
+def _largest_piece(numels: tuple[int, ...], offsets: list[int], flat: int, dp: int, rank: int | None) -> int:
+    """Elements of the largest part of one parameter that falls in a rank's partition (``rank`` as in
+    :func:`_partition_grads`; None: the largest over the dp ranks): ZeRO-1/2 take the gradient norm of
+    each such part separately."""
+    part = flat // dp
+    best = 0
+    for r in range(dp) if rank is None else (rank,):
+        lo, hi = r * part, (r + 1) * part
+        best = max([best] + [min(o + n, hi) - max(o, lo) for n, o in zip(numels, offsets) if o < hi and o + n > lo])
+    return best
+
+
 def _dp(group: GroupSize, world: int, ep: int) -> int:
     """The data-parallel size a group is partitioned over: expert groups over world/ep under EP."""
     return world // ep if (group.expert and ep > 1) else world
@@ -163,7 +181,7 @@ def state_bytes(
             step_transient=n_local * F32,  # the fp32 copies' gradients
             flat_parameters=n_local,
         )
-    params = master = grads = full_grads = biggest_part = 0
+    params = master = grads = full_grads = biggest_part = largest_piece = 0
     steps = 0
     for g, numels in local:
         dp = _dp(g, world, ep)
@@ -174,6 +192,7 @@ def state_bytes(
         full_grads += sum(numels)
         group_rank = None if rank is None else (rank // ep if (g.expert and ep > 1) else rank)
         grads += _partition_grads(numels, offsets, flat, dp, group_rank)
+        largest_piece = max(largest_piece, _largest_piece(numels, offsets, flat, dp, group_rank))
         steps += 1
     optimizer = master * (F32 + ADAM_MOMENTS) + steps * F32
     if zero.stage == 3:  # not yet compared with a measured step: the parameters partitioned too, plus
@@ -194,4 +213,8 @@ def state_bytes(
             params, 0, 0, optimizer, buckets, backward_end, 0, params // b,
             host_gradients=master * F32, host_buffers=master * b,
         )  # fmt: skip
-    return StateBytes(params, grads * b, optimizer, 0, buckets, backward_end, biggest_part * F32, params // b)
+    # the step: first the norm of each gradient piece, each copied to float64 in turn; then, one group at a
+    # time, its partition of gradients flattened (bit16) and converted to fp32 (a second copy unless fp32)
+    norm_copy = largest_piece * F64
+    to_fp32 = biggest_part * (F32 + (b if b != F32 else 0))
+    return StateBytes(params, grads * b, optimizer, 0, buckets, backward_end, max(norm_copy, to_fp32), params // b)
