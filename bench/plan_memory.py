@@ -135,6 +135,16 @@ CONFIGS: dict[str, tuple[int, int, list[str]]] = {
          "moe.expert_type=gelu", "moe.expert_hidden=2048", "data.seq_len=32", "train.micro_batch_size=1",
          "deepspeed.zero_optimization.stage=1"],
     ),
+    "e8-k2-d128-s32-ep2-zero0-bf16-step": (
+        2, 2,
+        ["model.d_model=128", "model.n_layers=2", "moe.num_experts=8", "moe.router.top_k=2", "moe.expert_type=swiglu",
+         "moe.expert_hidden=1024", "data.seq_len=32", "train.micro_batch_size=1", "train.precision=bf16"],
+    ),
+    "e8-k2-d128-s32-zero0-bf16-step": (
+        1, 1,
+        ["model.d_model=128", "model.n_layers=2", "moe.num_experts=8", "moe.router.top_k=2", "moe.expert_type=swiglu",
+         "moe.expert_hidden=1024", "data.seq_len=32", "train.micro_batch_size=1", "train.precision=bf16"],
+    ),
 }  # fmt: skip
 
 
