@@ -52,6 +52,28 @@ def run_distributed(fn, world_size: int, *args) -> None:
     assert not bad, f"exit codes {bad}"
 
 
+def tiny_ep_model(ep_size: int = 2, partition_weights: bool = False):
+    """In a process of :func:`run_distributed`: DeepSpeed joined to its group, and the tiny MoE transformer
+    (4 experts, d_model 16, seed 0) sharded over ``ep_size`` ranks and registered with DeepSpeed's MoE
+    contract (``partition_weights``: the ZeRO-3 placement). Returns (model, layout)."""
+    import deepspeed
+    import torch
+
+    from moetrain.config.model import ModelConfig, MoEConfig
+    from moetrain.model import MoETransformer
+    from moetrain.parallel import deepspeed_moe
+    from moetrain.parallel.layout import ParallelLayout
+    from moetrain.parallel.parallelize import parallelize
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)  # joins this group
+    layout = ParallelLayout.init(ep_size=ep_size)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8)
+    model = parallelize(MoETransformer(cfg, MoEConfig(num_experts=4)), layout)
+    deepspeed_moe.register_expert_parallel(model, layout, partition_weights=partition_weights)
+    return model, layout
+
+
 class ExchangeRecorder:
     """A :class:`moetrain.parallel.all_to_all.DispatchObserver` for tests: the token bytes of every
     forward exchange, in order (phases are not timed)."""

@@ -13,14 +13,10 @@ import inspect
 import deepspeed
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import run_distributed, tiny_ep_model
 
-from moetrain.config.model import ModelConfig, MoEConfig
-from moetrain.model import MoETransformer
 from moetrain.moe.experts import is_expert_param
 from moetrain.parallel import deepspeed_moe
-from moetrain.parallel.layout import ParallelLayout
-from moetrain.parallel.parallelize import parallelize
 
 
 def test_installed_deepspeed_has_the_private_moe_group_api():
@@ -54,12 +50,7 @@ def _registered(rank: int, world: int) -> None:
     from deepspeed.moe.utils import is_moe_param
     from deepspeed.utils import groups
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)  # joins this group
-    layout = ParallelLayout.init(ep_size=2)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8)
-    model = parallelize(MoETransformer(cfg, MoEConfig(num_experts=4)), layout)
-    deepspeed_moe.register_expert_parallel(model, layout)
+    model, layout = tiny_ep_model(2)
     name = deepspeed_moe.expert_group_name(2)
     # DeepSpeed's own lookups return our groups and our layout (EP = consecutive ranks)
     assert groups._get_expert_parallel_group(name) is layout.ep_group
@@ -82,12 +73,7 @@ def _registered_for_zero3(rank: int, world: int) -> None:
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
     from deepspeed.moe.layer import MoE
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    layout = ParallelLayout.init(ep_size=2)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8)
-    model = parallelize(MoETransformer(cfg, MoEConfig(num_experts=4)), layout)
-    deepspeed_moe.register_expert_parallel(model, layout, partition_weights=True)
+    model, _ = tiny_ep_model(2, partition_weights=True)
     name = deepspeed_moe.expert_group_name(2)
     # stage 3 accepts the marker as an AutoEP layer, and finds no native MoE module (which it refuses)
     assert sum(isinstance(m, AutoEPMoELayer) for m in model.modules()) == 1

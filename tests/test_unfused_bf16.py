@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import read_metrics
-from distributed import run_distributed
+from distributed import run_distributed, tiny_ep_model
 from test_expert_parallel import STEPS, single, torchrun
 
 from moetrain.training import unfused_bf16
@@ -150,23 +150,11 @@ def test_the_gradient_norm_is_deepspeeds():
 
 
 def _ep_norm(rank: int, world: int) -> None:
-    import deepspeed
-
-    from moetrain.config.model import ModelConfig, MoEConfig
-    from moetrain.model import MoETransformer
-    from moetrain.parallel import deepspeed_moe
     from moetrain.parallel.grad_norm import clip_grad_norm
-    from moetrain.parallel.layout import ParallelLayout
-    from moetrain.parallel.parallelize import parallelize
     from moetrain.training.engine import initialize_engine
     from moetrain.training.optim import param_groups
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    layout = ParallelLayout.init(ep_size=2)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8)
-    model = parallelize(MoETransformer(cfg, MoEConfig(num_experts=4)), layout)
-    deepspeed_moe.register_expert_parallel(model, layout)
+    model, layout = tiny_ep_model(2)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1, 2), lr=0.01)
     ds = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}
     engine = initialize_engine(model, optimizer, None, ds, world, layout.ep_group)

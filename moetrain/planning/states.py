@@ -112,27 +112,27 @@ def _flat_numel(numels: tuple[int, ...], dp: int, elem: int) -> tuple[int, list[
     return math.ceil(cur / unit) * unit, offsets
 
 
-def _partition_grads(numels: tuple[int, ...], offsets: list[int], flat: int, dp: int, rank: int | None) -> int:
-    """Elements of the gradients a rank keeps: every parameter overlapping its partition, whole; for
-    ``rank`` (its index in the group), or the largest over the dp ranks (the one that runs out first)."""
+def _overlaps(numels: tuple[int, ...], offsets: list[int], flat: int, dp: int, rank: int | None):
+    """Per rank of the group (``rank``, its index in the group, or every one for None): the (parameter
+    elements, elements inside the partition) of each parameter that overlaps that rank's partition."""
     part = flat // dp
-    best = 0
     for r in range(dp) if rank is None else (rank,):
         lo, hi = r * part, (r + 1) * part
-        best = max(best, sum(n for n, o in zip(numels, offsets) if o < hi and o + n > lo))
-    return best
+        yield [(n, min(o + n, hi) - max(o, lo)) for n, o in zip(numels, offsets) if o < hi and o + n > lo]
+
+
+def _partition_grads(numels: tuple[int, ...], offsets: list[int], flat: int, dp: int, rank: int | None) -> int:
+    """Elements of the gradients a rank keeps: every parameter overlapping its partition, whole; for
+    ``rank``, or the largest over the dp ranks (the one that runs out first)."""
+    return max(sum(n for n, _ in pieces) for pieces in _overlaps(numels, offsets, flat, dp, rank))
 
 
 def _largest_piece(numels: tuple[int, ...], offsets: list[int], flat: int, dp: int, rank: int | None) -> int:
-    """Elements of the largest part of one parameter that falls in a rank's partition (``rank`` as in
-    :func:`_partition_grads`; None: the largest over the dp ranks): ZeRO-1/2 take the gradient norm of
-    each such part separately."""
-    part = flat // dp
-    best = 0
-    for r in range(dp) if rank is None else (rank,):
-        lo, hi = r * part, (r + 1) * part
-        best = max([best] + [min(o + n, hi) - max(o, lo) for n, o in zip(numels, offsets) if o < hi and o + n > lo])
-    return best
+    """Elements of the largest part of one parameter inside a rank's partition (``rank`` as above):
+    ZeRO-1/2 take the gradient norm of each such part separately."""
+    return max(
+        max((inside for _, inside in pieces), default=0) for pieces in _overlaps(numels, offsets, flat, dp, rank)
+    )
 
 
 def _dp(group: GroupSize, world: int, ep: int) -> int:
